@@ -1,0 +1,5 @@
+import sys
+
+from segkit.cli import main
+
+sys.exit(main())

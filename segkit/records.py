@@ -1,0 +1,83 @@
+"""In-memory records that every reader produces and every later stage consumes.
+
+A reader turns an export on disk into a :class:`DatasetRecords`: images with their instances, the
+class names, and the problems found on the way. Masks stay in their annotated form (polygons or
+COCO RLE) and are decoded lazily with pycocotools, so reading a large export is cheap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+# Polygons: a list of flat [x0, y0, x1, y1, ...] lists in pixels. RLE: a COCO RLE dict
+# ({"size": [h, w], "counts": str | list}).
+Segmentation = list[list[float]] | dict[str, Any]
+
+
+@dataclass
+class Problem:
+    """Something wrong with the data: ``kind`` is a short stable key, ``file`` the offending file."""
+
+    kind: str
+    file: str
+    detail: str
+    fatal: bool = False  # True when the image or instance cannot be used at all
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "file": self.file, "detail": self.detail}
+
+
+@dataclass
+class Instance:
+    """One annotated object. ``label`` is the class name; ``bbox`` is xyxy in pixels."""
+
+    label: str
+    segmentation: Segmentation | None  # None: a box without a mask (rectangle annotations)
+    bbox: tuple[float, float, float, float]
+    ann_id: Any = None
+    iscrowd: bool = False
+
+    def mask(self, height: int, width: int) -> np.ndarray:
+        """Decode to a uint8 (H, W) mask with pycocotools; an empty mask when there is no segmentation."""
+        seg = self.segmentation
+        if seg is None or (isinstance(seg, list) and len(seg) == 0):
+            return np.zeros((height, width), dtype=np.uint8)
+        if isinstance(seg, list):
+            rles = mask_utils.frPyObjects(seg, height, width)
+            rle = mask_utils.merge(rles)
+        elif isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = seg
+        return mask_utils.decode(rle).astype(np.uint8)
+
+
+@dataclass
+class ImageRecord:
+    """One image and its instances. ``split`` is the export's own split name when it has one."""
+
+    path: Path
+    width: int
+    height: int
+    instances: list[Instance] = field(default_factory=list)
+    image_id: Any = None
+    split: str | None = None
+
+
+@dataclass
+class DatasetRecords:
+    """Everything a reader found: images, class names (index i -> label i + 1), problems."""
+
+    format: str
+    source: Path
+    images: list[ImageRecord]
+    classes: list[str]
+    problems: list[Problem] = field(default_factory=list)
+
+    def class_to_label(self) -> dict[str, int]:
+        """Contiguous torchvision labels 1..N; 0 is background."""
+        return {name: i + 1 for i, name in enumerate(self.classes)}
