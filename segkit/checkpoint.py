@@ -1,0 +1,66 @@
+"""Self-describing checkpoints: written atomically, read without executing code.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists, so ``torch.load(weights_only=True)``
+can read it and a file carrying pickled code is refused. It holds everything needed to rebuild the model
+(architecture, class names, image size, score threshold), and, for ``last.pt``, to resume training.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segkit
+from segkit.model import build_model
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    A crash or Ctrl-C during the write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"segkit_version": segkit.__version__, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types
+        raise CheckpointError(f"{path}: not a loadable segkit checkpoint ({type(e).__name__}: {e})."
+                              " Checkpoints that carry code are refused.") from e
+    missing = [k for k in ("model", "arch", "classes", "img_size") if k not in ckpt] if isinstance(ckpt, dict) else ["model"]
+    if missing:
+        raise CheckpointError(f"{path}: not a segkit checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset)."""
+    model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]) + 1, weights=None,
+                        img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)))
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -1,0 +1,168 @@
+"""Build Mask R-CNN from an explicit table of architectures and load its starting weights.
+
+Transfer learning the torchvision way: build the architecture exactly as torchvision does for
+pretrained weights (frozen batch norm, frozen early backbone stages), load the COCO state dict
+(91 classes), then replace the box and mask predictors with fresh ones for the user's classes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet101_Weights, resnet50, resnet101
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
+from torchvision.models.detection._utils import overwrite_eps
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import misc as misc_nn_ops
+
+COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
+
+
+class WeightsError(RuntimeError):
+    """Starting weights could not be found or loaded; the message says what to do instead."""
+
+
+def _r50_v1(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
+    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=norm), trainable_layers=5)
+    return MaskRCNN(backbone, num_classes=COCO_CLASSES, **kwargs)
+
+
+def _r50_v2(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
+    # torchvision's v2 recipe uses plain BatchNorm everywhere; its builder is the one place that knows it.
+    return tv_mask_rcnn.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=COCO_CLASSES, **kwargs)
+
+
+def _r101(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
+    # torchvision has no COCO weights for this one: "coco" means an ImageNet backbone.
+    weights = ResNet101_Weights.IMAGENET1K_V2 if imagenet else None
+    body = _load_or_explain(lambda: resnet101(weights=weights, norm_layer=norm), weights)
+    return MaskRCNN(_resnet_fpn_extractor(body, trainable_layers=5), num_classes=COCO_CLASSES, **kwargs)
+
+
+# name -> (builder, COCO weights enum or None, whether pretrained weights come with frozen batch norm)
+ARCHITECTURES = {
+    "maskrcnn_resnet50_fpn": (_r50_v1, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, True),
+    "maskrcnn_resnet50_fpn_v2": (_r50_v2, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, False),
+    "maskrcnn_resnet101_fpn": (_r101, None, True),
+}
+DEFAULT_TRAINABLE_LAYERS = 3  # torchvision's default when fine-tuning from pretrained weights
+
+
+def image_size_kwargs(img_size: int) -> dict:
+    """The model's own resize: shorter side to ``img_size``, longer side capped in torchvision's 800:1333 ratio."""
+    return {"min_size": img_size, "max_size": max(img_size, round(img_size * 1333 / 800))}
+
+
+def is_pretrained(weights: str | os.PathLike | None) -> bool:
+    return weights is not None and str(weights).lower() != "none"
+
+
+def uses_frozen_bn(arch: str, weights: str | os.PathLike | None) -> bool:
+    """Pretrained v1 and ResNet-101 models keep batch norm frozen, as torchvision builds them."""
+    return is_pretrained(weights) and ARCHITECTURES[arch][2]
+
+
+def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None = "coco",
+                trainable_layers: int | None = None, img_size: int = 800,
+                frozen_bn: bool | None = None) -> MaskRCNN:
+    """Mask R-CNN for ``num_classes`` classes plus background.
+
+    ``weights``: ``"coco"`` (torchvision's COCO weights, downloaded to torch's cache), ``None`` or
+    ``"none"`` (random init), or a path to a torchvision-format state dict or a segkit checkpoint.
+    ``trainable_layers`` (0..5) freezes the earliest ResNet stages as torchvision does; from random
+    init everything trains. ``frozen_bn`` overrides the batch-norm choice (used when reloading).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    builder, coco_weights, _ = ARCHITECTURES[arch]
+    pretrained = is_pretrained(weights)
+    frozen = uses_frozen_bn(arch, weights) if frozen_bn is None else frozen_bn
+    norm = misc_nn_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+    imagenet = pretrained and str(weights).lower() == "coco" and coco_weights is None
+    model = builder(norm, imagenet, **image_size_kwargs(img_size))
+    if pretrained:
+        _load_starting_weights(model, arch, weights, coco_weights)
+        freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if trainable_layers is None else trainable_layers)
+    replace_heads(model, num_classes)
+    return model
+
+
+def freeze_backbone(model: MaskRCNN, trainable_layers: int) -> None:
+    """Freeze all but the last ``trainable_layers`` ResNet stages, exactly as torchvision's extractor does."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable layers must be 0..5, got {trainable_layers}")
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in model.backbone.body.named_parameters():
+        if all(not name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+
+
+def replace_heads(model: MaskRCNN, num_classes: int) -> None:
+    """New box and mask predictors for ``num_classes`` (background included)."""
+    box_in = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
+    mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
+    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, num_classes)
+
+
+def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) -> None:
+    if str(weights).lower() == "coco":
+        if coco_weights is None:
+            return  # the builder loaded the ImageNet backbone
+        state = _load_or_explain(lambda: coco_weights.get_state_dict(progress=True, check_hash=True), coco_weights)
+    else:
+        state = _read_state_dict(Path(weights))
+    num_in_file = state["roi_heads.box_predictor.cls_score.weight"].shape[0] if \
+        "roi_heads.box_predictor.cls_score.weight" in state else COCO_CLASSES
+    if num_in_file != COCO_CLASSES:
+        replace_heads(model, num_in_file)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{weights}: not a {arch} state dict (missing {len(missing)} keys, e.g. "
+                           f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
+    if coco_weights is tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
+        overwrite_eps(model, 0.0)  # as torchvision does for these weights: they were trained with eps=0
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file (use --weights coco, none, or a .pt/.pth path)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle errors come in many types; all mean the same to a user
+        raise WeightsError(f"{path}: cannot be loaded as weights ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # a segkit (or torchvision references) checkpoint
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def _load_or_explain(load, weights_enum):
+    """Run ``load``; when the download fails, stop with where to put the file by hand."""
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - urllib, ssl and socket errors all mean "not reachable"
+        if weights_enum is None:
+            raise
+        file_name = weights_enum.url.rsplit("/", 1)[-1]
+        target = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        raise WeightsError(
+            f"could not download pretrained weights {file_name} ({type(e).__name__}: {e}).\n"
+            f"  Download {weights_enum.url} on a machine with internet and put it at {target}\n"
+            f"  (or set TORCH_HOME), pass --weights PATH to a local copy, or train from scratch with --weights none."
+        ) from e
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

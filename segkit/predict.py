@@ -1,0 +1,116 @@
+"""One predictor for the CLI, the demo, training previews and the tests."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from segkit.checkpoint import load_checkpoint, model_from_checkpoint
+
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+@dataclass
+class Prediction:
+    """Instances found in one image, sorted by score. Masks are boolean (N, H, W) at the image's size."""
+
+    boxes: np.ndarray  # (N, 4) float32 xyxy pixels
+    labels: np.ndarray  # (N,) int64, 1..num_classes
+    class_names: list[str]
+    scores: np.ndarray  # (N,) float32
+    masks: np.ndarray  # (N, H, W) bool
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the image the masks belong to."""
+        return int(self.masks.shape[2]), int(self.masks.shape[1])
+
+    def filter(self, keep: np.ndarray) -> "Prediction":
+        """The instances selected by a boolean or index array."""
+        keep = np.asarray(keep)
+        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
+        return Prediction(self.boxes[idx], self.labels[idx], [self.class_names[i] for i in idx],
+                          self.scores[idx], self.masks[idx])
+
+
+def to_rgb_image(image: ImageInput) -> Image.Image:
+    """Accept a PIL image, an (H, W[, C]) uint8 array or a path; return an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        from segkit.images import load_image
+
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if image.mode != "RGB":
+        from segkit.images import to_rgb
+
+        image = to_rgb(image)
+    return image
+
+
+class Predictor:
+    """A trained Mask R-CNN, loaded once, ready to segment images.
+
+    ``predictor(image)`` returns a :class:`Prediction`; ``predictor.model`` is the torchvision model.
+    """
+
+    def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
+                 device: str | torch.device | None = None, info: dict | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.classes = list(classes)
+        self.score_threshold = score_threshold
+        self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
+        """Build the model from a segkit checkpoint alone."""
+        ckpt = load_checkpoint(path)
+        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
+                "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
+        return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info)
+
+    @classmethod
+    def from_torchvision_coco(cls, device: str | torch.device | None = None) -> "Predictor":
+        """torchvision's COCO-pretrained Mask R-CNN (91 COCO slots), when its weights are available."""
+        from segkit.model import ARCHITECTURES, build_model
+
+        weights = ARCHITECTURES["maskrcnn_resnet50_fpn"][1]
+        model = build_model("maskrcnn_resnet50_fpn", num_classes=91, weights="coco")
+        model.load_state_dict(weights.get_state_dict(progress=False), strict=True)
+        classes = list(weights.meta["categories"][1:])
+        return cls(model, classes, 0.5, device, {"checkpoint": "torchvision COCO", "arch": "maskrcnn_resnet50_fpn"})
+
+    @torch.inference_mode()
+    def __call__(self, image: ImageInput, score_threshold: float | None = None) -> Prediction:
+        return self.predict_batch([image], score_threshold)[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[Prediction]:
+        """Predict several images in one forward pass."""
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        tensors = [pil_to_tensor(to_rgb_image(im)).to(self.device, non_blocking=True).float().div_(255)
+                   for im in images]
+        outputs = self.model(tensors)
+        return [self._to_prediction(out, t.shape[-2:], threshold) for out, t in zip(outputs, tensors)]
+
+    def _to_prediction(self, output: dict, size, threshold: float) -> Prediction:
+        keep = output["scores"] >= threshold
+        labels = output["labels"][keep].cpu().numpy().astype(np.int64)
+        masks = output["masks"][keep]
+        masks = (masks[:, 0] > 0.5).cpu().numpy() if len(masks) else np.zeros((0, *size), dtype=bool)
+        return Prediction(
+            boxes=output["boxes"][keep].cpu().numpy().astype(np.float32),
+            labels=labels,
+            class_names=[self.classes[i - 1] for i in labels],
+            scores=output["scores"][keep].cpu().numpy().astype(np.float32),
+            masks=masks,
+        )
