@@ -1,0 +1,47 @@
+# make train | make demo | make test  -- each sets up .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DATA ?= data/sample
+WEIGHTS ?= coco
+EPOCHS ?= 20
+ARGS ?=
+CHECKPOINT ?=
+
+.PHONY: setup browser train demo test bench sample clean
+
+$(STAMP): requirements.txt requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-test.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's Chromium and its driver, for the browser test of the demo.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+train: setup
+	$(BIN)/python train.py --data $(DATA) --weights $(WEIGHTS) --epochs $(EPOCHS) $(ARGS)
+
+demo: setup
+	$(BIN)/python demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
+
+test: setup browser
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/infer.py
+
+sample: setup
+	$(BIN)/python utils/make_sample.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

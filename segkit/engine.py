@@ -1,0 +1,142 @@
+"""The two loops: ``train_one_epoch`` and ``evaluate`` (losses without gradients, then COCO AP)."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from segkit.metrics import coco_evaluate, prediction_to_coco
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the batch's images."""
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average the loss components over all processes so that every rank logs the same numbers."""
+    values = torch.stack([v.detach().float() for v in losses.values()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(losses, values)}
+
+
+def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, scheduler=None, scaler=None,
+                    clip_grad: float | None = None, describe_batch: Callable[[list], str] = str,
+                    desc: str = "train", on_step: Callable[[int], None] | None = None,
+                    show_progress: bool = True) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss component and of their sum (``loss``)."""
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    n_batches, n_images, start = 0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress)
+    for images, targets in bar:
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device.type, enabled=scaler is not None and scaler.is_enabled()):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        logged = reduce_losses(losses)
+        total = sum(logged.values())
+        if not math.isfinite(total):
+            raise NonFiniteLossError(f"loss is {total} ({', '.join(f'{k}={v:.4g}' for k, v in logged.items())}) "
+                                     f"on the batch of {describe_batch(targets)}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # so that clipping sees true gradient norms
+        else:
+            loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()  # per iteration: warm-up and decay are defined in iterations
+        for k, v in logged.items():
+            sums[k] += v
+        sums["loss"] += total
+        n_batches += 1
+        n_images += len(images)
+        if on_step is not None:
+            on_step(n_batches)
+        bar.set_postfix(loss=f"{total:.3f}", mask=f"{logged.get('loss_mask', 0):.3f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+    return {k: v / max(n_batches, 1) for k, v in sums.items()}
+
+
+@contextmanager
+def loss_mode(model: torch.nn.Module):
+    """Train mode (torchvision's models only return losses then) with batch-norm statistics frozen,
+    so that computing validation losses does not change the model."""
+    was_training = model.training
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m in bns:
+        m.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def compute_losses(model, loader: Iterable, device: torch.device, desc: str = "val loss",
+                   show_progress: bool = True) -> dict[str, float]:
+    """Mean loss components on a dataset, without gradients and without touching the weights."""
+    sums: dict[str, float] = defaultdict(float)
+    n = 0
+    with loss_mode(model):
+        for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
+            images, targets = _to_device(images, targets, device)
+            losses = model(images, targets)
+            for k, v in losses.items():
+                sums[k] += float(v)
+            sums["loss"] += float(sum(losses.values()))
+            n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.inference_mode()
+def predict_coco(model, loader: Iterable, device: torch.device, desc: str = "val AP",
+                 show_progress: bool = True) -> list[dict]:
+    """Run the model in eval mode and return COCO result entries (image ids from the targets)."""
+    model.eval()
+    results = []
+    for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
+        images = [im.to(device, non_blocking=True) for im in images]
+        for out, target in zip(model(images), targets):
+            masks = (out["masks"][:, 0] > 0.5).cpu().numpy()
+            results += prediction_to_coco(int(target["image_id"]), out["boxes"].cpu().numpy(),
+                                          out["labels"].cpu().numpy(), out["scores"].cpu().numpy(), masks)
+    return results
+
+
+def evaluate(model, loader: Iterable, device: torch.device, coco_gt: dict, prefix: str = "val",
+             show_progress: bool = True) -> tuple[dict[str, float], dict]:
+    """Validation losses and COCO AP. Returns (flat row of numbers for metrics.csv, full AP dict)."""
+    losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
+    ap = coco_evaluate(coco_gt, predict_coco(model, loader, device, f"{prefix} AP", show_progress))
+    row = {f"{prefix}_{k}": v for k, v in losses.items()}
+    for iou_type, stats in ap.items():
+        row[f"{prefix}_{iou_type}_map"] = stats["AP"]
+        row[f"{prefix}_{iou_type}_map50"] = stats["AP50"]
+        row[f"{prefix}_{iou_type}_map75"] = stats["AP75"]
+    return row, ap

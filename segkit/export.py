@@ -1,0 +1,129 @@
+"""Predictions out of segkit: a COCO results file and Label Studio pre-annotation tasks.
+
+Both are built from the same per-image entries (see :func:`image_entry`), which hold the image's
+path and size and its instances as COCO annotations with RLE masks. ``segkit predict`` keeps one
+entry per image on disk, so the final files can be rebuilt from all images, old and new.
+
+Coordinates: COCO polygons and Label Studio polygons both put pixel ``(x, y)`` at the square
+``[x, x + 1] x [y, y + 1]``, so a polygon must run along pixel *edges* to reproduce a mask; contours
+through pixel centres (what ``cv2.findContours`` returns) would lose half of every boundary pixel.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+from label_studio_converter.brush import mask2rle
+from pycocotools import mask as mask_utils
+
+from segkit.metrics import prediction_to_coco
+from segkit.predict import Prediction
+
+DEFAULT_FROM_NAME = "label"  # the <PolygonLabels>/<BrushLabels> tag of the labeling config
+DEFAULT_TO_NAME = "image"  # the <Image> tag
+
+
+def image_entry(file_name: str, image_ref: str, width: int, height: int, prediction: Prediction) -> dict[str, Any]:
+    """One image's predictions as a JSON-able dict: COCO annotations (no ids yet) plus where the image is.
+
+    ``file_name`` is the image path written to the COCO file; ``image_ref`` is the name that
+    ``--image-root-url`` is prefixed to in Label Studio tasks.
+    """
+    annotations = []
+    for ann, name in zip(prediction_to_coco(0, prediction.boxes, prediction.labels, prediction.scores,
+                                            prediction.masks), prediction.class_names):
+        del ann["image_id"]
+        ann["area"] = int(mask_utils.area(ann["segmentation"]))
+        ann["label"] = name
+        annotations.append(ann)
+    return {"file_name": file_name, "image_ref": image_ref, "width": int(width), "height": int(height),
+            "annotations": annotations}
+
+
+def to_coco(entries: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+    """A COCO results file with its images and categories: image ids 1..N in entry order, category ids 1..C."""
+    images, annotations = [], []
+    for image_id, entry in enumerate(entries, start=1):
+        images.append({"id": image_id, "file_name": entry["file_name"], "width": entry["width"],
+                       "height": entry["height"]})
+        for ann in entry["annotations"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ann["category_id"],
+                                "segmentation": ann["segmentation"], "bbox": ann["bbox"], "area": ann["area"],
+                                "score": ann["score"], "iscrowd": 0})
+    categories = [{"id": i, "name": name, "supercategory": ""} for i, name in enumerate(classes, start=1)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def to_labelstudio(entries: list[dict[str, Any]], model_version: str, from_name: str = DEFAULT_FROM_NAME,
+                   to_name: str = DEFAULT_TO_NAME, brush: bool = False,
+                   image_root_url: str | None = None) -> list[dict[str, Any]]:
+    """Label Studio tasks with the predictions as pre-annotations (import them with the images' project).
+
+    ``data.image`` is ``image_root_url + image_ref`` (URL-quoted) when a root URL is given, e.g.
+    ``/data/local-files/?d=photos/`` for local-files storage, else the image path as written in the
+    COCO file. Results are ``polygonlabels`` (one region per part of a mask; holes are filled,
+    since Label Studio polygons have none) or, with ``brush``, lossless ``brushlabels``. The task's
+    prediction score is the mean instance score, which Label Studio uses to order tasks.
+    """
+    tasks = []
+    for entry in entries:
+        w, h = entry["width"], entry["height"]
+        result = []
+        for k, ann in enumerate(entry["annotations"]):
+            mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+            common = {"from_name": from_name, "to_name": to_name, "original_width": w, "original_height": h,
+                      "image_rotation": 0, "score": ann["score"]}
+            if brush:
+                result.append({"id": _region_id(k), "type": "brushlabels", **common,
+                               "value": {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": [ann["label"]]}})
+                continue
+            for j, poly in enumerate(mask_to_polygons(mask)):
+                points = [[100.0 * x / w, 100.0 * y / h] for x, y in zip(poly[0::2], poly[1::2])]
+                result.append({"id": _region_id(k, j), "type": "polygonlabels", **common,
+                               "value": {"points": points, "closed": True, "polygonlabels": [ann["label"]]}})
+        image = image_root_url + quote(entry["image_ref"]) if image_root_url else entry["file_name"]
+        scores = [a["score"] for a in entry["annotations"]]
+        tasks.append({"data": {"image": image}, "predictions": [{
+            "model_version": model_version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}]})
+    return tasks
+
+
+def _region_id(instance: int, part: int = 0) -> str:
+    # Unique per task; the instance number first so that the parts of one mask can be told apart.
+    return f"i{instance}" + (f"p{part}" if part else "") + "-" + uuid.uuid4().hex[:6]
+
+
+def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
+    """Label Studio brush RLE of a boolean (H, W) mask (RGBA with 255 where the mask is)."""
+    return mask2rle(np.asarray(mask, dtype=np.uint8) * 255)
+
+
+def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.5, min_part: float = 0.05) -> list[list[float]]:
+    """Outer contours of a boolean mask as flat ``[x0, y0, x1, y1, ...]`` pixel-edge polygons, largest first.
+
+    Parts smaller than ``min_part`` of the largest part are dropped as specks; points are simplified
+    by ``tolerance`` pixels (Douglas-Peucker), which keeps regions editable in Label Studio.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return []
+    x0, y0 = int(xs.min()), int(ys.min())
+    crop = np.asarray(mask[y0:ys.max() + 1, x0:xs.max() + 1], dtype=np.uint8)
+    # Doubling the pixels puts boundary-pixel centres a quarter pixel from the true edge; mapping
+    # (c + 0.5) / 2 then lands exactly on the edges, which is what polygon rasterisation expects.
+    up = np.pad(np.kron(crop, np.ones((2, 2), np.uint8)), 1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    parts = sorted(((cv2.contourArea(c), c) for c in contours), key=lambda ac: -ac[0])
+    polygons = []
+    for area, contour in parts:
+        if area < min_part * parts[0][0]:
+            break
+        contour = cv2.approxPolyDP(contour, 2 * tolerance, True).reshape(-1, 2).astype(np.float64)
+        if len(contour) < 3:
+            continue
+        xy = (contour - 1 + 0.5) / 2 + (x0, y0)  # -1 undoes the padding
+        polygons.append([round(float(v), 2) for v in xy.ravel()])
+    return polygons

@@ -1,0 +1,87 @@
+"""Open images the way annotators saw them: EXIF orientation applied, any mode converted to RGB.
+
+Annotation tools (Label Studio in the browser, labelme) display photos with their EXIF rotation
+applied, so coordinates are relative to the rotated image; reading pixels without applying it
+would misalign every mask of a phone photo. Files are identified by content, not by extension.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jfif", ".pgm", ".ppm"}
+)
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+class ImageError(ValueError):
+    """An image file is missing, corrupt or not an image; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image as RGB with its EXIF orientation applied; raise ImageError naming the file."""
+    path = Path(path)
+    try:
+        with _open(path) as im:
+            im = ImageOps.exif_transpose(im)  # also forces a full decode: truncated data fails here
+            return _to_rgb(im)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: corrupt or truncated image data ({e})") from e
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the file header."""
+    path = Path(path)
+    with _open(path) as im:
+        width, height = im.size
+        return (height, width) if _orientation(im) in _SWAPS_AXES else (width, height)
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            # Huge images are an error below, not a warning on stderr (check --json keeps stdout clean).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image, or a format Pillow cannot read") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read the image header ({e})") from e
+
+
+def _orientation(im: Image.Image) -> int:
+    # Pillow reads a PNG's whole pixel data to look for an eXIf chunk stored after it; writers put
+    # eXIf before the pixels in practice, so only a header-level chunk is honoured (keeps this fast).
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        return int(im.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a malformed EXIF block should not make the image unusable
+        return 1
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        # Pillow's convert() clips 16-bit values at 255 (a white image); scale the range instead.
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif a.size and a.max() > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # avoids Pillow's warning about palette transparency
+    return im.convert("RGB")

@@ -1,0 +1,491 @@
+"""Fine-tune Mask R-CNN on an export: ``python train.py`` or ``python -m segkit train``.
+
+Reads and validates the data, splits it, trains with warm-up and cosine (or step) decay, evaluates
+COCO AP every epoch, writes metrics.csv, curves and best/last checkpoints to ``runs/<name>/``, and
+resumes exactly from ``last.pt``. Under ``torchrun`` it trains with DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from segkit import engine, plots
+from segkit.checkpoint import load_checkpoint, save_checkpoint
+from segkit.model import ARCHITECTURES, build_model, count_parameters, uses_frozen_bn
+from segkit.splits import split_records
+
+
+def _opt(default, help_text, **kw):
+    return field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved in config.json and in each checkpoint."""
+
+    data: str = _opt("data/sample", "export to train on (any format `segkit check` reads)")
+    format: str | None = _opt(None, "force the export format instead of detecting it")
+    images: str | None = _opt(None, "folder holding the images, when not beside the export")
+    model: str = _opt("maskrcnn_resnet50_fpn", "architecture", choices=list(ARCHITECTURES))
+    weights: str = _opt("coco", "starting weights: coco, none (random init) or a .pt/.pth path")
+    trainable_layers: int | None = _opt(None, "ResNet stages to fine-tune (0-5); default 3 with pretrained weights")
+    epochs: int = _opt(20, "epochs to train (in total, also when resuming)")
+    batch_size: int = _opt(2, "images per step per process")
+    workers: int = _opt(2, "DataLoader worker processes")
+    img_size: int = _opt(512, "shorter image side inside the model (torchvision's min_size)")
+    aug: str = _opt("default", "augmentation preset: none, light, default, heavy")
+    optimizer: str = _opt("sgd", "sgd (momentum) or adamw", choices=["sgd", "adamw"])
+    lr: float = _opt(0.01, "peak learning rate (AdamW: try 1e-4)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(1e-4, "weight decay")
+    schedule: str = _opt("cosine", "decay after warm-up: cosine or step (x0.1 at 2/3 and 8/9 of training)",
+                         choices=["cosine", "step"])
+    warmup_iters: int = _opt(100, "linear warm-up steps (at most one epoch)")
+    clip_grad: float = _opt(10.0, "clip the gradient norm to this (0: off)")
+    amp: bool = _opt(True, "mixed precision on CUDA")
+    val_frac: float = _opt(0.15, "fraction of images for validation when the export has no splits")
+    test_frac: float = _opt(0.15, "fraction of images for testing when the export has no splits")
+    limit: int | None = _opt(None, "use at most this many images per split (quick trials)")
+    patience: int = _opt(0, "stop after this many epochs without a better val mask AP (0: never)")
+    score_threshold: float = _opt(0.5, "default score threshold stored in the checkpoint for predict and demo")
+    seed: int = _opt(0, "random seed: runs on CPU with the same seed are identical")
+    device: str | None = _opt(None, "cuda, cuda:1, cpu (default: cuda when available)")
+    out: str | None = _opt(None, "run folder (default: runs/<name>, numbered so nothing is overwritten)")
+    name: str = _opt("exp", "run name under runs/")
+    resume: str | None = _opt(None, "continue the run of this last.pt")
+    progress: bool = _opt(True, "show progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its comment as help."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"default": f.default, "help": f.metadata["help"]}
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        kw["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+        parser.add_argument(flag, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        train(cfg)
+    except TrainingStopped as e:
+        print(f"\n{e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+class TrainingStopped(Exception):
+    """Training ended early for a reason the user must read (bad data, bad weights, NaN, Ctrl-C, OOM)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; return a summary with the run folder, best metrics and paths."""
+    rank, world, local_rank = _setup_distributed()
+    try:
+        return _train(cfg, rank, world, local_rank)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
+    resume = load_checkpoint(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        cfg = _resumed_config(cfg, resume)
+    device = _pick_device(cfg.device, local_rank)
+    main = rank == 0
+    records = _load_data(cfg, verbose=main)
+    classes = resume["classes"] if resume else records.classes
+    splits = _restore_split(records, resume["split"]) if resume else split_records(
+        records.images, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if cfg.limit:
+        splits = {k: v[: cfg.limit] for k, v in splits.items()}
+    if not splits["train"]:
+        raise TrainingStopped(f"{cfg.data}: no training images after splitting {len(records.images)} images")
+    out = Path(cfg.out) if cfg.out else _next_run_dir(Path("runs"), cfg.name, main, world)
+    cfg = dataclasses.replace(cfg, out=str(out))
+
+    _seed_everything(cfg.seed)
+    loaders = _make_loaders(cfg, splits, classes, world, rank)
+    model = build_model(cfg.model, len(classes) + 1, cfg.weights if not resume else None, cfg.trainable_layers,
+                        cfg.img_size, frozen_bn=resume.get("frozen_bn") if resume else None)
+    frozen_bn = uses_frozen_bn(cfg.model, cfg.weights)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(cfg, params)
+    steps_per_epoch = len(loaders["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    history, start_epoch, start_step = [], 0, 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        history, start_epoch, start_step = resume["history"], resume["epoch"], resume.get("step", 0)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    meta = {"arch": cfg.model, "classes": classes, "img_size": cfg.img_size, "frozen_bn": frozen_bn,
+            "score_threshold": cfg.score_threshold, "config": dataclasses.asdict(cfg),
+            "split": {k: [str(im.path) for im in v] for k, v in splits.items()}}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(meta["config"], indent=2))
+        (out / "split.json").write_text(json.dumps(meta["split"], indent=2))
+        trainable, total = count_parameters(model)
+        print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
+              f"{len(classes)} classes {classes}, images train/val/test = "
+              f"{'/'.join(str(len(splits[s])) for s in ('train', 'val', 'test'))}, device {device}, "
+              f"{world} process(es) -> {out}")
+
+    coco_gts = {s: _coco_gt(splits[s], classes) for s in ("val", "test") if splits[s]}
+    best = max((row.get("val_segm_map", -1.0) for row in history), default=-1.0)
+    stale = 0
+    epoch = start_epoch
+    state = {"step": start_step}
+
+    def snapshot(epoch_done: int, step: int) -> dict:
+        return {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
+                "step": step, "history": history, "rng": _rng_state(), "metrics": history[-1] if history else {}}
+
+    describe = _batch_describer(loaders["train"].dataset)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            _seed_epoch(cfg.seed, epoch, loaders["train"], state["step"])
+            if resume and epoch == start_epoch and "rng" in resume and state["step"]:
+                _set_rng_state(resume["rng"])  # mid-epoch resume: continue the interrupted random stream
+            t0 = time.perf_counter()
+            losses = engine.train_one_epoch(
+                train_model, optimizer, loaders["train"], device, scheduler, scaler if scaler.is_enabled() else None,
+                cfg.clip_grad or None, describe, f"epoch {epoch + 1}/{cfg.epochs}",
+                on_step=lambda n, done=state["step"]: state.update(step=done + n),
+                show_progress=cfg.progress and main)
+            state["step"] = 0
+            row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
+                   "lr": optimizer.param_groups[0]["lr"]}
+            if main and "val" in coco_gts:
+                val_row, ap = engine.evaluate(model, loaders["val"], device, coco_gts["val"], "val", cfg.progress)
+                row.update(val_row)
+                row.update({f"val_segm_ap_{k}": v for k, v in ap["segm"]["per_class"].items()})
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            improved = row.get("val_segm_map", -1.0) > best or "val" not in coco_gts
+            if main:
+                save_checkpoint(snapshot(epoch + 1, 0), out / "last.pt")
+                if improved:
+                    best = row.get("val_segm_map", best)
+                    save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "metrics": row},
+                                    out / "best.pt")
+                _write_outputs(out, history)
+                _print_epoch(row)
+            stale = 0 if improved else stale + 1
+            if cfg.patience and stale >= cfg.patience:
+                if main:
+                    print(f"early stop: no better val mask AP for {cfg.patience} epochs")
+                break
+            _barrier(world)
+    except KeyboardInterrupt:
+        if main:
+            save_checkpoint(snapshot(epoch, state["step"]), out / "last.pt")
+        raise TrainingStopped(f"interrupted: saved {out / 'last.pt'}\n  resume with: python train.py --resume "
+                              f"{out / 'last.pt'}", exit_code=130) from None
+    except engine.NonFiniteLossError as e:
+        last = out / "last.pt"
+        raise TrainingStopped(f"{e}\n  stopping; the last good checkpoint is {last if last.exists() else 'none yet'}"
+                              f" (lower --lr, or check those images with `python -m segkit check`)") from None
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingStopped(f"CUDA out of memory at --img-size {cfg.img_size} --batch-size {cfg.batch_size}: "
+                              "try a smaller --img-size or --batch-size") from None
+    summary = _finish(cfg, out, model, device, loaders, coco_gts, history, main) if main else {}
+    _barrier(world)
+    return summary
+
+
+class LrSchedule:
+    """Learning-rate factor per step: linear warm-up, then cosine to zero or x0.1 steps."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.total = max(cfg.epochs * steps_per_epoch, 1)
+        self.warmup = min(cfg.warmup_iters, steps_per_epoch)
+        self.milestones = [round(self.total * 2 / 3), round(self.total * 8 / 9)]
+        self.cosine = cfg.schedule == "cosine"
+
+    def __call__(self, step: int) -> float:
+        warm = 1.0
+        if step < self.warmup:
+            alpha = step / self.warmup
+            warm = 0.001 * (1 - alpha) + alpha  # torchvision's warm-up: from lr/1000 to lr
+        if self.cosine:
+            return warm * 0.5 * (1 + np.cos(np.pi * min(step, self.total) / self.total))
+        return warm * 0.1 ** sum(step >= m for m in self.milestones)
+
+
+def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _setup_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins torchrun's process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _pick_device(name: str | None, local_rank: int) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
+    """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress."""
+    saved = {f.name: ckpt["config"].get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
+    keep = ("epochs", "patience", "device", "workers", "progress", "resume")
+    return TrainConfig(**{**saved, **{k: getattr(cli, k) for k in keep}})
+
+
+def _load_data(cfg: TrainConfig, verbose: bool):
+    from segkit.check import ensure_trainable
+    from segkit.readers import DataError, load_dataset
+
+    try:
+        records = load_dataset(cfg.data, cfg.format, cfg.images)
+        ensure_trainable(records)
+    except DataError as e:
+        raise TrainingStopped(f"cannot train on {cfg.data}: {e}", exit_code=2) from None
+    if verbose and records.problems:
+        kinds: dict[str, int] = {}
+        for p in records.problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        print(f"{cfg.data}: {len(records.problems)} data problem(s) handled: "
+              + ", ".join(f"{k} x{n}" for k, n in kinds.items()) + f" (details: python -m segkit check {cfg.data})")
+    return records
+
+
+def _restore_split(records, saved: dict[str, list[str]]) -> dict[str, list]:
+    by_path = {str(im.path): im for im in records.images}
+    missing = [p for paths in saved.values() for p in paths if p not in by_path]
+    if missing:
+        raise TrainingStopped(f"cannot resume: {len(missing)} image(s) of the saved split are gone, e.g. {missing[0]}")
+    return {k: [by_path[p] for p in v] for k, v in saved.items()}
+
+
+def _next_run_dir(root: Path, name: str, main: bool, world: int) -> Path:
+    """runs/exp, runs/exp2, ...: a new folder per run, so nothing is overwritten."""
+    if world > 1:  # every rank must agree on one folder: rank 0 decides
+        chosen = [str(_next_free(root, name))] if main else [""]
+        dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0])
+    return _next_free(root, name)
+
+
+def _next_free(root: Path, name: str) -> Path:
+    path, n = root / name, 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}{n}"
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_epoch(seed: int, epoch: int, loader: DataLoader, start_step: int) -> None:
+    """Make an epoch depend only on (seed, epoch): order, augmentation and the model's sampling."""
+    _seed_everything(seed * 1000 + epoch)
+    loader.dataset.transform_seed = seed * 1000 + epoch
+    sampler = loader.sampler
+    if isinstance(sampler, EpochSampler):
+        sampler.set_epoch(epoch, start_step * loader.batch_size)
+    elif isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int, rank: int) -> dict:
+    from segkit.dataset import SegmentationDataset, collate_fn
+    from segkit.transforms import build_transform
+
+    loaders = {}
+    for split, images in splits.items():
+        train = split == "train"
+        dataset = SegmentationDataset(images, classes, build_transform(cfg.aug if train else "none", train=train))
+        if train:
+            sampler = DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else \
+                EpochSampler(len(dataset), cfg.seed)
+        else:
+            sampler = None  # val/test are evaluated whole, once, by rank 0
+        loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False,
+                                    num_workers=cfg.workers, collate_fn=collate_fn, drop_last=False,
+                                    persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return loaders
+
+
+def _coco_gt(images, classes) -> dict:
+    from segkit.dataset import records_to_coco
+
+    return records_to_coco(images, classes)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _batch_describer(dataset):
+    def describe(targets) -> str:
+        return ", ".join(str(dataset.images[int(t["image_id"])].path) for t in targets)
+
+    return describe
+
+
+def _write_outputs(out: Path, history: list[dict], test: dict | None = None) -> None:
+    columns = ["epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds"]
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "metrics.csv")
+    plots.plot_losses(history, out / "loss_curves.png", test)
+    plots.plot_metrics(history, out / "metrics.png")
+
+
+def _print_epoch(row: dict) -> None:
+    parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
+    if "val_loss" in row:
+        parts += [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
+                  f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.0f}s"]
+    print(" | ".join(parts), flush=True)
+
+
+def _finish(cfg: TrainConfig, out: Path, model, device, loaders, coco_gts, history, main) -> dict:
+    """Test the best checkpoint, draw previews, print where everything is."""
+    best_path = out / "best.pt"
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    test = {}
+    if "test" in coco_gts:
+        test, ap = engine.evaluate(model, loaders["test"], device, coco_gts["test"], "test", cfg.progress)
+        (out / "test_metrics.json").write_text(json.dumps({"epoch": best["epoch"], **test, "ap": ap}, indent=2))
+    _write_outputs(out, history, test)
+    preview_split = "val" if len(loaders["val"].dataset) else "train"
+    _draw_previews(model, loaders[preview_split].dataset, best["classes"], cfg.score_threshold,
+                   out / "val_predictions.png")
+    summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
+               "best_metrics": best.get("metrics", {}), "test": test}
+    print(f"\ndone: best epoch {best['epoch']}, val mask AP {best['metrics'].get('val_segm_map', float('nan')):.3f}"
+          + (f", test mask AP {test['test_segm_map']:.3f}" if test else ""))
+    for name in ("best.pt", "last.pt", "metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png"):
+        print(f"  {out / name}")
+    print(f"serve it: python demo.py --checkpoint {best_path}")
+    return summary
+
+
+def _draw_previews(model, dataset, classes, threshold: float, path: Path, n: int = 4) -> None:
+    """Val images with predictions beside ground truth, drawn with the demo's overlay code."""
+    from PIL import Image
+
+    from segkit.images import load_image
+    from segkit.predict import Predictor
+    from segkit.visualize import side_by_side
+
+    predictor = Predictor(model, classes, threshold, device=next(model.parameters()).device)
+    panels = []
+    for record in dataset.images[:n]:
+        image = load_image(record.path)
+        gt = _ground_truth_prediction(record, classes)
+        panels.append(side_by_side(image, predictor(image), gt))
+    if not panels:
+        return
+    width = max(p.width for p in panels)
+    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    sheet.save(path)
+
+
+def _ground_truth_prediction(record, classes):
+    from segkit.predict import Prediction
+
+    instances = [i for i in record.instances if i.segmentation is not None]
+    masks = np.stack([i.mask(record.height, record.width).astype(bool) for i in instances]) if instances else \
+        np.zeros((0, record.height, record.width), dtype=bool)
+    return Prediction(boxes=np.array([i.bbox for i in instances], dtype=np.float32).reshape(-1, 4),
+                      labels=np.array([classes.index(i.label) + 1 for i in instances], dtype=np.int64),
+                      class_names=[i.label for i in instances], scores=np.ones(len(instances), dtype=np.float32),
+                      masks=masks)
