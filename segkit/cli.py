@@ -15,12 +15,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="segkit", description="Instance segmentation from your annotations.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(p)
+        if argv[:1] == [name]:  # import only the chosen command: `check` must not pay for torch
+            importlib.import_module(module_name).add_arguments(p)
     args = parser.parse_args(argv)
     return importlib.import_module(args._module).run(args) or 0
 

@@ -35,7 +35,8 @@ def read_coco(path: Path, data: Any = None, images_dir: Path | None = None) -> D
     images, seen = [], set()
     for entry in data["images"]:
         if not isinstance(entry, dict) or "id" not in entry:
-            problems.append(Problem("invalid_annotation", str(path), f"image entry {str(entry)[:80]} has no id; skipped", True))
+            ctx = Context(str(path), f"image entry {str(entry)[:80]}", problems)
+            ctx.note("invalid_annotation", "no id; skipped", True)
             continue
         image_id = entry["id"]
         file_name = str(entry.get("file_name") or "")
@@ -44,18 +45,20 @@ def read_coco(path: Path, data: Any = None, images_dir: Path | None = None) -> D
             ctx.note("duplicate_id", "image id listed twice; the second entry is skipped", True)
             continue
         seen.add(image_id)
-        found = locate_image(finder, file_name, path.parent, (entry.get("width"), entry.get("height")), path, ctx.what, problems)
+        anns = anns_by_image.pop(image_id, [])
+        declared = (entry.get("width"), entry.get("height"))
+        found = locate_image(finder, file_name, path.parent, declared, path, ctx.what, problems)
         if found is None:
             continue
         image_path, width, height = found
-        anns = anns_by_image.pop(image_id, [])
         instances = [inst for ann in anns if (inst := _instance(ann, names, width, height, path, problems))]
         record = image_record(image_path, width, height, instances, len(anns), image_id, ctx)
         if record:
             images.append(record)
     for image_id, anns in anns_by_image.items():
         ids = ", ".join(str(a.get("id")) for a in anns[:5])
-        problems.append(Problem("invalid_annotation", str(path), f"annotations {ids}: image_id {image_id!r} is not in images; dropped", True))
+        ctx = Context(str(path), f"annotations {ids}", problems)
+        ctx.note("invalid_annotation", f"image_id {image_id!r} is not in images; dropped", True)
     fmt = "labelstudio-coco" if is_label_studio(data) else "coco"
     classes = list(dict.fromkeys(names[k] for k in sorted(names, key=_id_order)))
     return DatasetRecords(format=fmt, source=path, images=images, classes=classes, problems=problems)
@@ -65,10 +68,11 @@ def _category_names(categories: Any, path: Path, problems: list[Problem]) -> dic
     names: dict[Any, str] = {}
     for cat in categories or []:
         if not isinstance(cat, dict) or "id" not in cat:
-            problems.append(Problem("invalid_annotation", str(path), f"category {str(cat)[:80]} has no id; skipped"))
+            Context(str(path), f"category {str(cat)[:80]}", problems).note("invalid_annotation", "no id; skipped")
             continue
         if cat["id"] in names:
-            problems.append(Problem("duplicate_id", str(path), f"category id {cat['id']} listed twice; the first name is kept"))
+            ctx = Context(str(path), f"category {cat['id']}", problems)
+            ctx.note("duplicate_id", "id listed twice; the first name is kept")
             continue
         names[cat["id"]] = str(cat.get("name", cat["id"]))
     return names
@@ -79,11 +83,13 @@ def _annotations_by_image(annotations: Any, path: Path, problems: list[Problem])
     seen: set = set()
     for ann in annotations or []:
         if not isinstance(ann, dict) or "image_id" not in ann:
-            problems.append(Problem("invalid_annotation", str(path), f"annotation {str(ann)[:80]} has no image_id; dropped", True))
+            ctx = Context(str(path), f"annotation {str(ann)[:80]}", problems)
+            ctx.note("invalid_annotation", "no image_id; dropped", True)
             continue
         if ann.get("id") is not None:
             if ann["id"] in seen:
-                problems.append(Problem("duplicate_id", str(path), f"annotation {ann['id']} (image {ann['image_id']}): id used twice; both kept"))
+                ctx = Context(str(path), f"annotation {ann['id']} (image {ann['image_id']})", problems)
+                ctx.note("duplicate_id", "id used twice; both kept")
             seen.add(ann["id"])
         by_image[ann["image_id"]].append(ann)
     return by_image

@@ -67,22 +67,18 @@ class ImageFinder:
     def __init__(self, root: Path, images_dir: Path | None = None):
         self.roots = [Path(images_dir)] if images_dir else []
         self.roots.append(Path(root))
-        self._index: list[dict[str, list[Path]]] | None = None
+        self._indexes: dict[int, dict[str, list[Path]]] = {}
 
     def find(self, ref: str, relative_to: Path) -> Path | None:
         """The existing file ``ref`` names, or None; ``relative_to`` is the folder of the export file."""
         rel, name = _split_reference(ref)
-        bases = self.roots[:-1] + [Path(relative_to)]
-        if rel:
-            for base in bases:
-                candidate = base / rel
-                if candidate.is_file() and self._inside(candidate):
-                    return candidate
-        if not name:
-            return None
-        for root, index in zip(self.roots, self._indexes()):
-            hits = index.get(name) or index.get(strip_upload_prefix(name))
-            if not hits and not PurePosixPath(name).suffix:  # "/image1" names "image1.jpg"
+        bases = self.roots[:-1] + [Path(relative_to)]  # images_dir first, then beside the export file
+        for i, base in enumerate(bases):
+            if rel and (base / rel).is_file() and self._inside(base / rel):
+                return base / rel
+            index = self._index_of(i)
+            hits = index.get(name) or index.get(strip_upload_prefix(name)) if name else None
+            if name and not hits and not PurePosixPath(name).suffix:  # "/image1" names "image1.jpg"
                 hits = index.get("stem:" + name)
             if hits:
                 return _best_match(hits, rel or name)
@@ -92,10 +88,10 @@ class ImageFinder:
         resolved = path.resolve()
         return any(resolved.is_relative_to(r.resolve()) for r in self.roots)
 
-    def _indexes(self) -> list[dict[str, list[Path]]]:
-        if self._index is None:
-            self._index = [_build_index(r) for r in self.roots]
-        return self._index
+    def _index_of(self, i: int) -> dict[str, list[Path]]:
+        if i not in self._indexes:
+            self._indexes[i] = _build_index(self.roots[i])
+        return self._indexes[i]
 
 
 def _build_index(root: Path) -> dict[str, list[Path]]:
@@ -139,15 +135,20 @@ def locate_image(
     path = found or (finder.find(ref, relative_to) if ref else None)
     if path is None:
         where = ", ".join(str(r) for r in finder.roots)
-        problems.append(Problem("missing_image", str(export_file), f"{what}: image {ref!r} not found (searched {where})", True))
+        detail = f"{what}: image {ref!r} not found (searched {where})"
+        problems.append(Problem("missing_image", str(export_file), detail, True))
         return None
     try:
         width, height = image_size(path)
     except ImageError as e:
         problems.append(Problem("unreadable_image", str(path), f"{what}: {e}", True))
         return None
-    if declared and all(declared) and tuple(declared) != (width, height):
-        hint = " (EXIF rotation?)" if tuple(declared) == (height, width) else ""
+    try:
+        declared = (int(declared[0]), int(declared[1])) if declared else None
+    except (TypeError, ValueError):
+        declared = None  # absent or unusable: nothing to compare
+    if declared and all(declared) and declared != (width, height):
+        hint = " (EXIF rotation?)" if declared == (height, width) else ""
         problems.append(Problem(
             "size_mismatch", str(path),
             f"{what}: export says {declared[0]}x{declared[1]}, image is {width}x{height}{hint}; using the image's size",

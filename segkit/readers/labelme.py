@@ -53,7 +53,8 @@ def read_labelme(path: Path, data: Any = None, images_dir: Path | None = None) -
         if found is None and doc.get("imageData"):
             found = _cache_embedded(doc["imageData"], root)
         declared = (doc.get("imageWidth"), doc.get("imageHeight"))
-        located = locate_image(finder, doc.get("imagePath") or "", file.parent, declared, file, ctx.what, problems, found)
+        ref = doc.get("imagePath") or ""
+        located = locate_image(finder, ref, file.parent, declared, file, ctx.what, problems, found)
         if located is None:
             continue
         image_path, width, height = located
@@ -113,7 +114,8 @@ def _instance(label: str, members: list, width: int, height: int, file: Path, ct
 
 def _circle(center: tuple[float, float], edge: tuple[float, float], n: int = 64) -> list[float]:
     r = math.dist(center, edge)
-    return [c for i in range(n) for c in (center[0] + r * math.cos(2 * math.pi * i / n), center[1] + r * math.sin(2 * math.pi * i / n))]
+    angles = (2 * math.pi * i / n for i in range(n))
+    return [c for a in angles for c in (center[0] + r * math.cos(a), center[1] + r * math.sin(a))]
 
 
 def _placed_mask(b64: str, top_left: tuple[float, float], width: int, height: int) -> np.ndarray:

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
-from label_studio_converter.brush import decode_rle
 
 from segkit.images import IMAGE_EXTENSIONS
 from segkit.readers.files import DataError, ImageFinder, locate_image, read_json
@@ -37,7 +36,8 @@ def read_labelstudio(path: Path, data: Any = None, images_dir: Path | None = Non
     images, labels, seen = [], set(), set()
     for task in tasks:
         if not isinstance(task, dict):
-            problems.append(Problem("invalid_annotation", str(path), f"task {str(task)[:60]} is not an object; skipped", True))
+            ctx = Context(str(path), f"task {str(task)[:60]}", problems)
+            ctx.note("invalid_annotation", "not an object; skipped", True)
             continue
         ctx = Context(str(path), f"task {task.get('id')}", problems)
         if task.get("id") is not None and task["id"] in seen:
@@ -56,13 +56,14 @@ def read_labelstudio(path: Path, data: Any = None, images_dir: Path | None = Non
         image_path, width, height = found
         instances = []
         for r, label in regions:
-            rctx = Context(str(path), f"task {task.get('id')}, annotation {ann.get('id')}, region {r.get('id')}", problems)
+            what = f"task {task.get('id')}, annotation {ann.get('id')}, region {r.get('id')}"
+            rctx = Context(str(path), what, problems)
             if inst := _instance(r, label, width, height, rctx):
                 instances.append(inst)
         record = image_record(image_path, width, height, instances, len(regions), task.get("id"), ctx)
         if record:
             images.append(record)
-    return DatasetRecords(format="labelstudio-json", source=path, images=images, classes=sorted(labels), problems=problems)
+    return DatasetRecords("labelstudio-json", source=path, images=images, classes=sorted(labels), problems=problems)
 
 
 def _pick_annotation(task: dict, ctx: Context) -> dict | None:
@@ -122,6 +123,9 @@ def _instance(r: dict, label: str | None, width: int, height: int, ctx: Context)
 
 def _brush_mask(r: dict) -> np.ndarray:
     """Label Studio brush RLE -> (H, W) bool mask at the size the annotator saw."""
+    # Imported here: the converter package pulls in nltk and pandas (1.5 s) for its other exports.
+    from label_studio_converter.brush import decode_rle
+
     v = r["value"]
     rle = v.get("rle") or r.get("rle")  # older exports keep it beside "value"
     w, h = int(r["original_width"]), int(r["original_height"])
@@ -137,7 +141,8 @@ def _rectangle(v: dict, width: int, height: int) -> list[float]:
     w, h = float(v["width"]) * width / 100, float(v["height"]) * height / 100
     a = math.radians(float(v.get("rotation") or 0))
     cos, sin = math.cos(a), math.sin(a)
-    return [c for dx, dy in ((0, 0), (w, 0), (w, h), (0, h)) for c in (x + dx * cos - dy * sin, y + dx * sin + dy * cos)]
+    corners = ((0, 0), (w, 0), (w, h), (0, h))
+    return [c for dx, dy in corners for c in (x + dx * cos - dy * sin, y + dx * sin + dy * cos)]
 
 
 def _ellipse(v: dict, width: int, height: int, n: int = 64) -> list[float]:

@@ -50,7 +50,8 @@ def polygon_instance(
             kept.append([v for p in xy for v in p])
     if degenerate:
         fate = "the object is dropped" if not kept else "the rest of the object is kept"
-        ctx.note("degenerate_polygon", f"'{label}': {degenerate} of {len(polygons)} polygons have fewer than 3 points; {fate}", not kept)
+        detail = f"'{label}': {degenerate} of {len(polygons)} polygons have fewer than 3 points; {fate}"
+        ctx.note("degenerate_polygon", detail, not kept)
     if outside:
         fate = "it lies entirely outside; dropped" if not kept else "clipped to it"
         ctx.note("out_of_bounds", f"'{label}' extends outside the {width}x{height} image; {fate}", not kept)
@@ -62,7 +63,9 @@ def polygon_instance(
     return _finish(label, kept, rle, ann_id, iscrowd, ctx)
 
 
-def rle_instance(label: str, rle: dict, width: int, height: int, ann_id: Any, ctx: Context, iscrowd: bool = False) -> Instance | None:
+def rle_instance(
+    label: str, rle: dict, width: int, height: int, ann_id: Any, ctx: Context, iscrowd: bool = False
+) -> Instance | None:
     """Instance from a COCO RLE (compressed or uncompressed counts); resized if its size is not the image's."""
     try:
         h, w = (int(v) for v in rle["size"])
@@ -77,7 +80,9 @@ def rle_instance(label: str, rle: dict, width: int, height: int, ann_id: Any, ct
     return _finish(label, _jsonable(compact), compact, ann_id, iscrowd, ctx)
 
 
-def mask_instance(label: str, mask: np.ndarray, width: int, height: int, ann_id: Any, ctx: Context, iscrowd: bool = False) -> Instance | None:
+def mask_instance(
+    label: str, mask: np.ndarray, width: int, height: int, ann_id: Any, ctx: Context, iscrowd: bool = False
+) -> Instance | None:
     """Instance from a binary (H, W) mask; a mask of another size is stretched to the image (nearest)."""
     mask = np.asarray(mask) > 0
     if mask.shape != (height, width):
@@ -92,7 +97,8 @@ def mask_instance(label: str, mask: np.ndarray, width: int, height: int, ann_id:
 def box_without_mask(label: str, box_xyxy: tuple[float, float, float, float], ctx: Context) -> None:
     """Record a rectangle: reported, but not used, since Mask R-CNN needs a mask for every object."""
     x0, y0, x1, y1 = (round(v, 1) for v in box_xyxy)
-    ctx.note("box_without_mask", f"'{label}' is a box [{x0}, {y0}, {x1}, {y1}] without a mask; not used for training", True)
+    ctx.note("box_without_mask", f"'{label}' is a box [{x0}, {y0}, {x1}, {y1}] without a mask; not used for training",
+             True)
 
 
 def clip_polygon(points: list[tuple[float, float]], width: float, height: float) -> list[tuple[float, float]]:
@@ -120,7 +126,8 @@ def _finish(label: str, segmentation: Any, rle: dict, ann_id: Any, iscrowd: bool
         ctx.note("zero_area", f"'{label}' covers no pixel; dropped", True)
         return None
     x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-    return Instance(label=label, segmentation=segmentation, bbox=(x, y, x + w, y + h), ann_id=ann_id, iscrowd=bool(iscrowd))
+    box = (x, y, x + w, y + h)
+    return Instance(label=label, segmentation=segmentation, bbox=box, ann_id=ann_id, iscrowd=bool(iscrowd))
 
 
 def _jsonable(rle: dict) -> dict:
