@@ -60,7 +60,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx / w + np.sin(angle) * yy / h)[..., None] * rng.uniform(20, 50)
     cells = rng.integers(3, 7)
-    blotches = _smooth_noise(rng, h, w, cells) * 22 + _smooth_noise(rng, h, w, cells, 3) * 8 + _smooth_noise(rng, h, w, 24) * 8
+    # blotches mostly of lightness, a little of hue
+    blotches = _smooth_noise(rng, h, w, cells) * 22 + _smooth_noise(rng, h, w, cells, 3) * 8
+    blotches = blotches + _smooth_noise(rng, h, w, 24) * 8  # finer mottling
     return base + ramp + blotches
 
 
@@ -79,7 +81,7 @@ def _pebble_outline(rng: np.random.Generator, size: float) -> np.ndarray:
     t = np.linspace(0, 2 * np.pi, 90, endpoint=False)
     r = np.ones_like(t)
     for k in (2, 3, 5):
-        r += rng.uniform(0, 0.12 / k * 2) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+        r += rng.uniform(0, 0.24 / k) * np.cos(k * t + rng.uniform(0, 2 * np.pi))  # gentler at higher k
     aspect = rng.uniform(0.55, 0.9)
     return np.stack([size * 0.8 * r * np.cos(t), size * 0.8 * aspect * r * np.sin(t)], 1)
 
@@ -115,7 +117,6 @@ def _fill(points: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def _paint(rng: np.random.Generator, image: np.ndarray, cls: str, mask: np.ndarray, points: np.ndarray) -> None:
     """Paint one object over ``image`` (float HxWx3) inside ``mask``, with texture and shading."""
-    h, w = mask.shape
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     bh, bw = y1 - y0, x1 - x0
@@ -293,11 +294,15 @@ def _coco_annotation(ann_id: int, image_id: int, category_id: int, result: dict,
             "ignore": 0, "iscrowd": 0, "area": area}
 
 
-def write_split(out_dir: Path, split: str, project: int, samples: list[Sample], seed: int) -> None:
+def write_split(out_dir: Path, project: int, samples: list[Sample], seed: int) -> None:
     """Write one split: images/, result.json (COCO export) and tasks.json (JSON export)."""
     rng = np.random.default_rng([seed, 1000 + project])
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     images, annotations, tasks = [], [], []
+    written = {file_name(seed, name) for name, _, _ in samples}
+    for stale in (out_dir / "images").glob("*.jpg"):  # left by an earlier seed or generator version
+        if stale.name not in written:
+            stale.unlink()
     for image_id, (name, image, instances) in enumerate(samples):
         fname = file_name(seed, name)
         Image.fromarray(image).save(out_dir / "images" / fname, quality=JPEG_QUALITY, optimize=True)
@@ -320,13 +325,13 @@ def write_split(out_dir: Path, split: str, project: int, samples: list[Sample], 
     (out_dir / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False, separators=(",", ":")))
 
 
-def write(out_dir: str | Path, seed: int = 0) -> None:
-    """Generate the sample and write every split under ``out_dir`` (train/, val/)."""
+def write(out_dir: str | Path, seed: int = 0, samples: list[Sample] | None = None) -> None:
+    """Write every split under ``out_dir`` (train/, val/); ``samples`` defaults to ``generate(seed)``."""
     out_dir = Path(out_dir)
-    samples = generate(seed)
+    samples = generate(seed) if samples is None else samples
     start = 0
     for project, (split, count) in enumerate(SPLITS, start=1):
-        write_split(out_dir / split, split, project, samples[start:start + count], seed)
+        write_split(out_dir / split, project, samples[start:start + count], seed)
         start += count
 
 
