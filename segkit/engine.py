@@ -38,13 +38,20 @@ def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, scheduler=None, scaler=None,
                     clip_grad: float | None = None, describe_batch: Callable[[list], str] = str,
                     desc: str = "train", on_step: Callable[[int], None] | None = None,
-                    show_progress: bool = True) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each loss component and of their sum (``loss``)."""
+                    show_progress: bool = True, skip: int = 0) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss component and of their sum (``loss``).
+
+    The first ``skip`` batches were trained on before an interruption: they are loaded, so that the
+    random augmentation streams line up with an uninterrupted run, but not trained on again.
+    ``on_step(i)`` is called after the i-th batch of the epoch (skipped ones included) is trained on.
+    """
     model.train()
     sums: dict[str, float] = defaultdict(float)
     n_batches, n_images, start = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress)
-    for images, targets in bar:
+    for step, (images, targets) in enumerate(bar, start=1):
+        if step <= skip:
+            continue
         images, targets = _to_device(images, targets, device)
         with torch.autocast(device.type, enabled=scaler is not None and scaler.is_enabled()):
             losses = model(images, targets)
@@ -75,7 +82,7 @@ def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, sc
         n_batches += 1
         n_images += len(images)
         if on_step is not None:
-            on_step(n_batches)
+            on_step(step)
         bar.set_postfix(loss=f"{total:.3f}", mask=f"{logged.get('loss_mask', 0):.3f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         img_s=f"{n_images / (time.perf_counter() - start):.1f}")

@@ -10,6 +10,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from segkit import engine, plots
 from segkit.checkpoint import load_checkpoint, save_checkpoint
-from segkit.model import ARCHITECTURES, build_model, count_parameters, uses_frozen_bn
+from segkit.model import ARCHITECTURES, WeightsError, build_model, count_parameters, uses_frozen_bn
 from segkit.splits import split_records
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     val_frac: float = _opt(0.15, "fraction of images for validation when the export has no splits")
     test_frac: float = _opt(0.15, "fraction of images for testing when the export has no splits")
     limit: int | None = _opt(None, "use at most this many images per split (quick trials)")
+    eval_every: int = _opt(1, "evaluate on val every N epochs (and always after the last)")
     patience: int = _opt(0, "stop after this many epochs without a better val mask AP (0: never)")
     score_threshold: float = _opt(0.5, "default score threshold stored in the checkpoint for predict and demo")
     seed: int = _opt(0, "random seed: runs on CPU with the same seed are identical")
@@ -106,17 +108,17 @@ class EpochSampler(Sampler[int]):
     """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same order."""
 
     def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+        self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g)[self.start:].tolist())
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return self.n
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -148,9 +150,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
 
     _seed_everything(cfg.seed)
     loaders = _make_loaders(cfg, splits, classes, world, rank)
-    model = build_model(cfg.model, len(classes) + 1, cfg.weights if not resume else None, cfg.trainable_layers,
-                        cfg.img_size, frozen_bn=resume.get("frozen_bn") if resume else None)
-    frozen_bn = uses_frozen_bn(cfg.model, cfg.weights)
+    try:
+        model = build_model(cfg.model, len(classes) + 1, cfg.weights if not resume else None, cfg.trainable_layers,
+                            cfg.img_size, frozen_bn=resume.get("frozen_bn") if resume else None)
+    except WeightsError as e:
+        raise TrainingStopped(str(e), exit_code=2) from None
+    frozen_bn = resume["frozen_bn"] if resume else uses_frozen_bn(cfg.model, cfg.weights)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params)
@@ -191,47 +196,54 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     def snapshot(epoch_done: int, step: int) -> dict:
         return {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                "step": step, "history": history, "rng": _rng_state(), "metrics": history[-1] if history else {}}
+                "step": step, "history": history[:epoch_done], "rng": _rng_state(), "metrics": history[-1] if history else {}}
 
     describe = _batch_describer(loaders["train"].dataset)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            _seed_epoch(cfg.seed, epoch, loaders["train"], state["step"])
-            if resume and epoch == start_epoch and "rng" in resume and state["step"]:
+            _seed_epoch(cfg.seed, epoch, loaders["train"])
+            skip, state["step"] = state["step"], 0
+            if skip and "rng" in resume:
                 _set_rng_state(resume["rng"])  # mid-epoch resume: continue the interrupted random stream
             t0 = time.perf_counter()
             losses = engine.train_one_epoch(
                 train_model, optimizer, loaders["train"], device, scheduler, scaler if scaler.is_enabled() else None,
                 cfg.clip_grad or None, describe, f"epoch {epoch + 1}/{cfg.epochs}",
-                on_step=lambda n, done=state["step"]: state.update(step=done + n),
-                show_progress=cfg.progress and main)
-            state["step"] = 0
+                on_step=lambda n: state.update(step=n), show_progress=cfg.progress and main, skip=skip)
             row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
                    "lr": optimizer.param_groups[0]["lr"]}
-            if main and "val" in coco_gts:
+            evaluated = "val" in coco_gts and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            if main and evaluated:
                 val_row, ap = engine.evaluate(model, loaders["val"], device, coco_gts["val"], "val", cfg.progress)
                 row.update(val_row)
                 row.update({f"val_segm_ap_{k}": v for k, v in ap["segm"]["per_class"].items()})
             row["seconds"] = time.perf_counter() - t0
+            row = {k: v if k == "epoch" else float(v) for k, v in row.items()}  # checkpoints hold plain numbers
             history.append(row)
-            improved = row.get("val_segm_map", -1.0) > best or "val" not in coco_gts
+            # without a val split the latest model is the best one we know of
+            improved = row.get("val_segm_map", -1.0) > best if "val" in coco_gts else True
             if main:
                 save_checkpoint(snapshot(epoch + 1, 0), out / "last.pt")
+                state["step"] = 0  # from here on, an interruption resumes at the next epoch
                 if improved:
                     best = row.get("val_segm_map", best)
                     save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "metrics": row},
                                     out / "best.pt")
                 _write_outputs(out, history)
                 _print_epoch(row)
-            stale = 0 if improved else stale + 1
-            if cfg.patience and stale >= cfg.patience:
+            state["step"] = 0
+            if evaluated:
+                stale = 0 if improved else stale + 1
+            if _agree(bool(cfg.patience) and stale >= cfg.patience, world):
                 if main:
-                    print(f"early stop: no better val mask AP for {cfg.patience} epochs")
+                    print(f"early stop: no better val mask AP for {cfg.patience} evaluations")
                 break
             _barrier(world)
     except KeyboardInterrupt:
-        if main:
+        if main and state["step"]:  # otherwise last.pt already holds the last finished epoch
             save_checkpoint(snapshot(epoch, state["step"]), out / "last.pt")
+        if not (out / "last.pt").exists():
+            raise TrainingStopped("interrupted before the first training step: nothing to save", 130) from None
         raise TrainingStopped(f"interrupted: saved {out / 'last.pt'}\n  resume with: python train.py --resume "
                               f"{out / 'last.pt'}", exit_code=130) from None
     except engine.NonFiniteLossError as e:
@@ -261,7 +273,7 @@ class LrSchedule:
             alpha = step / self.warmup
             warm = 0.001 * (1 - alpha) + alpha  # torchvision's warm-up: from lr/1000 to lr
         if self.cosine:
-            return warm * 0.5 * (1 + np.cos(np.pi * min(step, self.total) / self.total))
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.total) / self.total))
         return warm * 0.1 ** sum(step >= m for m in self.milestones)
 
 
@@ -277,6 +289,15 @@ def _setup_distributed() -> tuple[int, int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """Rank 0's decision, on every rank (only rank 0 evaluates, so only it knows when to stop)."""
+    if world > 1:
+        box = [flag]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+    return flag
 
 
 def _barrier(world: int) -> None:
@@ -349,15 +370,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_epoch(seed: int, epoch: int, loader: DataLoader, start_step: int) -> None:
+def _seed_epoch(seed: int, epoch: int, loader: DataLoader) -> None:
     """Make an epoch depend only on (seed, epoch): order, augmentation and the model's sampling."""
-    _seed_everything(seed * 1000 + epoch)
-    loader.dataset.transform_seed = seed * 1000 + epoch
-    sampler = loader.sampler
-    if isinstance(sampler, EpochSampler):
-        sampler.set_epoch(epoch, start_step * loader.batch_size)
-    elif isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
+    epoch_seed = seed * 1000 + epoch
+    _seed_everything(epoch_seed)
+    loader.generator.manual_seed(epoch_seed)  # worker seeds come from here, not from the model's stream
+    loader.dataset.transform.augment.set_random_seed(epoch_seed)  # in-process loading; workers reseed
+    loader.sampler.set_epoch(epoch)
 
 
 def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int, rank: int) -> dict:
@@ -375,6 +394,7 @@ def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int
             sampler = None  # val/test are evaluated whole, once, by rank 0
         loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False,
                                     num_workers=cfg.workers, collate_fn=collate_fn, drop_last=False,
+                                    generator=torch.Generator(),
                                     persistent_workers=False, pin_memory=torch.cuda.is_available())
     return loaders
 

@@ -1,0 +1,154 @@
+"""Training throughput: segkit's step against a plain loop written like torchvision's fine-tuning tutorial.
+
+Same model (Mask R-CNN R50-FPN, random init), same images, image size, batch and workers; each
+pipeline runs in its own process so that peak memory is its own. Prints a table with the ratio.
+
+    python bench/train.py [--steps 10] [--img-size 512] [--batch-size 2] [--workers 2] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    """The tutorial's PennFudan dataset, reading the same COCO json: decode, masks_to_boxes, v2 transforms."""
+
+    def __init__(self, root: Path, transforms):
+        from pycocotools.coco import COCO
+
+        self.root, self.transforms = root, transforms
+        self.coco = COCO(str(root / "result.json"))
+        self.ids = sorted(i for i in self.coco.imgs if self.coco.getAnnIds(imgIds=i))
+
+    def __getitem__(self, idx):
+        from torchvision import tv_tensors
+        from torchvision.io import read_image
+        from torchvision.ops import masks_to_boxes
+
+        info = self.coco.imgs[self.ids[idx]]
+        img = read_image(str(self.root / info["file_name"]))
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=info["id"]))
+        masks = torch.stack([torch.from_numpy(self.coco.annToMask(a)) for a in anns])
+        target = {"boxes": tv_tensors.BoundingBoxes(masks_to_boxes(masks), format="XYXY", canvas_size=img.shape[-2:]),
+                  "masks": tv_tensors.Mask(masks), "labels": torch.tensor([a["category_id"] + 1 for a in anns]),
+                  "image_id": idx}
+        return self.transforms(tv_tensors.Image(img), target)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def tutorial_loader(root, batch_size, workers):
+    from torchvision.transforms import v2 as T
+
+    transforms = T.Compose([T.RandomHorizontalFlip(0.5), T.ToDtype(torch.float, scale=True), T.ToPureTensor()])
+    return torch.utils.data.DataLoader(TutorialDataset(root, transforms), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, collate_fn=lambda b: tuple(zip(*b)))
+
+
+def tutorial_epoch(model, optimizer, loader, device, steps):
+    """The tutorial's train_one_epoch, minus logging."""
+    model.train()
+    for i, (images, targets) in enumerate(loader):
+        if i == steps:
+            break
+        images = list(image.to(device) for image in images)
+        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        losses = sum(loss for loss in loss_dict.values())
+        if not math.isfinite(losses.item()):
+            sys.exit(1)
+        optimizer.zero_grad()
+        losses.backward()
+        optimizer.step()
+
+
+def segkit_loader(root, batch_size, workers):
+    from segkit.dataset import SegmentationDataset, collate_fn
+    from segkit.readers import load_dataset
+    from segkit.train import EpochSampler
+    from segkit.transforms import build_transform
+
+    records = load_dataset(root)
+    images = [im for im in records.images if im.instances]
+    dataset = SegmentationDataset(images, records.classes, build_transform("light"))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), 0),
+                                       num_workers=workers, collate_fn=collate_fn,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def run_one(args) -> dict:
+    """Time ``args.steps`` steps of one pipeline in this process."""
+    from itertools import islice
+
+    from segkit import engine
+    from segkit.model import build_model
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    root = REPO / "data" / "sample" / "train"
+    model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=args.img_size).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9,
+                                weight_decay=1e-4)
+    if args.variant == "tutorial":
+        loader = tutorial_loader(root, args.batch_size, args.workers)
+        step = lambda n: tutorial_epoch(model, optimizer, loader, device, n)  # noqa: E731
+    else:
+        loader = segkit_loader(root, args.batch_size, args.workers)
+        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+        step = lambda n: engine.train_one_epoch(model, optimizer, islice(loader, n), device,  # noqa: E731
+                                                scaler=scaler, clip_grad=10.0, show_progress=False)
+    step(1)  # warm-up: allocator, cudnn autotune, worker start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step(args.steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": args.variant, "images_per_s": args.steps * args.batch_size / seconds, "peak_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--img-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=["segkit", "tutorial"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_one(args)))
+        return
+    rows = []
+    for variant in ("tutorial", "segkit"):
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "variant"]
+        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+    base = rows[0]["images_per_s"]
+    print(f"Mask R-CNN R50-FPN training, {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
+          f"{args.steps} steps, {args.device}")
+    print(f"{'pipeline':<22}{'images/s':>10}{'peak MB':>10}{'speed vs tutorial':>20}")
+    for row in rows:
+        name = "torchvision tutorial" if row["variant"] == "tutorial" else "segkit"
+        print(f"{name:<22}{row['images_per_s']:>10.2f}{row['peak_mb']:>10.0f}{row['images_per_s'] / base:>19.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Training end to end on tiny data: outputs, resume, exact continuation after Ctrl-C, overfit."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from segkit import engine
+from segkit.checkpoint import load_checkpoint
+from segkit.predict import Predictor
+from segkit.readers import load_dataset
+from segkit.train import TrainingStopped, train
+
+REQUIRED_COLUMNS = {"epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr",
+                    "seconds", "train_loss_mask", "val_loss_mask", "train_loss_classifier"}
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_write_every_output_and_resume_appends_a_row(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_config(tiny_data, out, epochs=2, limit=2))
+    for name in ("metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png", "config.json",
+                 "split.json", "best.pt", "last.pt"):
+        assert (out / name).stat().st_size > 0, name
+    rows = _rows(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert REQUIRED_COLUMNS <= set(rows[0])
+    assert all(np.isfinite(float(r["val_loss"])) for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["weights"] == "none"
+    assert summary["best"] == str(out / "best.pt")
+
+    train(tiny_config(tiny_data, tmp_path / "ignored", epochs=3, resume=str(out / "last.pt")))
+    resumed = _rows(out / "metrics.csv")
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert resumed[:2] == rows  # history continues, untouched
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    settings = dict(epochs=2, eval_every=10, aug="default")  # 2 steps per epoch, augmentation on
+    straight = train(tiny_config(tiny_data, tmp_path / "straight", **settings))
+
+    real = engine.train_one_epoch
+    calls = []
+
+    def interrupt_in_second_epoch(*args, on_step=None, **kwargs):
+        calls.append(1)
+
+        def step(n):
+            on_step(n)
+            if len(calls) == 2 and n == 1:
+                raise KeyboardInterrupt
+        return real(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_second_epoch)
+    with pytest.raises(TrainingStopped, match="resume with: python train.py --resume"):
+        train(tiny_config(tiny_data, tmp_path / "cut", **settings))
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 1)  # one finished epoch and one step of the next
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    train(tiny_config(tiny_data, tmp_path / "x", **settings, resume=str(tmp_path / "cut" / "last.pt")))
+
+    a = load_checkpoint(straight["last"])["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_bad_data_stops_before_training_naming_the_file(tmp_path):
+    bad = tmp_path / "export"
+    bad.mkdir()
+    (bad / "result.json").write_text('{"images": [')
+    with pytest.raises(TrainingStopped, match="result.json"):
+        train(tiny_config(bad, tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_overfit_learns_the_four_images(overfit_run, tiny_data):
+    """End-to-end proof that classes, masks and predictions line up."""
+    assert overfit_run["best_metrics"]["val_segm_map50"] >= 0.9
+    predictor = Predictor.from_checkpoint(overfit_run["best"])
+    records = load_dataset(tiny_data / "val")
+    for record in records.images:
+        prediction = predictor(record.path)
+        for inst in record.instances:
+            gt = inst.mask(record.height, record.width).astype(bool)
+            same_class = [m for m, name in zip(prediction.masks, prediction.class_names) if name == inst.label]
+            ious = [(m & gt).sum() / (m | gt).sum() for m in same_class]
+            assert max(ious, default=0) >= 0.7, f"{record.path.name}: {inst.label} not found (IoUs {ious})"
+
+
+def test_best_checkpoint_reloads_to_identical_predictions(trained_checkpoint, tiny_data):
+    image = next((tiny_data / "val" / "images").iterdir())
+    first = Predictor.from_checkpoint(trained_checkpoint)(image)
+    second = Predictor.from_checkpoint(trained_checkpoint)(image)
+    assert len(first) > 0
+    np.testing.assert_array_equal(first.masks, second.masks)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    assert first.class_names == second.class_names
