@@ -10,27 +10,28 @@ through pixel centres (what ``cv2.findContours`` returns) would lose half of eve
 """
 from __future__ import annotations
 
-import uuid
-from typing import Any
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import cv2
 import numpy as np
-from label_studio_converter.brush import mask2rle
 from pycocotools import mask as mask_utils
 
 from segkit.metrics import prediction_to_coco
-from segkit.predict import Prediction
+
+if TYPE_CHECKING:
+    from segkit.predict import Prediction
 
 DEFAULT_FROM_NAME = "label"  # the <PolygonLabels>/<BrushLabels> tag of the labeling config
 DEFAULT_TO_NAME = "image"  # the <Image> tag
 
 
-def image_entry(file_name: str, image_ref: str, width: int, height: int, prediction: Prediction) -> dict[str, Any]:
-    """One image's predictions as a JSON-able dict: COCO annotations (no ids yet) plus where the image is.
+def image_entry(file_name: str, width: int, height: int, prediction: Prediction) -> dict[str, Any]:
+    """One image's predictions as a JSON-able dict: its path and size, and COCO annotations (no ids yet).
 
-    ``file_name`` is the image path written to the COCO file; ``image_ref`` is the name that
-    ``--image-root-url`` is prefixed to in Label Studio tasks.
+    An optional ``image_ref`` key, added by the caller, is what :func:`to_labelstudio` appends to
+    ``image_root_url`` (default: the file's name).
     """
     annotations = []
     for ann, name in zip(prediction_to_coco(0, prediction.boxes, prediction.labels, prediction.scores,
@@ -39,8 +40,7 @@ def image_entry(file_name: str, image_ref: str, width: int, height: int, predict
         ann["area"] = int(mask_utils.area(ann["segmentation"]))
         ann["label"] = name
         annotations.append(ann)
-    return {"file_name": file_name, "image_ref": image_ref, "width": int(width), "height": int(height),
-            "annotations": annotations}
+    return {"file_name": file_name, "width": int(width), "height": int(height), "annotations": annotations}
 
 
 def to_coco(entries: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
@@ -64,40 +64,47 @@ def to_labelstudio(entries: list[dict[str, Any]], model_version: str, from_name:
 
     ``data.image`` is ``image_root_url + image_ref`` (URL-quoted) when a root URL is given, e.g.
     ``/data/local-files/?d=photos/`` for local-files storage, else the image path as written in the
-    COCO file. Results are ``polygonlabels`` (one region per part of a mask; holes are filled,
-    since Label Studio polygons have none) or, with ``brush``, lossless ``brushlabels``. The task's
+    COCO file. Results are ``polygonlabels`` (one region per part of a mask; holes are filled, since
+    Label Studio polygons have none) or, with ``brush``, lossless ``brushlabels``. The task's
     prediction score is the mean instance score, which Label Studio uses to order tasks.
     """
     tasks = []
     for entry in entries:
-        w, h = entry["width"], entry["height"]
-        result = []
-        for k, ann in enumerate(entry["annotations"]):
-            mask = mask_utils.decode(ann["segmentation"]).astype(bool)
-            common = {"from_name": from_name, "to_name": to_name, "original_width": w, "original_height": h,
-                      "image_rotation": 0, "score": ann["score"]}
-            if brush:
-                result.append({"id": _region_id(k), "type": "brushlabels", **common,
-                               "value": {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": [ann["label"]]}})
-                continue
-            for j, poly in enumerate(mask_to_polygons(mask)):
-                points = [[100.0 * x / w, 100.0 * y / h] for x, y in zip(poly[0::2], poly[1::2])]
-                result.append({"id": _region_id(k, j), "type": "polygonlabels", **common,
-                               "value": {"points": points, "closed": True, "polygonlabels": [ann["label"]]}})
-        image = image_root_url + quote(entry["image_ref"]) if image_root_url else entry["file_name"]
+        result = [item for k, ann in enumerate(entry["annotations"])
+                  for item in _regions(k, ann, entry["width"], entry["height"], from_name, to_name, brush)]
+        ref = entry.get("image_ref") or PurePath(entry["file_name"]).name
+        image = image_root_url + quote(ref) if image_root_url else entry["file_name"]
         scores = [a["score"] for a in entry["annotations"]]
         tasks.append({"data": {"image": image}, "predictions": [{
             "model_version": model_version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}]})
     return tasks
 
 
+def _regions(k: int, ann: dict[str, Any], w: int, h: int, from_name: str, to_name: str,
+             brush: bool) -> list[dict[str, Any]]:
+    """Label Studio result items of the ``k``-th instance: one brush, or one polygon per part."""
+    mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+    common = {"from_name": from_name, "to_name": to_name, "original_width": w, "original_height": h,
+              "image_rotation": 0, "score": ann["score"]}
+    if brush:
+        return [{"id": _region_id(k), "type": "brushlabels", **common,
+                 "value": {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": [ann["label"]]}}]
+    return [{"id": _region_id(k, j), "type": "polygonlabels", **common,
+             "value": {"points": [[100.0 * x / w, 100.0 * y / h] for x, y in zip(poly[0::2], poly[1::2])],
+                       "closed": True, "polygonlabels": [ann["label"]]}}
+            for j, poly in enumerate(mask_to_polygons(mask))]
+
+
 def _region_id(instance: int, part: int = 0) -> str:
-    # Unique per task; the instance number first so that the parts of one mask can be told apart.
-    return f"i{instance}" + (f"p{part}" if part else "") + "-" + uuid.uuid4().hex[:6]
+    # Unique within a task and the same on every run; the parts of one mask share their instance number.
+    return f"i{instance}" + (f"p{part}" if part else "")
 
 
 def mask_to_ls_rle(mask: np.ndarray) -> list[int]:
     """Label Studio brush RLE of a boolean (H, W) mask (RGBA with 255 where the mask is)."""
+    # Imported here: the converter package pulls in nltk and pandas (seconds) for its other exports.
+    from label_studio_converter.brush import mask2rle
+
     return mask2rle(np.asarray(mask, dtype=np.uint8) * 255)
 
 
@@ -121,9 +128,8 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.5, min_part: float =
     for area, contour in parts:
         if area < min_part * parts[0][0]:
             break
-        contour = cv2.approxPolyDP(contour, 2 * tolerance, True).reshape(-1, 2).astype(np.float64)
-        if len(contour) < 3:
-            continue
+        simple = cv2.approxPolyDP(contour, 2 * tolerance, True)
+        contour = (simple if len(simple) >= 3 else contour).reshape(-1, 2).astype(np.float64)  # tiny parts: keep all
         xy = (contour - 1 + 0.5) / 2 + (x0, y0)  # -1 undoes the padding
         polygons.append([round(float(v), 2) for v in xy.ravel()])
     return polygons
