@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.models import _api as torchvision_api
 
 from segkit import model as model_lib
 from segkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -37,7 +38,7 @@ def test_coco_weights_load_through_torchvision_enum_and_heads_are_replaced(coco_
         urls.append(url)
         return state
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", fake_download)  # only the download
     model = build_model("maskrcnn_resnet50_fpn", 4, weights="coco", trainable_layers=3)
     assert urls == [model_lib.ARCHITECTURES["maskrcnn_resnet50_fpn"][1].url]
     _assert_backbone_loaded_heads_new(model, state, 4)
@@ -58,7 +59,7 @@ def test_offline_coco_weights_say_where_to_put_the_file(monkeypatch):
     def offline(url, *args, **kwargs):
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError) as err:
         build_model("maskrcnn_resnet50_fpn", 4, weights="coco")
     message = str(err.value)
