@@ -15,6 +15,11 @@ from tqdm import tqdm
 from segkit.metrics import coco_evaluate, prediction_to_coco
 
 
+# torchvision's loss names, shortened for the progress bar
+SHORT = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
+         "loss_rpn_box_reg": "rpn"}
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the batch's images."""
 
@@ -83,8 +88,8 @@ def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, sc
         n_images += len(images)
         if on_step is not None:
             on_step(step)
-        bar.set_postfix(loss=f"{total:.3f}", mask=f"{logged.get('loss_mask', 0):.3f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+        bar.set_postfix(loss=f"{total:.3f}", **{SHORT.get(k, k): f"{v:.3f}" for k, v in logged.items()},
+                        lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                         img_s=f"{n_images / (time.perf_counter() - start):.1f}")
     return {k: v / max(n_batches, 1) for k, v in sums.items()}
 

@@ -28,6 +28,7 @@ from segkit import engine, plots
 from segkit.checkpoint import load_checkpoint, save_checkpoint
 from segkit.model import ARCHITECTURES, WeightsError, build_model, count_parameters, uses_frozen_bn
 from segkit.splits import split_records
+from segkit.transforms import PRESETS
 
 
 def _opt(default, help_text, **kw):
@@ -48,7 +49,7 @@ class TrainConfig:
     batch_size: int = _opt(2, "images per step per process")
     workers: int = _opt(2, "DataLoader worker processes")
     img_size: int = _opt(512, "shorter image side inside the model (torchvision's min_size)")
-    aug: str = _opt("default", "augmentation preset: none, light, default, heavy")
+    aug: str = _opt("default", "augmentation preset", choices=list(PRESETS))
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw", choices=["sgd", "adamw"])
     lr: float = _opt(0.01, "peak learning rate (AdamW: try 1e-4)")
     momentum: float = _opt(0.9, "SGD momentum")
@@ -318,7 +319,9 @@ def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
     """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress."""
     saved = {f.name: ckpt["config"].get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
     keep = ("epochs", "patience", "device", "workers", "progress", "resume")
-    return TrainConfig(**{**saved, **{k: getattr(cli, k) for k in keep}})
+    defaults = TrainConfig()
+    changed = {k: getattr(cli, k) for k in keep if getattr(cli, k) != getattr(defaults, k)}
+    return TrainConfig(**{**saved, "resume": cli.resume, **changed})
 
 
 def _load_data(cfg: TrainConfig, verbose: bool):

@@ -106,3 +106,27 @@ def test_best_checkpoint_reloads_to_identical_predictions(trained_checkpoint, ti
     np.testing.assert_array_equal(first.masks, second.masks)
     np.testing.assert_array_equal(first.scores, second.scores)
     assert first.class_names == second.class_names
+
+
+def test_non_finite_loss_names_the_images_and_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from torchvision.models.detection import MaskRCNN
+
+    real_forward = MaskRCNN.forward
+    calls = []
+
+    def forward(self, images, targets=None):
+        out = real_forward(self, images, targets)
+        if self.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) > 1:  # the second epoch's step blows up
+                out["loss_mask"] = out["loss_mask"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MaskRCNN, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as err:
+        train(tiny_config(tiny_data, out, epochs=2, limit=2, eval_every=10))
+    message = str(err.value)
+    assert "nan" in message and str(out / "last.pt") in message
+    assert any(p.name in message for p in (tiny_data / "train" / "images").iterdir())
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
