@@ -161,6 +161,13 @@ def _load_or_explain(load, weights_enum):
         ) from e
 
 
+def coco_pretrained() -> tuple[MaskRCNN, list[str]]:
+    """torchvision's COCO Mask R-CNN as published (91 class slots) and its class names, for the demo."""
+    weights = ARCHITECTURES["maskrcnn_resnet50_fpn"][1]
+    model = _load_or_explain(lambda: tv_mask_rcnn.maskrcnn_resnet50_fpn(weights=weights), weights)
+    return model, list(weights.meta["categories"][1:])
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

@@ -81,12 +81,9 @@ class Predictor:
     @classmethod
     def from_torchvision_coco(cls, device: str | torch.device | None = None) -> "Predictor":
         """torchvision's COCO-pretrained Mask R-CNN (91 COCO slots), when its weights are available."""
-        from segkit.model import ARCHITECTURES, build_model
+        from segkit.model import coco_pretrained
 
-        weights = ARCHITECTURES["maskrcnn_resnet50_fpn"][1]
-        model = build_model("maskrcnn_resnet50_fpn", num_classes=91, weights="coco")
-        model.load_state_dict(weights.get_state_dict(progress=False), strict=True)
-        classes = list(weights.meta["categories"][1:])
+        model, classes = coco_pretrained()
         return cls(model, classes, 0.5, device, {"checkpoint": "torchvision COCO", "arch": "maskrcnn_resnet50_fpn"})
 
     @torch.inference_mode()

@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
             if main and evaluated:
                 val_row, ap = engine.evaluate(model, loaders["val"], device, coco_gts["val"], "val", cfg.progress)
                 row.update(val_row)
-                row.update({f"val_segm_ap_{k}": v for k, v in ap["segm"]["per_class"].items()})
+                row.update({f"val_{t}_ap_{name}": v for t in ap for name, v in ap[t]["per_class"].items()})
             row["seconds"] = time.perf_counter() - t0
             row = {k: v if k == "epoch" else float(v) for k, v in row.items()}  # checkpoints hold plain numbers
             history.append(row)

@@ -1,0 +1,49 @@
+"""The one Predictor shared by the CLI, the demo and training previews."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segkit.checkpoint import CheckpointError
+from segkit.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(untrained_checkpoint):
+    p = Predictor.from_checkpoint(untrained_checkpoint, device="cpu")
+    p.model.roi_heads.detections_per_img = 10  # a random model fills every slot; keep the mask head cheap
+    return p
+
+
+def test_path_pil_and_array_inputs_give_the_same_prediction(predictor, sample_dir):
+    path = next((sample_dir / "val" / "images").glob("*.jpg"))
+    image = Image.open(path).convert("RGB")
+    by_path, by_pil, by_array = predictor(path, 0.0), predictor(image, 0.0), predictor(np.asarray(image), 0.0)
+    assert len(by_path) > 0
+    for other in (by_pil, by_array):
+        np.testing.assert_array_equal(by_path.masks, other.masks)
+        np.testing.assert_array_equal(by_path.scores, other.scores)
+    assert by_path.masks.shape[1:] == (image.height, image.width)  # masks at the image's own size
+    assert by_path.masks.dtype == bool and by_path.boxes.shape == (len(by_path), 4)
+    assert set(by_path.class_names) <= set(predictor.classes)
+
+
+def test_threshold_filters_by_score(predictor, sample_dir):
+    path = next((sample_dir / "val" / "images").glob("*.jpg"))
+    everything = predictor(path, 0.0)
+    cut = float(np.median(everything.scores))
+    kept = predictor(path, cut)
+    assert len(kept) == int((everything.scores >= cut).sum())
+    assert (kept.scores >= cut).all()
+
+
+def test_grey_and_rgba_images_are_accepted(predictor):
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128), dtype=np.uint8), "L")
+    assert predictor(grey, 0.0).masks.shape[1:] == (96, 128)
+    assert predictor(grey.convert("RGBA"), 0.0).masks.shape[1:] == (96, 128)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        Predictor.from_checkpoint(tmp_path / "nope.pt")
