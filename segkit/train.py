@@ -7,13 +7,11 @@ resumes exactly from ``last.pt``. Under ``torchrun`` it trains with DistributedD
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from segkit import engine, plots
+from segkit import engine, runs
 from segkit.checkpoint import load_checkpoint, save_checkpoint
-from segkit.model import ARCHITECTURES, WeightsError, build_model, count_parameters, uses_frozen_bn
+from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, count_parameters,
+                          freeze_backbone, is_pretrained, uses_frozen_bn)
 from segkit.splits import split_records
 from segkit.transforms import PRESETS
 
@@ -148,37 +147,25 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
         splits = {k: v[: cfg.limit] for k, v in splits.items()}
     if not splits["train"]:
         raise TrainingStopped(f"{cfg.data}: no training images after splitting {len(records.images)} images")
-    out = Path(cfg.out) if cfg.out else _next_run_dir(Path("runs"), cfg.name, main, world)
+    out = Path(cfg.out) if cfg.out else runs.next_run_dir(Path("runs"), cfg.name, main, world)
     cfg = dataclasses.replace(cfg, out=str(out))
 
     _seed_everything(cfg.seed)
     loaders = _make_loaders(cfg, splits, classes, world, rank)
-    try:
-        model = build_model(cfg.model, len(classes) + 1, cfg.weights if not resume else None, cfg.trainable_layers,
-                            cfg.img_size, frozen_bn=resume.get("frozen_bn") if resume else None)
-    except WeightsError as e:
-        raise TrainingStopped(str(e), exit_code=2) from None
-    frozen_bn = resume["frozen_bn"] if resume else uses_frozen_bn(cfg.model, cfg.weights)
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size  # training-time sampling only
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(cfg, params)
-    steps_per_epoch = len(loaders["train"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    model = _make_model(cfg, len(classes) + 1, resumed=resume is not None).to(device)
+    optimizer, scheduler, scaler = _make_optimization(cfg, model, len(loaders["train"]), device)
     history, start_epoch, start_step = [], 0, 0
     if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
+        for part, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            obj.load_state_dict(resume[part])
         history, start_epoch, start_step = resume["history"], resume["epoch"], resume.get("step", 0)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    meta = {"arch": cfg.model, "classes": classes, "img_size": cfg.img_size, "frozen_bn": frozen_bn,
+    meta = {"arch": cfg.model, "classes": classes, "img_size": cfg.img_size,
+            "frozen_bn": uses_frozen_bn(cfg.model, cfg.weights),
             "score_threshold": cfg.score_threshold, "config": dataclasses.asdict(cfg),
             "split": {k: [str(im.path) for im in v] for k, v in splits.items()}}
     if main:
@@ -233,8 +220,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
                     best = row.get("val_segm_map", best)
                     save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "metrics": row},
                                     out / "best.pt")
-                _write_outputs(out, history)
-                _print_epoch(row)
+                runs.write_outputs(out, history)
+                runs.print_epoch(row)
             state["step"] = 0
             if evaluated:
                 stale = 0 if improved else stale + 1
@@ -262,6 +249,31 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     return summary
 
 
+def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.Module:
+    """The run's model; a resumed run rebuilds the same modules and frozen layers, its weights come from last.pt."""
+    try:
+        model = build_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.trainable_layers,
+                            cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights))
+    except WeightsError as e:
+        raise TrainingStopped(str(e), exit_code=2) from None
+    if resumed and is_pretrained(cfg.weights):
+        freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size  # training-time sampling only
+    return model
+
+
+def _make_optimization(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int, device: torch.device):
+    """Optimizer over the trainable parameters, per-step LR schedule, and the AMP scaler (CUDA only)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    return optimizer, scheduler, scaler
+
+
 class LrSchedule:
     """Learning-rate factor per step: linear warm-up, then cosine to zero or x0.1 steps."""
 
@@ -279,12 +291,6 @@ class LrSchedule:
         if self.cosine:
             return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.total) / self.total))
         return warm * 0.1 ** sum(step >= m for m in self.milestones)
-
-
-def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _setup_distributed() -> tuple[int, int, int]:
@@ -353,23 +359,6 @@ def _restore_split(records, saved: dict[str, list[str]]) -> dict[str, list]:
     return {k: [by_path[p] for p in v] for k, v in saved.items()}
 
 
-def _next_run_dir(root: Path, name: str, main: bool, world: int) -> Path:
-    """runs/exp, runs/exp2, ...: a new folder per run, so nothing is overwritten."""
-    if world > 1:  # every rank must agree on one folder: rank 0 decides
-        chosen = [str(_next_free(root, name))] if main else [""]
-        dist.broadcast_object_list(chosen, src=0)
-        return Path(chosen[0])
-    return _next_free(root, name)
-
-
-def _next_free(root: Path, name: str) -> Path:
-    path, n = root / name, 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}{n}"
-    return path
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -434,29 +423,6 @@ def _batch_describer(dataset):
     return describe
 
 
-def _write_outputs(out: Path, history: list[dict], test: dict | None = None) -> None:
-    columns = ["epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds"]
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
-    plots.plot_losses(history, out / "loss_curves.png", test)
-    plots.plot_metrics(history, out / "metrics.png")
-
-
-def _print_epoch(row: dict) -> None:
-    parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
-    if "val_loss" in row:
-        parts += [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
-                  f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
-    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.0f}s"]
-    print(" | ".join(parts), flush=True)
-
-
 def _finish(cfg: TrainConfig, out: Path, model, device, loaders, coco_gts, history, main) -> dict:
     """Test the best checkpoint, draw previews, print where everything is."""
     best_path = out / "best.pt"
@@ -466,9 +432,9 @@ def _finish(cfg: TrainConfig, out: Path, model, device, loaders, coco_gts, histo
     if "test" in coco_gts:
         test, ap = engine.evaluate(model, loaders["test"], device, coco_gts["test"], "test", cfg.progress)
         (out / "test_metrics.json").write_text(json.dumps({"epoch": best["epoch"], **test, "ap": ap}, indent=2))
-    _write_outputs(out, history, test)
+    runs.write_outputs(out, history, test)
     preview_split = "val" if len(loaders["val"].dataset) else "train"
-    _draw_previews(model, loaders[preview_split].dataset, best["classes"], cfg.score_threshold,
+    runs.draw_previews(model, loaders[preview_split].dataset, best["classes"], cfg.score_threshold,
                    out / "val_predictions.png")
     summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
                "best_metrics": best.get("metrics", {}), "test": test}
@@ -478,40 +444,3 @@ def _finish(cfg: TrainConfig, out: Path, model, device, loaders, coco_gts, histo
         print(f"  {out / name}")
     print(f"serve it: python demo.py --checkpoint {best_path}")
     return summary
-
-
-def _draw_previews(model, dataset, classes, threshold: float, path: Path, n: int = 4) -> None:
-    """Val images with predictions beside ground truth, drawn with the demo's overlay code."""
-    from PIL import Image
-
-    from segkit.images import load_image
-    from segkit.predict import Predictor
-    from segkit.visualize import side_by_side
-
-    predictor = Predictor(model, classes, threshold, device=next(model.parameters()).device)
-    panels = []
-    for record in dataset.images[:n]:
-        image = load_image(record.path)
-        gt = _ground_truth_prediction(record, classes)
-        panels.append(side_by_side(image, predictor(image), gt))
-    if not panels:
-        return
-    width = max(p.width for p in panels)
-    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
-    y = 0
-    for p in panels:
-        sheet.paste(p, (0, y))
-        y += p.height
-    sheet.save(path)
-
-
-def _ground_truth_prediction(record, classes):
-    from segkit.predict import Prediction
-
-    instances = [i for i in record.instances if i.segmentation is not None]
-    masks = np.stack([i.mask(record.height, record.width).astype(bool) for i in instances]) if instances else \
-        np.zeros((0, record.height, record.width), dtype=bool)
-    return Prediction(boxes=np.array([i.bbox for i in instances], dtype=np.float32).reshape(-1, 4),
-                      labels=np.array([classes.index(i.label) + 1 for i in instances], dtype=np.int64),
-                      class_names=[i.label for i in instances], scores=np.ones(len(instances), dtype=np.float32),
-                      masks=masks)

@@ -130,3 +130,24 @@ def test_non_finite_loss_names_the_images_and_the_last_good_checkpoint(tiny_data
     assert "nan" in message and str(out / "last.pt") in message
     assert any(p.name in message for p in (tiny_data / "train" / "images").iterdir())
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_fine_tune_from_torchvision_format_weights_then_resume(tiny_data, tmp_path):
+    """The transfer-learning path (frozen batch norm and early stages) trains, reloads and resumes."""
+    from segkit.model import build_model
+
+    torch.manual_seed(0)
+    coco_like = build_model("maskrcnn_resnet50_fpn", 91, weights=None).state_dict()
+    weights = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(coco_like, weights)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, weights=str(weights), epochs=1, limit=2))
+    best = load_checkpoint(out / "best.pt")
+    assert best["frozen_bn"] is True
+    frozen = coco_like["backbone.body.layer1.0.conv1.weight"]
+    assert torch.equal(best["model"]["backbone.body.layer1.0.conv1.weight"], frozen)  # trainable_layers=3
+    assert not torch.equal(best["model"]["backbone.body.layer4.0.conv1.weight"],
+                           coco_like["backbone.body.layer4.0.conv1.weight"])
+    train(tiny_config(tiny_data, tmp_path / "x", epochs=2, resume=str(out / "last.pt")))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert torch.equal(load_checkpoint(out / "last.pt")["model"]["backbone.body.layer1.0.conv1.weight"], frozen)
