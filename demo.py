@@ -1,0 +1,334 @@
+"""Segment an image in the browser with a segkit checkpoint.
+
+    python demo.py --checkpoint runs/exp/best.pt      # or SEGKIT_CHECKPOINT=...; hf://owner/repo/file.pt works
+    python demo.py                                    # newest runs/*/best.pt, else COCO Mask R-CNN, else a help page
+
+API: ``Client(url).predict(handle_file("photo.jpg"), 0.5, api_name="/segment")`` returns
+(overlay PNG, detections table, [overlay PNG, instance-id PNG, COCO json]).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pandas as pd
+from huggingface_hub import hf_hub_download
+from PIL import Image
+
+from segkit.checkpoint import CheckpointError
+from segkit.images import ImageError, load_image
+from segkit.metrics import prediction_to_coco
+from segkit.predict import Prediction, Predictor
+from segkit.visualize import instance_mask_png, overlay
+
+MAX_SIDE = 2048  # larger images are downscaled before inference: masks of a 50 MP photo would not fit in memory
+EXAMPLES_DIR = "data/sample/val/images"
+ALPHA = 0.5  # default mask opacity; the API always uses it
+TABLE_COLUMNS = ["id", "class", "score", "x1", "y1", "x2", "y2", "area (px)"]
+TRAIN_HELP = """\
+## No model to serve yet
+
+Train one on your annotations, then start the demo again; it picks up the newest `runs/*/best.pt`:
+
+```
+make train                                   # the embedded sample, COCO-pretrained start
+python train.py --data path/to/your/export   # your Label Studio / labelme export
+python demo.py --checkpoint runs/<name>/best.pt
+```
+"""
+
+
+def find_checkpoint(spec: str | None = None) -> str | None:
+    """The checkpoint to serve: ``spec``, else $SEGKIT_CHECKPOINT, else the newest runs/*/best.pt, else None."""
+    spec = spec or os.environ.get("SEGKIT_CHECKPOINT")
+    if spec:
+        return spec
+    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1]) if found else None
+
+
+def resolve_checkpoint(spec: str) -> Path:
+    """A local path for ``spec``; ``hf://owner/repo/path/file.pt`` is downloaded from the Hugging Face Hub."""
+    if not spec.startswith("hf://"):
+        return Path(spec)
+    parts = spec.removeprefix("hf://").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise CheckpointError(f"{spec}: expected hf://owner/repo/path/to/file.pt")
+    try:
+        return Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+    except Exception as e:  # noqa: BLE001 - offline, 404, gated repo: all mean "cannot get it"
+        raise CheckpointError(f"{spec}: download failed ({type(e).__name__}: {e})") from e
+
+
+def load_predictor(spec: str | None) -> tuple[Predictor | None, str]:
+    """(predictor, note): the checkpoint's model, or COCO Mask R-CNN when no checkpoint is given.
+
+    The predictor is None when nothing could be loaded; the note then says why.
+    """
+    if spec:
+        try:
+            return Predictor.from_checkpoint(resolve_checkpoint(spec)), ""
+        except CheckpointError as e:
+            return None, f"Could not load the checkpoint: {e}"
+    try:
+        return Predictor.from_torchvision_coco(), "No checkpoint given: showing torchvision's COCO-pretrained Mask R-CNN."
+    except Exception as e:  # noqa: BLE001 - download errors come in many types
+        return None, f"No checkpoint found in runs/*/best.pt, and COCO weights are unavailable ({type(e).__name__})."
+
+
+def find_examples(folder: str | os.PathLike = EXAMPLES_DIR, limit: int = 4) -> list[str]:
+    """Up to ``limit`` example images from ``folder`` (none when it does not exist)."""
+    paths = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return [str(p) for p in paths[:limit]]
+
+
+def read_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
+    """RGB image from any file Pillow reads (16-bit, CMYK, palette...), downscaled to ``max_side``.
+
+    Raises ImageError for corrupt files, non-images and images over Pillow's decompression-bomb limit.
+    """
+    image = load_image(path)
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return image
+
+
+def detections_table(prediction: Prediction) -> pd.DataFrame:
+    """One row per instance: id (as in the instance PNG), class, score, xyxy box, mask area."""
+    areas = prediction.masks.sum(axis=(1, 2))
+    rows = [[i + 1, name, round(float(score), 3), *(round(float(v), 1) for v in box), int(area)]
+            for i, (name, score, box, area) in enumerate(zip(prediction.class_names, prediction.scores,
+                                                              prediction.boxes, areas))]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def coco_json(prediction: Prediction, classes: list[str], file_name: str) -> dict:
+    """A COCO-style dict for one image; annotation ``id`` i is pixel value i of the instance PNG."""
+    width, height = prediction.image_size
+    annotations = prediction_to_coco(1, prediction.boxes, prediction.labels, prediction.scores, prediction.masks)
+    for i, (ann, name) in enumerate(zip(annotations, prediction.class_names)):
+        ann.update(id=i + 1, category_name=name, area=int(prediction.masks[i].sum()), iscrowd=0)
+    return {"images": [{"id": 1, "file_name": file_name, "width": width, "height": height}],
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)],
+            "annotations": annotations}
+
+
+class _OutputFiles:
+    """Per-request folders for the downloads; only the newest ``keep`` survive (Gradio copies them on return)."""
+
+    def __init__(self, keep: int = 32):
+        self.root = Path(tempfile.mkdtemp(prefix="segkit-demo-"))
+        self.recent: collections.deque[Path] = collections.deque()
+        self.keep = keep
+
+    def new_folder(self) -> Path:
+        folder = self.root / uuid.uuid4().hex
+        folder.mkdir()
+        self.recent.append(folder)
+        while len(self.recent) > self.keep:
+            shutil.rmtree(self.recent.popleft(), ignore_errors=True)
+        return folder
+
+
+def _upload_path(payload) -> tuple[str, str]:
+    """(server path, name the user gave it) of an image input; the events skip Gradio's preprocessing
+    so that unreadable files reach :func:`read_image` and get a clear message."""
+    if payload is None:
+        raise gr.Error("No image: upload one, take one with the webcam, or paste one from the clipboard.")
+    if isinstance(payload, str):
+        return payload, Path(payload).name
+    path, url = payload.get("path"), payload.get("url") or ""
+    if path is None and url.startswith("data:"):  # a base64 image from an older client
+        path = _save_data_url(url)
+    if path is None:
+        raise gr.Error("No image received.")
+    return path, payload.get("orig_name") or Path(path).name
+
+
+def _save_data_url(url: str) -> str:
+    try:
+        data = base64.b64decode(url.split(",", 1)[1], validate=True)
+    except (IndexError, binascii.Error):
+        raise gr.Error("The image data could not be decoded.") from None
+    fd, path = tempfile.mkstemp(prefix="segkit-upload-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _threshold(value) -> float:
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"The score threshold must be a number, got {value!r}.") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise gr.Error(f"The score threshold must be between 0 and 1, got {threshold}.")
+    return threshold
+
+
+def _friendly(error: ImageError, path: str, name: str) -> str:
+    reason = str(error).replace(f"{path}: ", "").replace(path, name)
+    if isinstance(error.__cause__, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        limit = Image.MAX_IMAGE_PIXELS / 1e6
+        return f"{name} is too large: over {limit:.0f} megapixels. Downscale it and try again."
+    return f"Could not read {name}: {reason}."
+
+
+def _model_panel(predictor: Predictor) -> str:
+    info = predictor.info
+    facts = [f"**{k}**: `{info[k]}`" for k in ("checkpoint", "arch", "img_size", "epoch") if info.get(k) is not None]
+    return "  \n".join([*facts, f"**classes** ({len(predictor.classes)}): {', '.join(predictor.classes)}"])
+
+
+def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
+               max_side: int = MAX_SIDE) -> gr.Blocks:
+    """The app: an image in, its instances out; without a predictor, a page on how to train one."""
+    if predictor is None:
+        with gr.Blocks(title="segkit") as demo:
+            gr.Markdown(TRAIN_HELP + (f"\n{note}\n" if note else ""))
+        return demo
+
+    outputs_dir = _OutputFiles()
+
+    # The model's time does not depend on the threshold (torchvision pastes every mask it keeps), so
+    # predict once with no threshold and cache it: redraws for a new threshold, class filter or
+    # opacity are then instant. Two entries: a 2048 px image with 100 masks holds ~400 MB.
+    @functools.lru_cache(maxsize=2)
+    def predict(path: str, stamp: tuple[int, int]) -> tuple[Image.Image, Prediction]:
+        image = read_image(path, max_side)
+        return image, predictor(image, score_threshold=0.0)
+
+    def segment(payload, threshold, classes=None, alpha=ALPHA):
+        path, name = _upload_path(payload)
+        threshold = _threshold(threshold)
+        try:
+            stat = os.stat(path)
+            image, prediction = predict(path, (stat.st_mtime_ns, stat.st_size))
+        except ImageError as e:
+            raise gr.Error(_friendly(e, path, name)) from None
+        except FileNotFoundError:
+            raise gr.Error("The uploaded file is gone; upload it again.") from None
+        keep = prediction.scores >= threshold
+        if classes is not None:
+            keep &= np.array([c in classes for c in prediction.class_names], dtype=bool)
+        prediction = prediction.filter(keep)
+        drawn = overlay(image, prediction, alpha=float(alpha))
+        folder, stem = outputs_dir.new_folder(), Path(name).stem or "image"
+        files = [folder / f"{stem}_overlay.png", folder / f"{stem}_instances.png", folder / f"{stem}_coco.json"]
+        drawn.save(files[0])
+        instance_mask_png(prediction).save(files[1])
+        files[2].write_text(json.dumps(coco_json(prediction, predictor.classes, name)))
+        return drawn, detections_table(prediction), [str(f) for f in files]
+
+    def segment_api(image, threshold):
+        """Segment an image: returns the overlay, a detections table and the download files."""
+        return segment(image, threshold)
+
+    def redraw(image, threshold, classes, alpha):
+        if image is None:  # nothing to redraw yet
+            return gr.skip(), gr.skip(), gr.skip()
+        return segment(image, threshold, classes, alpha)
+
+    with gr.Blocks(title="segkit", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# segkit: instance segmentation\n"
+                    f"Upload, photograph or paste an image. Images over {max_side} px are downscaled. {note}")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
+                                 elem_id="image")
+                threshold = gr.Slider(0.0, 1.0, value=predictor.score_threshold, step=0.01,
+                                      label="Score threshold", elem_id="threshold")
+                opacity = gr.Slider(0.0, 1.0, value=ALPHA, step=0.05, label="Mask opacity")
+                with gr.Accordion("Classes to show", open=len(predictor.classes) <= 12):
+                    classes = gr.CheckboxGroup(predictor.classes, value=predictor.classes, show_label=False)
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Examples")
+            with gr.Column():
+                drawn = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
+                files = gr.File(label="Downloads: overlay, instance ids (PNG), COCO json", file_count="multiple")
+        table = gr.Dataframe(headers=TABLE_COLUMNS, label="Detections", interactive=False, max_height=400)
+        with gr.Accordion("Model", open=False):
+            gr.Markdown(_model_panel(predictor))
+            if predictor.info.get("metrics"):
+                gr.JSON(predictor.info["metrics"], label="Validation metrics of this checkpoint")
+
+        outputs = [drawn, table, files]
+        # One model run at a time (concurrency_id): the CPU or GPU is already saturated by one.
+        common = dict(outputs=outputs, preprocess=False, concurrency_id="model")
+        run.click(segment, [image, threshold, classes, opacity], api_name="segment_ui", api_visibility="private",
+                  **common)
+        gr.on([threshold.release, classes.change, opacity.release], redraw, [image, threshold, classes, opacity],
+              api_name="redraw", api_visibility="private", show_progress="minimal", **common)
+        # The API keeps to (image, threshold): an endpoint with no UI trigger, all classes, default opacity.
+        gr.on([], segment_api, [image, threshold], api_name="segment", **common)
+    demo.queue(max_size=16, default_concurrency_limit=1)
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve a segkit checkpoint in the browser.")
+    parser.add_argument("--checkpoint", help="segkit .pt, or hf://owner/repo/path.pt "
+                                             "(default: $SEGKIT_CHECKPOINT, else newest runs/*/best.pt)")
+    # Hugging Face Spaces sets GRADIO_SERVER_NAME/PORT; locally the app stays on this machine.
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also ask Gradio for a temporary public link")
+    parser.add_argument("--examples", default=EXAMPLES_DIR, help="folder of example images")
+    parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
+    # The mask head runs once per detection: on a CPU, 100 detections (torchvision's default) cost seconds.
+    parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
+    return parser.parse_args(argv)
+
+
+def create_demo(args: argparse.Namespace) -> gr.Blocks:
+    """Load the model ``args`` point to and build the app around it."""
+    spec = find_checkpoint(args.checkpoint)
+    predictor, note = load_predictor(spec)
+    if predictor is not None:
+        predictor.model.roi_heads.detections_per_img = args.max_detections
+    print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
+          file=sys.stderr if predictor is None else sys.stdout, flush=True)
+    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side)
+
+
+def _share_failure_reason() -> str:
+    """Why Gradio gave no public link (its own message does not say); bounded to a few seconds."""
+    from gradio.networking import GRADIO_API_SERVER
+
+    try:
+        httpx.get(GRADIO_API_SERVER, timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        return f"{GRADIO_API_SERVER} is unreachable ({type(e).__name__}: {e})"
+    return "Gradio's share server answered but the tunnel did not start (see Gradio's message above)"
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
+    """Serve until interrupted; a failed --share leaves the local server running and says why."""
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    if args.share and not demo.share_url:
+        print(f"segkit demo: no public link: {_share_failure_reason()}. Still serving on {demo.local_url}",
+              flush=True)
+    demo.block_thread()
+
+
+# Module level, as Hugging Face Spaces and `gradio demo.py` (reload mode) expect; when imported, the
+# checkpoint comes from $SEGKIT_CHECKPOINT or runs/.
+args = parse_args(None if __name__ == "__main__" else [])
+demo = create_demo(args)
+
+if __name__ == "__main__":
+    launch(demo, args)
