@@ -73,18 +73,18 @@ def resolve_checkpoint(spec: str) -> Path:
         raise CheckpointError(f"{spec}: download failed ({type(e).__name__}: {e})") from e
 
 
-def load_predictor(spec: str | None) -> tuple[Predictor | None, str]:
+def load_predictor(spec: str | None, max_detections: int | None = None) -> tuple[Predictor | None, str]:
     """(predictor, note): the checkpoint's model, or COCO Mask R-CNN when no checkpoint is given.
 
     The predictor is None when nothing could be loaded; the note then says why.
     """
     if spec:
         try:
-            return Predictor.from_checkpoint(resolve_checkpoint(spec)), ""
+            return Predictor.from_checkpoint(resolve_checkpoint(spec), max_detections=max_detections), ""
         except CheckpointError as e:
             return None, f"Could not load the checkpoint: {e}"
     try:
-        return Predictor.from_torchvision_coco(), "No checkpoint given: showing torchvision's COCO-pretrained Mask R-CNN."
+        return Predictor.from_torchvision_coco(max_detections=max_detections), "No checkpoint given: showing torchvision's COCO-pretrained Mask R-CNN."
     except Exception as e:  # noqa: BLE001 - download errors come in many types
         return None, f"No checkpoint found in runs/*/best.pt, and COCO weights are unavailable ({type(e).__name__})."
 
@@ -289,7 +289,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also ask Gradio for a temporary public link")
     parser.add_argument("--examples", default=EXAMPLES_DIR, help="folder of example images")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
-    # The mask head runs once per detection: on a CPU, 100 detections (torchvision's default) cost seconds.
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     return parser.parse_args(argv)
 
@@ -297,9 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def create_demo(args: argparse.Namespace) -> gr.Blocks:
     """Load the model ``args`` point to and build the app around it."""
     spec = find_checkpoint(args.checkpoint)
-    predictor, note = load_predictor(spec)
-    if predictor is not None:
-        predictor.model.roi_heads.detections_per_img = args.max_detections
+    predictor, note = load_predictor(spec, args.max_detections)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
     return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side)

@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-threshold", type=float, default=None,
                    help="keep instances scoring at least this (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     p.add_argument("--from-name", default=DEFAULT_FROM_NAME,
                    help="Label Studio: name of the PolygonLabels/BrushLabels tag in the labeling config")
     p.add_argument("--to-name", default=DEFAULT_TO_NAME, help="Label Studio: name of the Image tag")
@@ -90,10 +91,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(images) - len(todo)} of {len(images)} images already done in {out}; skipping them")
     failed = []
     if todo:  # building the model takes seconds; a finished folder only needs its json rewritten
-        from segkit.checkpoint import model_from_checkpoint
         from segkit.predict import Predictor
 
-        predictor = Predictor(model_from_checkpoint(ckpt), classes, threshold)
+        predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
         failed = predict_images(predictor, todo, out, threshold, run_key, max(1, args.batch_size))
 
     entries = _finished_entries(out, images, names, run_key)

@@ -53,12 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="masks at least this confident count for IoU/Dice and the confusion matrix "
                         "(default: the checkpoint's); COCO AP always uses all detections")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--max-detections", type=int, default=100,
+                   help="most instances per image (COCO AP counts up to 100)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--out", default=None, metavar="DIR", help="write confusion_matrix.png and pr_curves.png here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from segkit.checkpoint import CheckpointError, model_from_checkpoint
+    from segkit.checkpoint import CheckpointError
     from segkit.predict import Predictor
     from segkit.readers import DataError
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     classes = list(ckpt["classes"])
-    predictor = Predictor(model_from_checkpoint(ckpt), classes, ckpt.get("score_threshold", 0.5))
+    predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
     threshold = predictor.score_threshold if args.score_threshold is None else args.score_threshold
     evaluator = SegmentationEvaluator(records, classes, threshold)
     predict_into(evaluator, predictor, max(1, args.batch_size))

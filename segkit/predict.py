@@ -63,28 +63,41 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
-                 device: str | torch.device | None = None, info: dict | None = None):
+                 device: str | torch.device | None = None, info: dict | None = None,
+                 max_detections: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
+        if max_detections is not None:
+            # The mask head runs once per detection: on a CPU, torchvision's 100 cost seconds an image.
+            self.model.roi_heads.detections_per_img = max_detections
         self.classes = list(classes)
         self.score_threshold = score_threshold
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        max_detections: int | None = None) -> "Predictor":
         """Build the model from a segkit checkpoint alone."""
-        ckpt = load_checkpoint(path)
-        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
-                "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
-        return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info)
+        return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections)
 
     @classmethod
-    def from_torchvision_coco(cls, device: str | torch.device | None = None) -> "Predictor":
+    def from_loaded_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str | torch.device | None = None,
+                               max_detections: int | None = None) -> "Predictor":
+        """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`."""
+        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
+                "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
+        return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info,
+                   max_detections)
+
+    @classmethod
+    def from_torchvision_coco(cls, device: str | torch.device | None = None,
+                              max_detections: int | None = None) -> "Predictor":
         """torchvision's COCO-pretrained Mask R-CNN (91 COCO slots), when its weights are available."""
         from segkit.model import coco_pretrained
 
         model, classes = coco_pretrained()
-        return cls(model, classes, 0.5, device, {"checkpoint": "torchvision COCO", "arch": "maskrcnn_resnet50_fpn"})
+        return cls(model, classes, 0.5, device, {"checkpoint": "torchvision COCO", "arch": "maskrcnn_resnet50_fpn"},
+                   max_detections)
 
     @torch.inference_mode()
     def __call__(self, image: ImageInput, score_threshold: float | None = None) -> Prediction:

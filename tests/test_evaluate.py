@@ -23,22 +23,9 @@ from segkit.records import ImageRecord, Instance
 CLASSES = ["leaf", "pebble", "shell"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_detections():
-    """At most 10 detections per image: a random-init model always returns 100, and the mask head
-    on 100 boxes dominates CPU time. Predict and evaluate get the same model either way."""
-    import segkit.checkpoint
-
-    real = segkit.checkpoint.model_from_checkpoint
-
-    def capped(ckpt):
-        model = real(ckpt)
-        model.roi_heads.detections_per_img = 10
-        return model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(segkit.checkpoint, "model_from_checkpoint", capped)
-        yield
+# A random-init model always fills torchvision's 100 detection slots, and the mask head on 100 boxes
+# dominates CPU time; 10 keep every code path.
+FAST = ["--max-detections", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +34,9 @@ def evaluated(untrained_checkpoint, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     data = write_subset(SAMPLE / "val", root / "data", 2, splits=("val",)) / "val"
     ckpt = str(untrained_checkpoint)
-    assert main(["predict", "--checkpoint", ckpt, "--out", str(root / "pred"), "--score-threshold", "0",
+    assert main(["predict", *FAST, "--checkpoint", ckpt, "--out", str(root / "pred"), "--score-threshold", "0",
                  "--batch-size", "2", str(data / "images")]) == 0
-    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--split", "all", "--batch-size", "2",
+    assert main(["evaluate", *FAST, "--checkpoint", ckpt, "--data", str(data), "--split", "all", "--batch-size", "2",
                  "--json", str(root / "metrics.json"), "--out", str(root / "plots")]) == 0
     return {"data": data, "pred": root / "pred", "metrics": json.loads((root / "metrics.json").read_text()),
             "plots": root / "plots"}

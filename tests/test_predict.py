@@ -19,22 +19,9 @@ from segkit.predict import Prediction
 from segkit.readers import load_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_detections():
-    """At most 10 detections per image: a random-init model always returns 100, and the mask head
-    on 100 boxes dominates CPU time. Every code path stays the same."""
-    import segkit.checkpoint
-
-    real = segkit.checkpoint.model_from_checkpoint
-
-    def capped(ckpt):
-        model = real(ckpt)
-        model.roi_heads.detections_per_img = 10
-        return model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(segkit.checkpoint, "model_from_checkpoint", capped)
-        yield
+# A random-init model always fills torchvision's 100 detection slots, and the mask head on 100 boxes
+# dominates CPU time; 10 keep every code path.
+FAST = ["--max-detections", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def predicted(untrained_checkpoint, tmp_path_factory) -> dict:
     data = write_subset(SAMPLE / "val", tmp_path_factory.mktemp("predict") / "data", 2, splits=("val",))
     images = data / "val" / "images"
     out = data.parent / "out"
-    rc = main(["predict", "--checkpoint", str(untrained_checkpoint), "--out", str(out), "--score-threshold", "0.05",
+    rc = main(["predict", *FAST, "--checkpoint", str(untrained_checkpoint), "--out", str(out), "--score-threshold", "0.05",
                "--batch-size", "2", "--from-name", "tag", "--to-name", "img", str(images)])
     assert rc == 0
     return {"images": images, "out": out, "checkpoint": untrained_checkpoint}
@@ -104,6 +91,8 @@ def test_predict_writes_every_file(predicted):
     assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
     assert [Path(im["file_name"]).name for im in coco["images"]] == [p.name for p in images]
     assert coco["annotations"], "a random-init model at 0.05 returns detections"
+    per_image = [sum(a["image_id"] == im["id"] for a in coco["annotations"]) for im in coco["images"]]
+    assert max(per_image) == 10  # --max-detections: the random model would fill 100 slots
     sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
     for ann in coco["annotations"][:20]:
         assert {"id", "image_id", "category_id", "segmentation", "bbox", "area", "score"} <= set(ann)
@@ -143,7 +132,7 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
 
     with monkeypatch.context() as m:
         m.setattr(segkit.checkpoint, "model_from_checkpoint", no_model)
-        args = ["predict", "--checkpoint", str(predicted["checkpoint"]), "--out", str(out), "--score-threshold", "0.05"]
+        args = ["predict", *FAST, "--checkpoint", str(predicted["checkpoint"]), "--out", str(out), "--score-threshold", "0.05"]
         assert main([*args, str(predicted["images"])]) == 0
     assert "2 of 2 images already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in records} == before
@@ -176,7 +165,7 @@ def test_labelstudio_polygons_read_back(predicted, tmp_path):
 def test_labelstudio_brush_reads_back(predicted, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(predicted["out"], out)
-    assert main(["predict", "--checkpoint", str(predicted["checkpoint"]), "--out", str(out),
+    assert main(["predict", *FAST, "--checkpoint", str(predicted["checkpoint"]), "--out", str(out),
                  "--score-threshold", "0.05", "--ls-brush", str(predicted["images"])]) == 0
     tasks = json.loads((out / "labelstudio.json").read_text())
     assert {r["type"] for t in tasks for r in t["predictions"][0]["result"]} == {"brushlabels"}
@@ -243,5 +232,5 @@ def test_sources_names_and_errors(tmp_path, untrained_checkpoint):
     assert unique_names([p for p, _ in found]) == ["img", "img_jpg", "img_png", "other"]
     assert unique_names([tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg", tmp_path / "c" / "b" / "x.jpg"]) == \
         ["a__x", f"{tmp_path.name}__b__x", "c__b__x"]
-    assert main(["predict", "--checkpoint", str(untrained_checkpoint), "--out", str(tmp_path / "o"),
+    assert main(["predict", *FAST, "--checkpoint", str(untrained_checkpoint), "--out", str(tmp_path / "o"),
                  str(tmp_path / "missing")]) == 2
