@@ -59,8 +59,9 @@ def tutorial_loader(root, batch_size, workers):
 
 
 def tutorial_epoch(model, optimizer, loader, device, steps):
-    """The tutorial's train_one_epoch, minus logging."""
+    """The tutorial's train_one_epoch for epoch 0 (with its linear warm-up), minus logging."""
     model.train()
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=min(1000, len(loader) - 1))
     for i, (images, targets) in enumerate(loader):
         if i == steps:
             break
@@ -69,10 +70,11 @@ def tutorial_epoch(model, optimizer, loader, device, steps):
         loss_dict = model(images, targets)
         losses = sum(loss for loss in loss_dict.values())
         if not math.isfinite(losses.item()):
-            sys.exit(1)
+            sys.exit(f"tutorial loop: loss is {losses.item()}, stopping training")
         optimizer.zero_grad()
         losses.backward()
         optimizer.step()
+        warmup.step()
 
 
 def segkit_loader(root, batch_size, workers):
@@ -108,7 +110,8 @@ def run_one(args) -> dict:
     else:
         loader = segkit_loader(root, args.batch_size, args.workers)
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-        step = lambda n: engine.train_one_epoch(model, optimizer, islice(loader, n), device,  # noqa: E731
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=len(loader) - 1)
+        step = lambda n: engine.train_one_epoch(model, optimizer, islice(loader, n), device, scheduler=warmup,  # noqa: E731
                                                 scaler=scaler, clip_grad=10.0, show_progress=False)
     step(1)  # warm-up: allocator, cudnn autotune, worker start
     if device.type == "cuda":
@@ -140,7 +143,7 @@ def main() -> None:
     for variant in ("tutorial", "segkit"):
         cmd = [sys.executable, __file__, "--variant", variant] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "variant"]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+        rows.append(json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1]))
     base = rows[0]["images_per_s"]
     print(f"Mask R-CNN R50-FPN training, {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
           f"{args.steps} steps, {args.device}")

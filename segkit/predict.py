@@ -109,7 +109,17 @@ class Predictor:
         threshold = self.score_threshold if score_threshold is None else score_threshold
         tensors = [pil_to_tensor(to_rgb_image(im)).to(self.device, non_blocking=True).float().div_(255)
                    for im in images]
-        outputs = self.model(tensors)
+        # torchvision runs the mask head on, and pastes a full-size mask for, every detection above
+        # its own floor (0.05). Raising the floor to our threshold skips the masks we would discard;
+        # the detections kept are the same, since one below the threshold only suppresses (in NMS)
+        # others below it.
+        heads = self.model.roi_heads
+        floor = heads.score_thresh
+        heads.score_thresh = max(floor, threshold)
+        try:
+            outputs = self.model(tensors)
+        finally:
+            heads.score_thresh = floor
         return [self._to_prediction(out, t.shape[-2:], threshold) for out, t in zip(outputs, tensors)]
 
     def _to_prediction(self, output: dict, size, threshold: float) -> Prediction:
