@@ -1,9 +1,11 @@
 """Training throughput: segkit's step against a plain loop written like torchvision's fine-tuning tutorial.
 
-Same model (Mask R-CNN R50-FPN, random init), same images, image size, batch and workers; each
-pipeline runs in its own process so that peak memory is its own. Prints a table with the ratio.
+Same model (Mask R-CNN R50-FPN, random init), same images, image size, batch, workers and warm-up;
+each pipeline runs in its own process so that peak memory is its own. By default both time one whole
+epoch of the sample, so that both do the same work whatever order their samplers draw the images in
+(10 random steps of one can hold many more instances than 10 of the other). Prints a table with the ratio.
 
-    python bench/train.py [--steps 10] [--img-size 512] [--batch-size 2] [--workers 2] [--device cpu]
+    python bench/train.py [--steps 0] [--repeat 2] [--img-size 512] [--batch-size 2] [--workers 2] [--device cpu]
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def segkit_loader(root, batch_size, workers):
 
 
 def run_one(args) -> dict:
-    """Time ``args.steps`` steps of one pipeline in this process."""
+    """Time ``args.steps`` steps (0: one epoch, after one warm-up step) of one pipeline in this process."""
     from itertools import islice
 
     from segkit import engine
@@ -118,35 +120,42 @@ def run_one(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    step(args.steps)
+    steps = args.steps or len(loader)
+    step(steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": args.variant, "images_per_s": args.steps * args.batch_size / seconds, "peak_mb": peak}
+    return {"variant": args.variant, "images_per_s": steps * args.batch_size / seconds, "steps": steps, "peak_mb": peak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=0, help="steps to time; 0 = one epoch")
     parser.add_argument("--img-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each pipeline, alternating")
     parser.add_argument("--variant", choices=["segkit", "tutorial"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_one(args)))
         return
-    rows = []
-    for variant in ("tutorial", "segkit"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "variant"]
-        rows.append(json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1]))
+    # A-B-B-A... order, best run of each: a slow drift of the machine hits both pipelines alike.
+    order = [("tutorial", "segkit"), ("segkit", "tutorial")]
+    runs = []
+    for i in range(args.repeat):
+        for variant in order[i % 2]:
+            cmd = [sys.executable, __file__, "--variant", variant] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "repeat")]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            runs.append(json.loads(out.splitlines()[-1]))
+    rows = [max((r for r in runs if r["variant"] == v), key=lambda r: r["images_per_s"]) for v in ("tutorial", "segkit")]
     base = rows[0]["images_per_s"]
     print(f"Mask R-CNN R50-FPN training, {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
-          f"{args.steps} steps, {args.device}")
+          f"{rows[0]['steps']} steps, {args.device}, best of {args.repeat} runs each")
     print(f"{'pipeline':<22}{'images/s':>10}{'peak MB':>10}{'speed vs tutorial':>20}")
     for row in rows:
         name = "torchvision tutorial" if row["variant"] == "tutorial" else "segkit"
