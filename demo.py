@@ -32,6 +32,7 @@ from segkit.checkpoint import CheckpointError
 from segkit.images import ImageError, load_image
 from segkit.metrics import prediction_to_coco
 from segkit.predict import Prediction, Predictor
+from segkit.runs import newest_best
 from segkit.visualize import instance_mask_png, overlay
 
 MAX_SIDE = 2048  # larger images are downscaled before inference: masks of a 50 MP photo would not fit in memory
@@ -56,8 +57,8 @@ def find_checkpoint(spec: str | None = None) -> str | None:
     spec = spec or os.environ.get("SEGKIT_CHECKPOINT")
     if spec:
         return spec
-    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1]) if found else None
+    newest = newest_best("runs")
+    return str(newest) if newest else None
 
 
 def resolve_checkpoint(spec: str) -> Path:

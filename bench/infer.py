@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from segkit.model import image_size_kwargs  # noqa: E402
 from segkit.predict import Predictor  # noqa: E402
+from segkit.runs import newest_best  # noqa: E402
 from segkit.visualize import overlay  # noqa: E402
 
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
@@ -49,9 +50,9 @@ def random_init_checkpoint(folder: Path) -> Path:
 def find_checkpoint(spec: str | None, scratch: Path) -> tuple[Path, str]:
     if spec:
         return Path(spec), spec
-    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
-    if found:
-        return found[-1], str(found[-1])
+    newest = newest_best(REPO / "runs")
+    if newest:
+        return newest, str(newest)
     return random_init_checkpoint(scratch), "random init (no runs/*/best.pt)"
 
 

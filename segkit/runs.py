@@ -10,6 +10,13 @@ import torch.distributed as dist
 
 from segkit import plots
 
+
+def newest_best(root: str | os.PathLike = "runs") -> Path | None:
+    """The most recently written ``<root>/*/best.pt``, or None: what to serve when no checkpoint is named."""
+    found = sorted(Path(root).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def next_run_dir(root: Path, name: str, main: bool, world: int) -> Path:
     """runs/exp, runs/exp2, ...: a new folder per run, so nothing is overwritten."""
     if world > 1:  # every rank must agree on one folder: rank 0 decides
@@ -17,7 +24,6 @@ def next_run_dir(root: Path, name: str, main: bool, world: int) -> Path:
         dist.broadcast_object_list(chosen, src=0)
         return Path(chosen[0])
     return _next_free(root, name)
-
 
 
 def _next_free(root: Path, name: str) -> Path:
