@@ -46,7 +46,10 @@ def plot_metrics(history: list[dict], path: str | Path) -> Path:
                     label=key.removeprefix("val_").replace("_map", " AP"))
     ax.set(xlabel="epoch", ylabel="AP", ylim=(0, 1), title="validation AP")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:  # --eval-every skipped every epoch so far
+        ax.text(0.5, 0.5, "not evaluated yet", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
