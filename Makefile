@@ -12,10 +12,12 @@ CHECKPOINT ?=
 
 .PHONY: setup browser train demo test bench sample clean
 
-$(STAMP): requirements.txt requirements-test.txt
+# The pinned, tested versions first, then segkit itself (editable: the venv runs this checkout).
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-test.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)

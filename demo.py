@@ -5,6 +5,11 @@
 
 API: ``Client(url).predict(handle_file("photo.jpg"), 0.5, api_name="/segment")`` returns
 (overlay PNG, detections table, [overlay PNG, instance-id PNG, COCO json]).
+
+In Python, ``predict(image, threshold)`` below is the whole model side. Importing this file loads
+no model and downloads nothing: the model loads when the app is built, which happens on
+``python demo.py`` or on first access to the module-level ``demo`` (what Hugging Face Spaces and
+``gradio demo.py`` look up).
 """
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ import base64
 import binascii
 import collections
 import functools
-import json
 import os
 import shutil
 import sys
@@ -28,12 +32,14 @@ import pandas as pd
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from segkit.atomic import write_json
 from segkit.checkpoint import CheckpointError
-from segkit.images import ImageError, load_image
-from segkit.metrics import prediction_to_coco
-from segkit.predict import Prediction, Predictor
+from segkit.coco import image_entry, predictions_file
+from segkit.images import ImageError, as_rgb, downscale, image_files, load_image
+from segkit.prediction import Prediction
+from segkit.predictor import Predictor
 from segkit.runs import newest_best
-from segkit.visualize import instance_mask_png, overlay
+from segkit.visualize import instance_mask_png, overlay, save_png
 
 MAX_SIDE = 2048  # larger images are downscaled before inference: masks of a 50 MP photo would not fit in memory
 EXAMPLES_DIR = "data/sample/val/images"
@@ -92,19 +98,39 @@ def load_predictor(spec: str | None, max_detections: int | None = None) -> tuple
 
 def find_examples(folder: str | os.PathLike = EXAMPLES_DIR, limit: int = 4) -> list[str]:
     """Up to ``limit`` example images from ``folder`` (none when it does not exist)."""
-    paths = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-    return [str(p) for p in paths[:limit]]
+    return [str(p) for p in image_files(folder)[:limit]]
 
 
-def read_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
-    """RGB image from any file Pillow reads (16-bit, CMYK, palette...), downscaled to ``max_side``.
+@functools.cache
+def default_predictor() -> tuple[Predictor | None, str]:
+    """The model :func:`predict` uses when given none: $SEGKIT_CHECKPOINT, else the newest runs/*/best.pt,
+    else COCO Mask R-CNN; loaded on first call, then kept."""
+    return load_predictor(find_checkpoint())
 
-    Raises ImageError for corrupt files, non-images and images over Pillow's decompression-bomb limit.
+
+def predict(image: Image.Image, threshold: float = 0.5, predictor: Predictor | None = None,
+            max_side: int = MAX_SIDE) -> tuple[Image.Image, Prediction]:
+    """The instances in ``image`` scoring at least ``threshold``, and the image with them drawn.
+
+    ``predictor`` defaults to :func:`default_predictor`; a ValueError says why when there is no model.
+    Images over ``max_side`` are downscaled first, as in the app; the overlay has the downscaled size.
     """
-    image = load_image(path)
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return image
+    if predictor is None:
+        predictor, note = default_predictor()
+        if predictor is None:
+            raise ValueError(note)
+    image = downscale(as_rgb(image), max_side)
+    return render(image, predictor(image, score_threshold=threshold), threshold)
+
+
+def render(image: Image.Image, prediction: Prediction, threshold: float, classes: list[str] | None = None,
+           alpha: float = ALPHA) -> tuple[Image.Image, Prediction]:
+    """The instances of ``prediction`` scoring at least ``threshold`` (of ``classes``, when given), drawn on ``image``."""
+    keep = prediction.scores >= threshold
+    if classes is not None:
+        keep &= np.array([c in classes for c in prediction.class_names], dtype=bool)
+    shown = prediction.filter(keep)
+    return overlay(image, shown, alpha=alpha), shown
 
 
 def detections_table(prediction: Prediction) -> pd.DataFrame:
@@ -117,14 +143,9 @@ def detections_table(prediction: Prediction) -> pd.DataFrame:
 
 
 def coco_json(prediction: Prediction, classes: list[str], file_name: str) -> dict:
-    """A COCO-style dict for one image; annotation ``id`` i is pixel value i of the instance PNG."""
+    """A COCO file for one image, as ``segkit predict`` writes; annotation ``id`` i is pixel value i of the instance PNG."""
     width, height = prediction.image_size
-    annotations = prediction_to_coco(1, prediction.boxes, prediction.labels, prediction.scores, prediction.masks)
-    for i, (ann, name) in enumerate(zip(annotations, prediction.class_names)):
-        ann.update(id=i + 1, category_name=name, area=int(prediction.masks[i].sum()), iscrowd=0)
-    return {"images": [{"id": 1, "file_name": file_name, "width": width, "height": height}],
-            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(classes)],
-            "annotations": annotations}
+    return predictions_file([image_entry(file_name, width, height, prediction)], classes)
 
 
 class _OutputFiles:
@@ -144,30 +165,29 @@ class _OutputFiles:
         return folder
 
 
-def _upload_path(payload) -> tuple[str, str]:
+def _upload_path(payload, scratch: _OutputFiles) -> tuple[str, str]:
     """(server path, name the user gave it) of an image input; the events skip Gradio's preprocessing
-    so that unreadable files reach :func:`read_image` and get a clear message."""
+    so that unreadable files reach :func:`segkit.images.load_image` and get a clear message."""
     if payload is None:
         raise gr.Error("No image: upload one, take one with the webcam, or paste one from the clipboard.")
     if isinstance(payload, str):
         return payload, Path(payload).name
     path, url = payload.get("path"), payload.get("url") or ""
     if path is None and url.startswith("data:"):  # a base64 image from an older client
-        path = _save_data_url(url)
+        path = _save_data_url(url, scratch.new_folder())
     if path is None:
         raise gr.Error("No image received.")
     return path, payload.get("orig_name") or Path(path).name
 
 
-def _save_data_url(url: str) -> str:
+def _save_data_url(url: str, folder: Path) -> str:
     try:
         data = base64.b64decode(url.split(",", 1)[1], validate=True)
     except (IndexError, binascii.Error):
         raise gr.Error("The image data could not be decoded.") from None
-    fd, path = tempfile.mkstemp(prefix="segkit-upload-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
+    path = folder / "upload"  # in a scratch folder that is pruned like the downloads
+    path.write_bytes(data)
+    return str(path)
 
 
 def _threshold(value) -> float:
@@ -202,37 +222,32 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
             gr.Markdown(TRAIN_HELP + (f"\n{note}\n" if note else ""))
         return demo
 
-    outputs_dir = _OutputFiles()
+    scratch = _OutputFiles()  # the downloads, and uploads that came as data URLs
 
     # The model's time does not depend on the threshold (torchvision pastes every mask it keeps), so
     # predict once with no threshold and cache it: redraws for a new threshold, class filter or
     # opacity are then instant. Two entries: a 2048 px image with 100 masks holds ~400 MB.
     @functools.lru_cache(maxsize=2)
-    def predict(path: str, stamp: tuple[int, int]) -> tuple[Image.Image, Prediction]:
-        image = read_image(path, max_side)
+    def predict_all(path: str, stamp: tuple[int, int]) -> tuple[Image.Image, Prediction]:
+        image = load_image(path, max_side)
         return image, predictor(image, score_threshold=0.0)
 
     def segment(payload, threshold, classes=None, alpha=ALPHA):
-        path, name = _upload_path(payload)
+        path, name = _upload_path(payload, scratch)
         threshold = _threshold(threshold)
         try:
             stat = os.stat(path)
-            image, prediction = predict(path, (stat.st_mtime_ns, stat.st_size))
+            image, prediction = predict_all(path, (stat.st_mtime_ns, stat.st_size))
         except ImageError as e:
             raise gr.Error(_friendly(e, path, name)) from None
         except FileNotFoundError:
             raise gr.Error("The uploaded file is gone; upload it again.") from None
-        keep = prediction.scores >= threshold
-        if classes is not None:
-            keep &= np.array([c in classes for c in prediction.class_names], dtype=bool)
-        prediction = prediction.filter(keep)
-        drawn = overlay(image, prediction, alpha=float(alpha))
-        folder, stem = outputs_dir.new_folder(), Path(name).stem or "image"
-        files = [folder / f"{stem}_overlay.png", folder / f"{stem}_instances.png", folder / f"{stem}_coco.json"]
-        drawn.save(files[0])
-        instance_mask_png(prediction).save(files[1])
-        files[2].write_text(json.dumps(coco_json(prediction, predictor.classes, name)))
-        return drawn, detections_table(prediction), [str(f) for f in files]
+        drawn, shown = render(image, prediction, threshold, classes, float(alpha))
+        folder, stem = scratch.new_folder(), Path(name).stem or "image"
+        files = [save_png(drawn, folder / f"{stem}_overlay.png"),
+                 save_png(instance_mask_png(shown), folder / f"{stem}_instances.png"),
+                 write_json(folder / f"{stem}_coco.json", coco_json(shown, predictor.classes, name))]
+        return drawn, detections_table(shown), [str(f) for f in files]
 
     def segment_api(image, threshold):
         """Segment an image: returns the overlay, a detections table and the download files."""
@@ -243,6 +258,8 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
             return gr.skip(), gr.skip(), gr.skip()
         return segment(image, threshold, classes, alpha)
 
+    # delete_cache: every hour Gradio deletes the uploads and results it cached over an hour ago, so a
+    # long-running server (a Space) does not fill its disk.
     with gr.Blocks(title="segkit", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# segkit: instance segmentation\n"
                     f"Upload, photograph or paste an image. Images over {max_side} px are downscaled. {note}")
@@ -323,10 +340,20 @@ def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
     demo.block_thread()
 
 
-# Module level, as Hugging Face Spaces and `gradio demo.py` (reload mode) expect; when imported, the
-# checkpoint comes from $SEGKIT_CHECKPOINT or runs/.
-args = parse_args(None if __name__ == "__main__" else [])
-demo = create_demo(args)
+@functools.cache
+def _module_demo() -> gr.Blocks:
+    return create_demo(parse_args([]))
+
+
+def __getattr__(name: str):
+    # ``demo`` is built on first access, not on import: Hugging Face Spaces and `gradio demo.py` (reload
+    # mode) look it up by name; its checkpoint comes from $SEGKIT_CHECKPOINT or runs/.
+    if name == "demo":
+        return _module_demo()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
+    args = parse_args()
+    demo = create_demo(args)  # module level: Gradio's reload mode looks for it in __main__
     launch(demo, args)

@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,10 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from segkit.dataset import SegmentationDataset, collate_fn  # noqa: E402
-from segkit.readers import load_dataset  # noqa: E402
-from segkit.transforms import build_transform  # noqa: E402
+from segkit.dataset import SegmentationDataset, collate_fn
+from segkit.readers import load_dataset
+from segkit.transforms import build_transform
 
 
 def resized_copy(src: Path, dst: Path, longest: int = 512) -> list[Path]:

@@ -13,7 +13,6 @@ classes (its detections are meaningless, but it pastes as many masks as a traine
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,26 +23,25 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from segkit.model import image_size_kwargs  # noqa: E402
-from segkit.predict import Predictor  # noqa: E402
-from segkit.runs import newest_best  # noqa: E402
-from segkit.visualize import overlay  # noqa: E402
+from segkit.images import load_image
+from segkit.model import image_size_kwargs
+from segkit.predictor import Predictor
+from segkit.runs import newest_best
+from segkit.visualize import overlay
 
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
 
 
 def random_init_checkpoint(folder: Path) -> Path:
     """A self-describing checkpoint of an untrained model, for when no trained one exists."""
-    from segkit.checkpoint import save_checkpoint
+    from segkit.checkpoint import make_checkpoint, save_checkpoint
     from segkit.model import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=512)
     path = folder / "random_init.pt"
-    save_checkpoint({"model": model.state_dict(), "arch": "maskrcnn_resnet50_fpn", "classes": ["leaf", "pebble", "shell"],
-                     "img_size": 512, "score_threshold": 0.5, "frozen_bn": False}, path)
+    save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", ["leaf", "pebble", "shell"], img_size=512), path)
     return path
 
 
@@ -103,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         path, source = find_checkpoint(args.checkpoint, Path(scratch))
         predictor = Predictor.from_checkpoint(path, device=args.device)
-    image = Image.open(args.image).convert("RGB")
+    image = load_image(args.image)  # EXIF rotation applied, as everywhere in segkit
     rows = [time_size(predictor, image, size or predictor.info["img_size"], args.runs, args.warmup)
             for size in args.sizes]
 

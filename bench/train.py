@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -82,7 +81,7 @@ def tutorial_epoch(model, optimizer, loader, device, steps):
 def segkit_loader(root, batch_size, workers):
     from segkit.dataset import SegmentationDataset, collate_fn
     from segkit.readers import load_dataset
-    from segkit.train import EpochSampler
+    from segkit.trainer import EpochSampler
     from segkit.transforms import build_transform
 
     records = load_dataset(root)

@@ -7,13 +7,13 @@ can read it and a file carrying pickled code is refused. It holds everything nee
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import segkit
+from segkit.atomic import atomic_open
 from segkit.model import build_model
 
 
@@ -21,24 +21,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_size: int,
+                    score_threshold: float = 0.5, frozen_bn: bool = False, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of ``model``: what :func:`model_from_checkpoint` needs to rebuild it.
 
-    A crash or Ctrl-C during the write leaves the previous file intact.
+    ``extra`` adds run details: ``epoch``, ``metrics``, ``config``, ``split``, and for resuming the
+    optimizer, scheduler, scaler, ``history``, ``step`` and ``rng``.
     """
+    return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
+            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), **extra}
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically; a crash or Ctrl-C during the write leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"segkit_version": segkit.__version__, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save({"segkit_version": segkit.__version__, **state}, f)
     return path
 
 

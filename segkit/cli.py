@@ -1,30 +1,37 @@
-"""``python -m segkit <command>``: one entry point; each command lives in the module named for its job."""
+"""``segkit <command>`` (also ``python -m segkit``): one entry point; each command lives in ``segkit/commands/``."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-# command -> module providing add_arguments(parser) and run(args) -> int
+import segkit
+
+# command -> help; module segkit.commands.<command> provides add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "check": ("segkit.check", "validate an export and report what training would use"),
-    "train": ("segkit.train", "fine-tune Mask R-CNN on an export"),
-    "predict": ("segkit.batch", "predict on images, folders or globs; write overlays, masks, COCO and Label Studio json"),
-    "evaluate": ("segkit.evaluate", "COCO AP and per-class IoU/Dice of a checkpoint on a dataset"),
+    "check": "validate an export and report what training would use",
+    "train": "fine-tune Mask R-CNN on an export",
+    "predict": "predict on images, folders or globs; write overlays, masks, COCO and Label Studio json",
+    "evaluate": "COCO AP and per-class IoU/Dice of a checkpoint on a dataset",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="segkit", description="Instance segmentation from your annotations.")
+    parser.add_argument("--version", action="version", version=f"segkit {segkit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module_name)
         if argv[:1] == [name]:  # import only the chosen command: `check` must not pay for torch
-            importlib.import_module(module_name).add_arguments(p)
+            _command(name).add_arguments(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    return _command(args.command).run(args) or 0
+
+
+def _command(name: str):
+    return importlib.import_module(f"segkit.commands.{name}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Torch dataset over :class:`~segkit.records.ImageRecord` lists, and the matching COCO ground truth.
+"""Torch dataset over :class:`~segkit.records.ImageRecord` lists.
 
-Both number images by their index in the list: ``target["image_id"] == i`` is image ``i`` of
-:func:`records_to_coco`, so predictions and ground truth meet in pycocotools' COCOeval. Labels are
-``classes.index(name) + 1``; 0 is the background, as torchvision expects.
+Images are numbered by their index in the list: ``target["image_id"] == i`` is image ``i`` of
+:func:`segkit.coco.records_to_coco`, so predictions and ground truth meet in pycocotools' COCOeval.
+Labels come from :func:`segkit.records.label_map`; 0 is the background, as torchvision expects.
 """
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
 from segkit.images import load_image
-from segkit.records import ImageRecord, Instance
+from segkit.records import ImageRecord, Instance, label_map
 from segkit.transforms import build_transform
 
 Transform = Callable[..., tuple[torch.Tensor, dict]]
@@ -31,7 +30,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.images = list(images)
         self.classes = list(classes)
         self.transform = transform if transform is not None else build_transform("none", train=False)
-        self._labels = {name: i + 1 for i, name in enumerate(self.classes)}
+        self._labels = label_map(self.classes)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,41 +61,3 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def collate_fn(batch: Sequence[tuple]) -> tuple:
     """Keep images and targets as tuples: detection models take lists of differently sized images."""
     return tuple(zip(*batch))
-
-
-def records_to_coco(images: Sequence[ImageRecord], classes: Sequence[str]) -> dict:
-    """A COCO ground-truth dict for pycocotools' COCOeval, numbered like :class:`SegmentationDataset`.
-
-    Image ids are list indices, category ids are labels 1..N, segmentations are RLE of the decoded
-    mask at the record's size, boxes are the mask's tight xywh box. Instances without a mask, and
-    with an empty one, are left out; crowd regions are kept with ``iscrowd`` 1.
-    """
-    labels = {name: i + 1 for i, name in enumerate(classes)}
-    coco_images, annotations = [], []
-    for image_id, rec in enumerate(images):
-        coco_images.append({"id": image_id, "file_name": str(rec.path), "width": rec.width, "height": rec.height})
-        for inst in rec.instances:
-            if inst.segmentation is None:
-                continue
-            mask = inst.mask(rec.height, rec.width)
-            if not mask.any():
-                continue
-            rle = mask_utils.encode(np.asfortranarray(mask))
-            rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON
-            annotations.append({
-                # ids start at 1: COCOeval records a match by storing the gt id, so id 0 reads as unmatched
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": labels[inst.label],
-                "segmentation": rle,
-                "area": float(mask_utils.area(rle)),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": int(inst.iscrowd),
-            })
-    return {
-        "info": {"description": "segkit ground truth"},
-        "licenses": [],
-        "images": coco_images,
-        "categories": [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(classes)],
-        "annotations": annotations,
-    }

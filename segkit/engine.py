@@ -1,4 +1,4 @@
-"""The two loops: ``train_one_epoch`` and ``evaluate`` (losses without gradients, then COCO AP)."""
+"""The two loops: ``train_one_epoch`` and ``evaluate`` (losses without gradients, then the metrics)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from segkit.metrics import coco_evaluate, prediction_to_coco
+from segkit.metrics import SegmentationEvaluator
+from segkit.predictor import to_prediction
 
 
 # torchvision's loss names, shortened for the progress bar
@@ -127,28 +128,33 @@ def compute_losses(model, loader: Iterable, device: torch.device, desc: str = "v
 
 
 @torch.inference_mode()
-def predict_coco(model, loader: Iterable, device: torch.device, desc: str = "val AP",
-                 show_progress: bool = True) -> list[dict]:
-    """Run the model in eval mode and return COCO result entries (image ids from the targets)."""
+def predict_into(model, loader: Iterable, device: torch.device, evaluator: SegmentationEvaluator,
+                 desc: str = "val AP", show_progress: bool = True) -> None:
+    """Run the model in eval mode and feed every detection to ``evaluator`` (image ids from the targets)."""
     model.eval()
-    results = []
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
         images = [im.to(device, non_blocking=True) for im in images]
-        for out, target in zip(model(images), targets):
-            masks = (out["masks"][:, 0] > 0.5).cpu().numpy()
-            results += prediction_to_coco(int(target["image_id"]), out["boxes"].cpu().numpy(),
-                                          out["labels"].cpu().numpy(), out["scores"].cpu().numpy(), masks)
-    return results
+        for out, image, target in zip(model(images), images, targets):
+            prediction = to_prediction(out, evaluator.classes, 0.0, tuple(image.shape[-2:]))
+            evaluator.process(int(target["image_id"]), prediction)
 
 
-def evaluate(model, loader: Iterable, device: torch.device, coco_gt: dict, prefix: str = "val",
-             show_progress: bool = True) -> tuple[dict[str, float], dict]:
-    """Validation losses and COCO AP. Returns (flat row of numbers for metrics.csv, full AP dict)."""
+def evaluate(model, loader, device: torch.device, score_threshold: float, prefix: str = "val",
+             show_progress: bool = True, ground_truth: dict | None = None) -> tuple[dict[str, float], dict]:
+    """Losses, COCO AP and IoU/Dice on ``loader``'s dataset (a :class:`segkit.dataset.SegmentationDataset`).
+
+    Returns (flat row of numbers for metrics.csv, the full report of
+    :meth:`segkit.metrics.SegmentationEvaluator.evaluate`); IoU/Dice count masks scoring ``score_threshold``.
+    ``ground_truth``: the dataset's :func:`segkit.coco.records_to_coco`, when already made.
+    """
     losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
-    ap = coco_evaluate(coco_gt, predict_coco(model, loader, device, f"{prefix} AP", show_progress))
+    evaluator = SegmentationEvaluator(loader.dataset.images, loader.dataset.classes, score_threshold, ground_truth)
+    predict_into(model, loader, device, evaluator, f"{prefix} AP", show_progress)
+    report = evaluator.evaluate()
     row = {f"{prefix}_{k}": v for k, v in losses.items()}
-    for iou_type, stats in ap.items():
-        row[f"{prefix}_{iou_type}_map"] = stats["AP"]
-        row[f"{prefix}_{iou_type}_map50"] = stats["AP50"]
-        row[f"{prefix}_{iou_type}_map75"] = stats["AP75"]
-    return row, ap
+    for iou_type in ("bbox", "segm"):
+        for key in ("AP", "AP50", "AP75"):
+            row[f"{prefix}_{iou_type}_map{key[2:]}"] = report[iou_type][key]
+    for key in ("mIoU", "mDice"):  # None when no class has pixels in the ground truth or the predictions
+        row[f"{prefix}_{key.lower()}"] = float("nan") if report["semantic"][key] is None else report["semantic"][key]
+    return row, report

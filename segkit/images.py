@@ -6,6 +6,7 @@ would misalign every mask of a phone photo. Files are identified by content, not
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,51 @@ class ImageError(ValueError):
     """An image file is missing, corrupt or not an image; the message names the file."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image as RGB with its EXIF orientation applied; raise ImageError naming the file."""
+ImageInput = Image.Image | np.ndarray | str | os.PathLike
+
+
+def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
+    """Read an image as RGB with its EXIF orientation applied; raise ImageError naming the file.
+
+    ``max_side`` downscales a larger image (keeping its aspect ratio) so that neither side exceeds it:
+    the masks of a 50 MP phone photo would not fit in memory, and the model resizes it anyway.
+    """
     path = Path(path)
     try:
         with _open(path) as im:
             im = ImageOps.exif_transpose(im)  # also forces a full decode: truncated data fails here
-            return to_rgb(im)
+            im = to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: corrupt or truncated image data ({e})") from e
+    return downscale(im, max_side)
+
+
+def downscale(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` shrunk (aspect ratio kept) so that neither side exceeds ``max_side``; None keeps it."""
+    if max_side is not None and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return image
+
+
+def as_rgb(image: ImageInput) -> Image.Image:
+    """Accept a PIL image, an (H, W[, C]) uint8 array or a path; return an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return to_rgb(image)
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under ``folder`` (by extension), recursively, sorted; hidden folders are skipped."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .segkit_cache
+        files += [Path(root) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return files
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -1,78 +1,174 @@
-"""COCO box and mask AP with pycocotools, from in-memory ground truth and predictions."""
+"""How good predictions are: COCO AP for boxes and masks, and per-class IoU and Dice of the pixels.
+
+``segkit evaluate`` and training's per-epoch validation feed the same :class:`SegmentationEvaluator`.
+
+Two thresholds, on purpose:
+
+* COCO AP (boxes and masks) ranks *every* detection the model returns: everything above
+  torchvision's internal ``box_score_thresh`` (0.05), at most 100 per image. AP integrates over
+  all score cut-offs, so cutting at the display threshold first would only lower it.
+* Semantic IoU and Dice, and the pixel confusion matrix, look at what a user sees: the masks
+  scoring at least the checkpoint's ``score_threshold`` (or ``--score-threshold``).
+
+Semantic metrics compare, per class, the union of predicted masks with the union of ground-truth
+masks. Intersections and unions are summed over the whole split before dividing (one big image,
+not a mean of per-image ratios), so images where a class is absent cannot produce 0/0.
+``background`` is reported per class but left out of mIoU and mDice: it covers most pixels and
+would make every model look good. A class with neither ground truth nor predictions has no IoU
+(``null``) and is left out of the means.
+"""
 from __future__ import annotations
 
-import contextlib
-import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-IOU_TYPES = ("bbox", "segm")
+from segkit.coco import coco_evaluate, prediction_to_coco, records_to_coco
+from segkit.prediction import Prediction
+from segkit.records import ImageRecord
 
-
-def prediction_to_coco(image_id: int, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-                       masks: np.ndarray) -> list[dict[str, Any]]:
-    """COCO result entries (xywh boxes, RLE masks) for one image; masks are boolean (N, H, W)."""
-    results = []
-    for box, label, score, mask in zip(boxes, labels, scores, masks):
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        x1, y1, x2, y2 = (float(v) for v in box)
-        results.append({"image_id": int(image_id), "category_id": int(label), "score": float(score),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle})
-    return results
+BACKGROUND = "background"
 
 
-def _coco_from_dict(gt: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = {"info": {}, "licenses": [], **gt}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+class EvaluateError(ValueError):
+    """The requested evaluation cannot be done; the message says what would work."""
 
 
-def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
-                  image_ids: list[int] | None = None) -> dict[str, dict[str, Any]]:
-    """Run COCOeval for boxes and masks.
+@dataclass
+class PixelStats:
+    """Pixel counts summed over a split; index 0 is background, 1..C the classes."""
 
-    Returns ``{"bbox": {"AP", "AP50", "AP75", "per_class": {name: AP}}, "segm": {...}}``. Classes
-    without ground truth in these images get no per-class AP (NaN is not a score).
-    """
-    coco_gt = _coco_from_dict(gt)
-    names = {c["id"]: c["name"] for c in gt["categories"]}
-    out: dict[str, dict[str, Any]] = {}
-    for iou_type in IOU_TYPES:
-        if not results:
-            out[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_class": {
-                names[c]: 0.0 for c in names if coco_gt.getAnnIds(catIds=[c])}}
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes([dict(r) for r in results])
-            ev = COCOeval(coco_gt, coco_dt, iou_type)
-            if image_ids is not None:
-                ev.params.imgIds = list(image_ids)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        out[iou_type] = {"AP": _nonneg(ev.stats[0]), "AP50": _nonneg(ev.stats[1]), "AP75": _nonneg(ev.stats[2]),
-                         "per_class": _per_class_ap(ev, names)}
-    return out
+    num_classes: int
+    intersection: np.ndarray = field(init=False)
+    union: np.ndarray = field(init=False)
+    gt_area: np.ndarray = field(init=False)
+    pred_area: np.ndarray = field(init=False)
+    confusion: np.ndarray = field(init=False)  # rows: ground truth, columns: prediction
+
+    def __post_init__(self):
+        n = self.num_classes + 1
+        self.intersection, self.union = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.gt_area, self.pred_area = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.confusion = np.zeros((n, n), np.int64)
+
+    def add(self, gt_masks: list[tuple[int, np.ndarray]], pred_masks: list[tuple[int, np.ndarray]],
+            shape: tuple[int, int]) -> None:
+        """One image: ``(label, bool mask)`` pairs; ground truth in drawing order, predictions best first."""
+        gt_union = [np.zeros(shape, bool) for _ in range(self.num_classes + 1)]
+        pred_union = [np.zeros(shape, bool) for _ in range(self.num_classes + 1)]
+        gt_map, pred_map = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        for label, mask in gt_masks:  # a later annotation is drawn on top, as in the annotation tools
+            gt_union[label] |= mask
+            gt_map[mask] = label
+        for label, mask in reversed(pred_masks):  # the most confident instance ends up on top
+            pred_union[label] |= mask
+            pred_map[mask] = label
+        gt_union[0] = ~np.logical_or.reduce(gt_union[1:], axis=0) if self.num_classes else np.ones(shape, bool)
+        pred_union[0] = ~np.logical_or.reduce(pred_union[1:], axis=0) if self.num_classes else np.ones(shape, bool)
+        for c, (g, p) in enumerate(zip(gt_union, pred_union)):
+            self.intersection[c] += np.count_nonzero(g & p)
+            self.union[c] += np.count_nonzero(g | p)
+            self.gt_area[c] += np.count_nonzero(g)
+            self.pred_area[c] += np.count_nonzero(p)
+        n = self.num_classes + 1
+        self.confusion += np.bincount((gt_map * n + pred_map).ravel(), minlength=n * n).reshape(n, n)
 
 
-def _nonneg(x: float) -> float:
-    # COCOeval reports -1 when there is no ground truth at all; that is "no score", shown as 0.
-    return float(max(x, 0.0))
-
-
-def _per_class_ap(ev: COCOeval, names: dict[int, str]) -> dict[str, float]:
-    precision = ev.eval["precision"]  # (iou thresholds, recall, classes, area ranges, max dets)
+def semantic_metrics(pixels: PixelStats, classes: Sequence[str]) -> dict[str, Any]:
+    """``{"per_class": {name: {"iou", "dice"}}, "mIoU", "mDice"}`` with background first; means over classes only."""
     per_class = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        if p.size:
-            per_class[names[cat_id]] = float(p.mean())
-    return per_class
+    for c, name in enumerate([BACKGROUND, *classes]):
+        union, total = int(pixels.union[c]), int(pixels.gt_area[c] + pixels.pred_area[c])
+        inter = int(pixels.intersection[c])
+        per_class[name] = {"iou": inter / union if union else None, "dice": 2 * inter / total if total else None}
+    ious = [per_class[n]["iou"] for n in classes if per_class[n]["iou"] is not None]
+    dices = [per_class[n]["dice"] for n in classes if per_class[n]["dice"] is not None]
+    return {"per_class": per_class, "mIoU": float(np.mean(ious)) if ious else None,
+            "mDice": float(np.mean(dices)) if dices else None}
+
+
+class SegmentationEvaluator:
+    """COCO AP and semantic IoU/Dice, fed one image at a time so that masks never pile up in memory.
+
+    ``process(i, prediction)`` takes the prediction for ``records[i]`` with *all* its detections;
+    ``evaluate()`` returns ``{"bbox", "segm", "semantic"}`` (see the module docstring for thresholds).
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
+                 ground_truth: dict | None = None):
+        self.records, self.classes, self.threshold = list(records), list(classes), threshold
+        # image ids = index in records; ``ground_truth`` is records_to_coco(records, classes) made earlier
+        # (training evaluates the same split every epoch: its masks are decoded once)
+        self.gt = ground_truth if ground_truth is not None else records_to_coco(self.records, self.classes)
+        self.results: list[dict[str, Any]] = []
+        self.pixels = PixelStats(len(self.classes))
+        self._gt_by_image: dict[int, list[dict]] = {}
+        for ann in self.gt["annotations"]:
+            self._gt_by_image.setdefault(ann["image_id"], []).append(ann)
+
+    def process(self, index: int, prediction: Prediction) -> None:
+        """Add the prediction for ``records[index]``: all its detections, whatever their score."""
+        rec = self.records[index]
+        shape = (rec.height, rec.width)
+        if len(prediction) and prediction.masks.shape[1:] != shape:
+            raise EvaluateError(f"{rec.path}: prediction is {prediction.masks.shape[2]}x{prediction.masks.shape[1]}, "
+                                f"annotation is {rec.width}x{rec.height}")
+        self.results += prediction_to_coco(index, prediction)
+        gt = [(a["category_id"], mask_utils.decode(a["segmentation"]).astype(bool))
+              for a in self._gt_by_image.get(index, [])]
+        keep = prediction.scores >= self.threshold
+        pred = [(int(label), mask) for label, mask, k in zip(prediction.labels, prediction.masks, keep) if k]
+        self.pixels.add(gt, pred, shape)
+
+    def evaluate(self) -> dict[str, Any]:
+        ap = coco_evaluate(self.gt, self.results)
+        return {"bbox": ap["bbox"], "segm": ap["segm"], "semantic": semantic_metrics(self.pixels, self.classes)}
+
+
+def evaluate_predictions(records: Sequence[ImageRecord], predictions: Sequence[Prediction], classes: Sequence[str],
+                         threshold: float) -> dict[str, Any]:
+    """Metrics of ``predictions[i]`` (all detections, any score) against ``records[i]``; see the module docstring."""
+    evaluator = SegmentationEvaluator(records, classes, threshold)
+    for i, prediction in enumerate(predictions):
+        evaluator.process(i, prediction)
+    return evaluator.evaluate()
+
+
+def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
+    """Per-class box AP, mask AP, IoU and Dice, then the summary rows."""
+    sem = report["semantic"]
+    width = max(len(n) for n in [BACKGROUND, "mean / all", *classes])
+
+    def row(name: str, *values: float | None) -> str:
+        return f"{name:<{width}}" + "".join("       -" if v is None else f"{v:8.3f}" for v in values)
+
+    lines = [f"{'class':<{width}}" + "".join(f"{h:>8}" for h in ("box AP", "mask AP", "IoU", "Dice"))]
+    for name in classes:
+        lines.append(row(name, report["bbox"]["per_class"].get(name), report["segm"]["per_class"].get(name),
+                         sem["per_class"][name]["iou"], sem["per_class"][name]["dice"]))
+    lines.append(row(BACKGROUND, None, None, sem["per_class"][BACKGROUND]["iou"], sem["per_class"][BACKGROUND]["dice"]))
+    lines.append(row("mean / all", report["bbox"]["AP"], report["segm"]["AP"], sem["mIoU"], sem["mDice"]))
+    lines += [row(key, report["bbox"][key], report["segm"][key]) for key in ("AP50", "AP75")]
+    return "\n".join(lines)
+
+
+def evaluate_predictor(predictor, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
+                       batch_size: int = 2, show_progress: bool = True) -> SegmentationEvaluator:
+    """Run a :class:`segkit.predictor.Predictor` over ``records`` in batches, feeding every detection
+    (score threshold 0, for COCO AP) to a new evaluator; call ``.evaluate()`` on the result."""
+    from tqdm import tqdm
+
+    from segkit.images import load_image
+
+    evaluator = SegmentationEvaluator(records, classes, threshold)
+    with tqdm(total=len(records), desc="evaluate", unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            predictions = predictor.predict_batch([load_image(r.path) for r in batch], score_threshold=0.0)
+            for i, prediction in enumerate(predictions, start=start):
+                evaluator.process(i, prediction)
+            bar.update(len(batch))
+    return evaluator

@@ -1,12 +1,17 @@
-"""Training curves with matplotlib: losses (train, val, test) and AP per epoch."""
+"""Plots with matplotlib: training curves (losses, AP per epoch), precision-recall curves, confusion matrix."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from segkit.atomic import atomic_open  # noqa: E402
 
 LOSS_PARTS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 AP_KEYS = ("val_bbox_map", "val_bbox_map50", "val_segm_map", "val_segm_map50", "val_segm_map75")
@@ -53,9 +58,45 @@ def plot_metrics(history: list[dict], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_pr_curves(report: dict[str, Any], path: str | Path) -> Path:
+    """Precision-recall curves per class at IoU 0.5, boxes and masks side by side, from a metrics report."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    recall = np.linspace(0, 1, 101)
+    for ax, iou_type in zip(axes, ("bbox", "segm")):
+        curves = report[iou_type].get("pr_curves", {})
+        for name, precision in curves.items():
+            ax.plot(recall, precision, label=f"{name} (AP50 {np.mean(precision):.2f})")
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+               title=f"{'boxes' if iou_type == 'bbox' else 'masks'}, IoU 0.5")
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=8, loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no detections", ha="center", va="center")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, names: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Pixel confusion matrix, each row normalised to the ground truth's pixels (the diagonal is recall)."""
+    rows = confusion.sum(axis=1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros(confusion.shape, float), where=rows > 0)
+    size = 1.2 + 0.75 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), v in np.ndenumerate(norm):
+        ax.text(c, r, f"{100 * v:.0f}%" if rows[r, 0] else "-", ha="center", va="center", fontsize=8,
+                color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted", ylabel="ground truth", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -6,7 +6,8 @@ COCO RLE) and are decoded lazily with pycocotools, so reading a large export is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,4 +81,22 @@ class DatasetRecords:
 
     def class_to_label(self) -> dict[str, int]:
         """Contiguous torchvision labels 1..N; 0 is background."""
-        return {name: i + 1 for i, name in enumerate(self.classes)}
+        return label_map(self.classes)
+
+
+def label_map(classes: Sequence[str]) -> dict[str, int]:
+    """Class name -> label: ``classes[i]`` is label ``i + 1``, 0 is the background (torchvision's and COCO's ids)."""
+    return {name: i + 1 for i, name in enumerate(classes)}
+
+
+def restrict_to_classes(records: Sequence[ImageRecord],
+                        classes: Sequence[str]) -> tuple[list[ImageRecord], dict[str, int]]:
+    """Records keeping only instances of ``classes``, and how many instances of each other class went."""
+    known, dropped = set(classes), {}
+    out = []
+    for rec in records:
+        for inst in rec.instances:
+            if inst.label not in known:
+                dropped[inst.label] = dropped.get(inst.label, 0) + 1
+        out.append(replace(rec, instances=[i for i in rec.instances if i.label in known]))
+    return out, dropped

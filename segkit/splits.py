@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 from segkit.records import ImageRecord
 
 SPLITS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """The requested split cannot be chosen; the message says what would work."""
 
 
 def split_records(images: list[ImageRecord], val_frac: float, test_frac: float,
@@ -34,16 +39,98 @@ def split_records(images: list[ImageRecord], val_frac: float, test_frac: float,
 
 
 def _take_stratified(pool: list[ImageRecord], size: int) -> list[ImageRecord]:
-    """Pick ``size`` images from ``pool``: first one per class (rarest class first), then in pool order."""
-    counts = Counter(inst.label for im in pool for inst in im.instances)
+    """Pick ``size`` images from ``pool``: first one per class (rarest class first), then in pool order.
+
+    Never takes the last image of a class in ``pool``: that one stays for training, since a model
+    cannot be validated on a class it never saw. So a held-out split may come out smaller than ``size``.
+    """
+    images_of = Counter(label for im in pool for label in _labels(im))
     chosen: list[ImageRecord] = []
-    for label, count in sorted(counts.items(), key=lambda kv: (kv[1], kv[0])):
+
+    def takeable(im: ImageRecord) -> bool:
+        return all(im is not c for c in chosen) and all(images_of[label] >= 2 for label in _labels(im))
+
+    def take(im: ImageRecord) -> None:
+        chosen.append(im)
+        images_of.subtract(_labels(im))
+
+    for label, _ in sorted(images_of.items(), key=lambda kv: (kv[1], kv[0])):
         if len(chosen) >= size:
             break
-        if count < 2 or any(inst.label == label for im in chosen for inst in im.instances):
-            continue  # a class seen once stays in train: a model cannot be validated on a class it never saw
-        candidates = [im for im in pool if all(im is not c for c in chosen) and any(i.label == label for i in im.instances)]
-        if len(candidates) >= 2:
-            chosen.append(candidates[0])
-    chosen += [im for im in pool if all(im is not c for c in chosen)][: size - len(chosen)]
+        if not any(label in _labels(im) for im in chosen):
+            candidate = next((im for im in pool if label in _labels(im) and takeable(im)), None)
+            if candidate is not None:
+                take(candidate)
+    for im in pool:
+        if len(chosen) >= size:
+            break
+        if takeable(im):
+            take(im)
     return chosen
+
+
+def _labels(im: ImageRecord) -> set[str]:
+    return {inst.label for inst in im.instances}
+
+
+def restore_split(images: list[ImageRecord], saved: dict[str, list[str]]) -> dict[str, list[ImageRecord]]:
+    """The split a run saved (image paths per split), rebuilt from freshly read records, for resuming."""
+    by_path = {str(im.path): im for im in images}
+    missing = [p for paths in saved.values() for p in paths if p not in by_path]
+    if missing:
+        raise SplitError(f"{len(missing)} image(s) of the saved split are gone, e.g. {missing[0]}")
+    return {k: [by_path[p] for p in v] for k, v in saved.items()}
+
+
+def select_split(images: list[ImageRecord], saved: dict[str, list] | None, split: str,
+                 data: Path) -> tuple[list[ImageRecord], str]:
+    """The images to evaluate and a phrase saying where the choice came from.
+
+    ``saved`` is the checkpoint's ``split`` (image paths, absolute or relative to ``data``, or ids);
+    when it is absent the records' own ``split`` field is used; when neither exists, all images.
+    """
+    if split == "all":
+        return images, "all images"
+    if saved:
+        if split not in saved:
+            raise SplitError(f"the checkpoint saved splits {', '.join(saved)}, not {split}; "
+                             "use --split all or one of those")
+        wanted = _path_keys(saved[split], data)
+        chosen = [im for im in images if _record_keys(im, data) & wanted]
+        if not chosen and saved[split]:
+            raise SplitError(f"none of the {len(saved[split])} {split} images saved in the checkpoint are in "
+                             f"{data}; pass the data it was trained on, or --split all")
+        missing = len(saved[split]) - len(chosen)
+        note = f" ({missing} of its images not found)" if missing else ""
+        return chosen, f"the {split} split saved in the checkpoint{note}"
+    if any(im.split for im in images):
+        chosen = [im for im in images if (im.split or "train") == split]
+        if not chosen:
+            have = sorted({im.split or "train" for im in images})
+            raise SplitError(f"the dataset has no {split} split (it has {', '.join(have)}); "
+                             "use --split all or one of those")
+        return chosen, f"the dataset's own {split} split"
+    return images, "all images (neither the checkpoint nor the dataset has splits)"
+
+
+def _path_keys(items: list, data: Path) -> set[str]:
+    root = data if data.is_dir() else data.parent
+    keys = set()
+    for item in items:
+        keys.add(str(item))
+        p = Path(str(item))
+        keys.add(str(p.resolve()))  # absolute, or relative to where training ran
+        if not p.is_absolute():
+            keys.add(str((root / p).resolve()))  # relative to the dataset
+    return keys
+
+
+def _record_keys(im: ImageRecord, data: Path) -> set[str]:
+    root = data if data.is_dir() else data.parent
+    path = Path(im.path).resolve()
+    keys = {str(path), str(im.path)}
+    if path.is_relative_to(root.resolve()):
+        keys.add(path.relative_to(root.resolve()).as_posix())
+    if im.image_id is not None:
+        keys.add(str(im.image_id))
+    return keys

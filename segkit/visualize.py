@@ -7,13 +7,21 @@ numpy operations over that map, so the cost barely grows with the number of inst
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segkit.predict import ImageInput, Prediction, to_rgb_image
+from segkit.atomic import atomic_open
+from segkit.images import ImageInput, as_rgb, load_image
+from segkit.prediction import Prediction
+from segkit.records import ImageRecord
+
+if TYPE_CHECKING:
+    from segkit.predictor import Predictor
 
 # A fixed qualitative palette (Tableau 20, reordered so neighbours differ): class k always gets
 # PALETTE[(k - 1) % 20], so a class keeps its colour across images and runs of the same model.
@@ -66,7 +74,7 @@ def overlay(image: ImageInput, prediction: Prediction, alpha: float = 0.5,
     ``alpha`` is the fill opacity (0..1); ``class_filter`` keeps only instances of those class names
     (None keeps all). Labels read "class score", or just "class" when the score is NaN (ground truth).
     """
-    image = to_rgb_image(image)
+    image = as_rgb(image)
     if len(prediction) and prediction.image_size != image.size:
         raise ValueError(f"prediction is for a {prediction.image_size} image, not {image.size}")
     if class_filter is not None:
@@ -95,10 +103,10 @@ def side_by_side(image: ImageInput, prediction: Prediction, ground_truth: Predic
                  alpha: float = 0.5) -> Image.Image:
     """Prediction overlay (left) beside ground truth (right), each under a caption.
 
-    ``ground_truth`` is a :class:`Prediction` built from the annotations; give it NaN scores to get
-    class-only labels.
+    ``ground_truth`` is :meth:`Prediction.from_record` of the image's annotations (NaN scores: labels
+    show the class only).
     """
-    image = to_rgb_image(image)
+    image = as_rgb(image)
     panels = [overlay(image, p, alpha) for p in (prediction, ground_truth)]
     font = _font(image.size)
     caption_h = _text_size(font, "Ag")[1] + 8
@@ -111,6 +119,29 @@ def side_by_side(image: ImageInput, prediction: Prediction, ground_truth: Predic
         canvas.paste(panel, (x, caption_h))
         draw.text((x + 4, 4), title, fill="black", font=font)
     return canvas
+
+
+def preview_sheet(predictor: Predictor, records: Sequence[ImageRecord], n: int = 4) -> Image.Image | None:
+    """The first ``n`` images, each as prediction beside ground truth, stacked; None without images."""
+    panels = []
+    for record in records[:n]:
+        image = load_image(record.path)
+        panels.append(side_by_side(image, predictor(image), Prediction.from_record(record, predictor.classes)))
+    if not panels:
+        return None
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    return sheet
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Save ``image`` as PNG atomically (a reader never sees half a file)."""
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
+    return Path(path)
 
 
 def _contours(ids: np.ndarray, thickness: int = 1) -> np.ndarray:

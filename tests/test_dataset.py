@@ -60,7 +60,8 @@ def test_records_to_coco_evaluates_to_perfect_score():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from segkit.dataset import SegmentationDataset, records_to_coco
+    from segkit.coco import records_to_coco
+    from segkit.dataset import SegmentationDataset
     from segkit.transforms import build_transform
 
     records, classes = _records()
@@ -92,7 +93,8 @@ def test_records_to_coco_evaluates_to_perfect_score():
 
 
 def test_coco_boxes_match_dataset_boxes():
-    from segkit.dataset import SegmentationDataset, records_to_coco
+    from segkit.coco import records_to_coco
+    from segkit.dataset import SegmentationDataset
 
     records, classes = _records(3)
     gt = records_to_coco(records, classes)

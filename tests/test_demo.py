@@ -152,11 +152,33 @@ def demo_module(untrained_checkpoint):
     return module
 
 
-def test_module_level_demo_serves_the_env_checkpoint(demo_module, untrained_checkpoint):
-    import gradio as gr
+def test_import_loads_nothing_and_the_module_level_demo_serves_the_env_checkpoint(demo_module, untrained_checkpoint,
+                                                                                 images, monkeypatch):
+    from gradio_client import Client, handle_file
 
-    assert isinstance(demo_module.demo, gr.Blocks)
-    assert demo_module.args.checkpoint is None  # nothing parsed from pytest's own argv
+    # Importing the file built no app and loaded no model (an hf:// checkpoint would have been downloaded).
+    assert demo_module._module_demo.cache_info().currsize == 0
+    assert demo_module.default_predictor.cache_info().currsize == 0
+    monkeypatch.setenv("SEGKIT_CHECKPOINT", str(untrained_checkpoint))
+
+    # The typed function a script uses: the env checkpoint's classes, only instances over the threshold.
+    image = load_image(images["good"])
+    drawn, prediction = demo_module.predict(image, 0.1)
+    assert drawn.size == image.size and len(prediction) > 0 and (prediction.scores >= 0.1).all()
+    assert set(prediction.class_names) <= {"leaf", "pebble", "shell"}
+
+    # The module-level app, as a Space serves it, answers with that model.
+    app = demo_module.demo
+    assert app is demo_module.demo  # built once
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    try:
+        result = Client(url, verbose=False).predict(handle_file(str(images["good"])), 0.1, api_name="/segment")
+    finally:
+        app.close()
+    assert_correct_overlay(result, images["good"])
+    coco = json.loads(Path(result[2][2]).read_text())
+    assert [c["name"] for c in coco["categories"]] == ["leaf", "pebble", "shell"]
+    assert len(coco["annotations"]) == len(prediction)  # the same model, image and threshold
 
 
 def test_hf_checkpoint_is_downloaded_from_the_hub(demo_module, untrained_checkpoint, monkeypatch):
@@ -191,7 +213,7 @@ def test_newest_run_is_found(demo_module, tmp_path, monkeypatch):
 
 def test_without_any_model_the_page_says_how_to_train(demo_module, tmp_path, monkeypatch):
     from segkit.model import WeightsError
-    from segkit.predict import Predictor
+    from segkit.predictor import Predictor
 
     def no_weights(*args, **kwargs):
         raise WeightsError("offline")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from segkit.checkpoint import CheckpointError
-from segkit.predict import Predictor
+from segkit.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

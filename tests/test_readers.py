@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from fixtures_exports import (
+from tests.exports import (
     DESKS, LS_FIXTURES, coco_ann, coco_export, labelme_file, labelme_shape, ls_annotation, ls_brush, ls_polygon,
     ls_rectangle, ls_task, png_bytes, square, write_image, write_json,
 )

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.predict import Prediction
+from segkit.prediction import Prediction
 from segkit.visualize import PALETTE, instance_mask_png, overlay, side_by_side
 
 W, H = 200, 150
@@ -112,3 +112,18 @@ def test_side_by_side_puts_prediction_beside_ground_truth(image, prediction):
     truth = make_prediction([(20, 60, 70, 110)], labels=[1], scores=[float("nan")])
     out = side_by_side(image, prediction, truth)
     assert out.width > 2 * W and out.height > H
+
+
+def test_ground_truth_from_a_record_is_labelled_with_the_class_only(image):
+    from pathlib import Path
+
+    from segkit.records import ImageRecord, Instance
+
+    square = Instance("pebble", [[20, 60, 70, 60, 70, 110, 20, 110]], (20, 60, 70, 110))
+    record = ImageRecord(Path("x.jpg"), W, H, [square, Instance("shell", None, (0, 0, 5, 5))])  # a box: no mask
+    truth = Prediction.from_record(record, ["leaf", "pebble", "shell"])
+    assert truth.labels.tolist() == [2] and truth.class_names == ["pebble"] and np.isnan(truth.scores).all()
+    assert abs(int(truth.masks[0].sum()) - 50 * 50) < 150 and truth.image_size == (W, H)
+    scored = Prediction(truth.boxes, truth.labels, truth.class_names, np.ones(1, np.float32), truth.masks)
+    outside = ~truth.masks[0]  # the label: "pebble" is narrower than "pebble 1.00"
+    assert 0 < changed(image, overlay(image, truth))[outside].sum() < changed(image, overlay(image, scored))[outside].sum()

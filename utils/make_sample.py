@@ -287,7 +287,8 @@ def _coco_annotation(ann_id: int, image_id: int, category_id: int, result: dict,
     else:  # brush: Label Studio drops these from COCO; we keep the traced outline (see module doc)
         pts = [(x, y) for x, y in mask_to_polygon(mask).tolist()]
     xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    area = float(0.5 * np.abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
+    # rounded: np.dot goes through BLAS, whose summation order (and so the last bits) differs between CPUs
+    area = round(float(0.5 * np.abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))), 6)
     return {"id": ann_id, "image_id": image_id, "category_id": category_id,
             "segmentation": [[c for p in pts for c in p]],
             "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],

@@ -14,11 +14,11 @@ from segkit.readers.files import DataError, read_json
 from segkit.readers.labelme import read_labelme
 from segkit.readers.labelstudio import read_labelstudio
 from segkit.records import DatasetRecords
+from segkit.splits import SPLITS
 
-__all__ = ["FORMATS", "SPLITS", "DataError", "load_dataset"]
+__all__ = ["FORMATS", "DataError", "load_dataset"]
 
 FORMATS = ("labelstudio-coco", "labelstudio-json", "labelme", "coco")
-SPLITS = ("train", "val", "test")
 _READERS = {
     "labelstudio-coco": read_coco, "coco": read_coco, "labelstudio-json": read_labelstudio, "labelme": read_labelme,
 }

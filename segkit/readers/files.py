@@ -9,14 +9,13 @@ the file's name anywhere under the export's folder, then the name without Label 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from segkit.images import IMAGE_EXTENSIONS, ImageError, image_size
+from segkit.images import ImageError, image_files, image_size
 from segkit.records import Problem
 
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")  # Label Studio's per-upload hash prefix
@@ -97,13 +96,9 @@ class ImageFinder:
 def _build_index(root: Path) -> dict[str, list[Path]]:
     """Image files under ``root`` by name, by name without upload prefix, and by stem."""
     index: dict[str, list[Path]] = defaultdict(list)
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git, .segkit_cache
-        for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                path = Path(folder) / f
-                for key in {f, strip_upload_prefix(f), "stem:" + Path(f).stem}:
-                    index[key].append(path)
+    for path in image_files(root):
+        for key in {path.name, strip_upload_prefix(path.name), "stem:" + path.stem}:
+            index[key].append(path)
     return index
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segkit.atomic import atomic_write
 from segkit.readers.files import DataError, ImageFinder, locate_image, read_json
 from segkit.readers.shapes import Context, box_without_mask, image_record, mask_instance, polygon_instance
 from segkit.records import DatasetRecords, Instance, Problem
@@ -143,10 +144,8 @@ def _cache_embedded(image_data: str, root: Path) -> Path | None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / name
-            if not target.exists():
-                tmp = target.with_suffix(".part")
-                tmp.write_bytes(raw)
-                tmp.replace(target)  # atomic: a concurrent reader never sees half a file
+            if not target.exists():  # atomic: a concurrent reader (another DDP rank) never sees half a file
+                atomic_write(target, raw)
             return target
         except OSError:
             continue

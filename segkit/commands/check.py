@@ -1,6 +1,7 @@
-"""``python -m segkit check PATH``: read an export as training would, and say what is usable and what is wrong.
+"""``segkit check PATH``: read an export as training would, and say what is usable and what is wrong.
 
 Exit status: 0 trainable, 1 readable but not trainable (the reason is printed), 2 unreadable input.
+Imports no torch, so it answers in a moment.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from segkit.readers import FORMATS, DataError, load_dataset
 from segkit.records import DatasetRecords
+from segkit.validate import not_trainable_reason, report
 
 _SHOWN_PER_KIND = 10  # problems listed per kind in the human report; --json lists all
 
@@ -42,46 +44,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result["trainable"] else 1
 
 
-def report(records: DatasetRecords) -> dict[str, Any]:
-    """What training would use: image and instance counts, instances per class, problems, trainable."""
-    classes = dict.fromkeys(records.classes, 0)
-    for image in records.images:
-        for inst in image.instances:
-            if inst.segmentation is not None:
-                classes[inst.label] = classes.get(inst.label, 0) + 1
-    return {
-        "format": records.format,
-        "images": len(records.images),
-        "instances": sum(classes.values()),
-        "classes": classes,
-        "problems": [p.as_dict() for p in records.problems],
-        "trainable": _not_trainable_reason(records) is None,
-    }
-
-
-def ensure_trainable(records: DatasetRecords) -> None:
-    """Raise DataError saying why, when there is nothing a Mask R-CNN could learn from."""
-    reason = _not_trainable_reason(records)
-    if reason:
-        raise DataError(reason)
-
-
-def _not_trainable_reason(records: DatasetRecords) -> str | None:
-    if any(inst.segmentation is not None for image in records.images for inst in image.instances):
-        return None
-    how = ("Outline objects with polygons or brushes: in Label Studio use PolygonLabels or BrushLabels in the "
-           "labeling config; in labelme use Create Polygons.")
-    boxes = sum(p.kind == "box_without_mask" for p in records.problems)
-    if boxes:
-        return (f"{records.source}: no instance has a mask: only rectangles/boxes were found ({boxes}), so there is "
-                f"nothing for the mask head to learn. {how}")
-    if not records.images:
-        fatal = Counter(p.kind for p in records.problems if p.fatal)
-        why = ", ".join(f"{n} {kind}" for kind, n in fatal.most_common())
-        return f"{records.source}: no usable images" + (f" ({why})" if why else "")
-    return f"{records.source}: no instance has a mask: all {len(records.images)} images are empty. {how}"
-
-
 def _human(records: DatasetRecords, result: dict[str, Any]) -> str:
     lines = [f"{records.source} ({result['format']}): {result['images']} images, {result['instances']} instances, "
              f"{len(result['classes'])} classes"]
@@ -107,6 +69,6 @@ def _human(records: DatasetRecords, result: dict[str, Any]) -> str:
         lines += [f"    {p.file}: {p.detail}" for p in problems[:_SHOWN_PER_KIND]]
         if len(problems) > _SHOWN_PER_KIND:
             lines.append(f"    ... and {len(problems) - _SHOWN_PER_KIND} more (--json lists all)")
-    reason = _not_trainable_reason(records)
+    reason = not_trainable_reason(records)
     lines += ["", "trainable: yes" if reason is None else f"NOT trainable: {reason}"]
     return "\n".join(lines)

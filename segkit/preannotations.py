@@ -1,8 +1,8 @@
-"""Predictions out of segkit: a COCO results file and Label Studio pre-annotation tasks.
+"""Predictions as Label Studio pre-annotations: tasks whose ``predictions`` Label Studio imports.
 
-Both are built from the same per-image entries (see :func:`image_entry`), which hold the image's
-path and size and its instances as COCO annotations with RLE masks. ``segkit predict`` keeps one
-entry per image on disk, so the final files can be rebuilt from all images, old and new.
+Built from the per-image entries of :func:`segkit.coco.image_entry` (the image's path and size, its
+instances as COCO annotations with RLE masks and class names), so the COCO file and the Label Studio
+tasks of one run always describe the same instances.
 
 Coordinates: COCO polygons and Label Studio polygons both put pixel ``(x, y)`` at the square
 ``[x, x + 1] x [y, y + 1]``, so a polygon must run along pixel *edges* to reproduce a mask; contours
@@ -11,50 +11,15 @@ through pixel centres (what ``cv2.findContours`` returns) would lose half of eve
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segkit.metrics import prediction_to_coco
-
-if TYPE_CHECKING:
-    from segkit.predict import Prediction
-
 DEFAULT_FROM_NAME = "label"  # the <PolygonLabels>/<BrushLabels> tag of the labeling config
 DEFAULT_TO_NAME = "image"  # the <Image> tag
-
-
-def image_entry(file_name: str, width: int, height: int, prediction: Prediction) -> dict[str, Any]:
-    """One image's predictions as a JSON-able dict: its path and size, and COCO annotations (no ids yet).
-
-    An optional ``image_ref`` key, added by the caller, is what :func:`to_labelstudio` appends to
-    ``image_root_url`` (default: the file's name).
-    """
-    annotations = []
-    for ann, name in zip(prediction_to_coco(0, prediction.boxes, prediction.labels, prediction.scores,
-                                            prediction.masks), prediction.class_names):
-        del ann["image_id"]
-        ann["area"] = int(mask_utils.area(ann["segmentation"]))
-        ann["label"] = name
-        annotations.append(ann)
-    return {"file_name": file_name, "width": int(width), "height": int(height), "annotations": annotations}
-
-
-def to_coco(entries: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-    """A COCO results file with its images and categories: image ids 1..N in entry order, category ids 1..C."""
-    images, annotations = [], []
-    for image_id, entry in enumerate(entries, start=1):
-        images.append({"id": image_id, "file_name": entry["file_name"], "width": entry["width"],
-                       "height": entry["height"]})
-        for ann in entry["annotations"]:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ann["category_id"],
-                                "segmentation": ann["segmentation"], "bbox": ann["bbox"], "area": ann["area"],
-                                "score": ann["score"], "iscrowd": 0})
-    categories = [{"id": i, "name": name, "supercategory": ""} for i, name in enumerate(classes, start=1)]
-    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def to_labelstudio(entries: list[dict[str, Any]], model_version: str, from_name: str = DEFAULT_FROM_NAME,

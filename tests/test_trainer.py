@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from tests.helpers import tiny_config
 
 from segkit import engine
 from segkit.checkpoint import load_checkpoint
-from segkit.predict import Predictor
+from segkit.predictor import Predictor
 from segkit.readers import load_dataset
-from segkit.train import TrainingStopped, train
+from segkit.trainer import TrainingStopped, train
 
 REQUIRED_COLUMNS = {"epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr",
                     "seconds", "train_loss_mask", "val_loss_mask", "train_loss_classifier"}

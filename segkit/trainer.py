@@ -1,4 +1,4 @@
-"""Fine-tune Mask R-CNN on an export: ``python train.py`` or ``python -m segkit train``.
+"""Fine-tune Mask R-CNN on an export: :class:`TrainConfig` and :func:`train` (``python train.py`` runs them).
 
 Reads and validates the data, splits it, trains with warm-up and cosine (or step) decay, evaluates
 COCO AP every epoch, writes metrics.csv, curves and best/last checkpoints to ``runs/<name>/``, and
@@ -6,13 +6,10 @@ resumes exactly from ``last.pt``. Under ``torchrun`` it trains with DistributedD
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +20,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from segkit import engine, runs
-from segkit.checkpoint import load_checkpoint, save_checkpoint
+from segkit.atomic import write_json
+from segkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from segkit.coco import records_to_coco
 from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, count_parameters,
                           freeze_backbone, is_pretrained, uses_frozen_bn)
-from segkit.splits import split_records
+from segkit.splits import SPLITS, SplitError, restore_split, split_records
 from segkit.transforms import PRESETS
 
 
@@ -74,30 +73,6 @@ class TrainConfig:
     progress: bool = _opt(True, "show progress bars")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, with its comment as help."""
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"default": f.default, "help": f.metadata["help"]}
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        kw["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-        parser.add_argument(flag, **kw)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    try:
-        train(cfg)
-    except TrainingStopped as e:
-        print(f"\n{e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
 class TrainingStopped(Exception):
     """Training ended early for a reason the user must read (bad data, bad weights, NaN, Ctrl-C, OOM)."""
 
@@ -124,16 +99,63 @@ class EpochSampler(Sampler[int]):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training; return a summary with the run folder, best metrics and paths."""
+    """Run (or resume) training; return a summary with the run folder, best metrics and paths.
+
+    Raises :class:`TrainingStopped` when it cannot start or has to stop early; ``last.pt`` then holds
+    what can be resumed.
+    """
     rank, world, local_rank = _setup_distributed()
     try:
-        return _train(cfg, rank, world, local_rank)
+        run = _setup(cfg, rank, world, local_rank)
+        _train_epochs(run)
+        summary = _finish(run) if run.main else {}
+        _barrier(world)
+        return summary
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
+@dataclass
+class _Run:
+    """Everything one training run holds, built by :func:`_setup` and advanced by :func:`_train_epochs`."""
+
+    cfg: TrainConfig
+    out: Path
+    main: bool  # rank 0: writes files and evaluates
+    world: int
+    device: torch.device
+    classes: list[str]
+    splits: dict[str, list]
+    loaders: dict[str, DataLoader]
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, wrapped in DDP when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ground_truth: dict[str, dict]  # COCO ground truth of val and test (rank 0 only), made once
+    history: list[dict]
+    start_epoch: int = 0
+    start_step: int = 0  # batches of start_epoch already trained before an interruption
+    resume_rng: dict | None = None
+    step: int = 0  # batches of the current epoch trained so far
+
+    def checkpoint(self, **extra) -> dict:
+        """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
+        return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
+                               uses_frozen_bn(self.cfg.model, self.cfg.weights), config=dataclasses.asdict(self.cfg),
+                               split={k: [str(im.path) for im in v] for k, v in self.splits.items()}, **extra)
+
+    def resumable(self, epoch_done: int, step: int) -> dict:
+        """last.pt: the checkpoint plus everything needed to continue exactly where training is."""
+        return self.checkpoint(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                               scaler=self.scaler.state_dict(), epoch=epoch_done, step=step,
+                               history=self.history[:epoch_done], rng=_rng_state(),
+                               metrics=self.history[-1] if self.history else {})
+
+
+def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
+    """Read and split the data, build model, loaders and optimizer, restore a resumed run; print a summary."""
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
@@ -141,8 +163,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     main = rank == 0
     records = _load_data(cfg, verbose=main)
     classes = resume["classes"] if resume else records.classes
-    splits = _restore_split(records, resume["split"]) if resume else split_records(
-        records.images, cfg.val_frac, cfg.test_frac, cfg.seed)
+    try:
+        splits = restore_split(records.images, resume["split"]) if resume else split_records(
+            records.images, cfg.val_frac, cfg.test_frac, cfg.seed)
+    except SplitError as e:
+        raise TrainingStopped(f"cannot resume: {e}") from None
     if cfg.limit:
         splits = {k: v[: cfg.limit] for k, v in splits.items()}
     if not splits["train"]:
@@ -154,85 +179,61 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     loaders = _make_loaders(cfg, splits, classes, world, rank)
     model = _make_model(cfg, len(classes) + 1, resumed=resume is not None).to(device)
     optimizer, scheduler, scaler = _make_optimization(cfg, model, len(loaders["train"]), device)
-    history, start_epoch, start_step = [], 0, 0
     if resume:
         for part, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
             obj.load_state_dict(resume[part])
-        history, start_epoch, start_step = resume["history"], resume["epoch"], resume.get("step", 0)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    meta = {"arch": cfg.model, "classes": classes, "img_size": cfg.img_size,
-            "frozen_bn": uses_frozen_bn(cfg.model, cfg.weights),
-            "score_threshold": cfg.score_threshold, "config": dataclasses.asdict(cfg),
-            "split": {k: [str(im.path) for im in v] for k, v in splits.items()}}
+    ground_truth = {s: records_to_coco(splits[s], classes) for s in ("val", "test") if main and splits[s]}
+    run = _Run(cfg, out, main, world, device, classes, splits, loaders, model, train_model, optimizer, scheduler,
+               scaler, ground_truth, history=[])
+    if resume:
+        run.history, run.start_epoch, run.start_step = resume["history"], resume["epoch"], resume.get("step", 0)
+        run.resume_rng = resume.get("rng")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(meta["config"], indent=2))
-        (out / "split.json").write_text(json.dumps(meta["split"], indent=2))
+        write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+        write_json(out / "split.json", {k: [str(im.path) for im in v] for k, v in splits.items()}, indent=2)
         trainable, total = count_parameters(model)
         print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
               f"{len(classes)} classes {classes}, images train/val/test = "
-              f"{'/'.join(str(len(splits[s])) for s in ('train', 'val', 'test'))}, device {device}, "
+              f"{'/'.join(str(len(splits[s])) for s in SPLITS)}, device {device}, "
               f"{world} process(es) -> {out}")
+    return run
 
-    coco_gts = {s: _coco_gt(splits[s], classes) for s in ("val", "test") if splits[s]}
-    best = max((row.get("val_segm_map", -1.0) for row in history), default=-1.0)
-    stale = 0
-    epoch = start_epoch
-    state = {"step": start_step}
 
-    def snapshot(epoch_done: int, step: int) -> dict:
-        return {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch_done,
-                "step": step, "history": history[:epoch_done], "rng": _rng_state(), "metrics": history[-1] if history else {}}
-
-    describe = _batch_describer(loaders["train"].dataset)
+def _train_epochs(run: _Run) -> None:
+    """The epoch loop; an interruption or a failure leaves a resumable last.pt and raises TrainingStopped."""
+    cfg, out = run.cfg, run.out
+    has_val = bool(run.splits["val"])
+    best = max((row.get("val_segm_map", -1.0) for row in run.history), default=-1.0)
+    stale, epoch, run.step = 0, run.start_epoch, run.start_step
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            _seed_epoch(cfg.seed, epoch, loaders["train"])
-            skip, state["step"] = state["step"], 0
-            if skip and "rng" in resume:
-                _set_rng_state(resume["rng"])  # mid-epoch resume: continue the interrupted random stream
-            t0 = time.perf_counter()
-            losses = engine.train_one_epoch(
-                train_model, optimizer, loaders["train"], device, scheduler, scaler if scaler.is_enabled() else None,
-                cfg.clip_grad or None, describe, f"epoch {epoch + 1}/{cfg.epochs}",
-                on_step=lambda n: state.update(step=n), show_progress=cfg.progress and main, skip=skip)
-            row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
-                   "lr": optimizer.param_groups[0]["lr"]}
-            evaluated = "val" in coco_gts and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
-            if main and evaluated:
-                val_row, ap = engine.evaluate(model, loaders["val"], device, coco_gts["val"], "val", cfg.progress)
-                row.update(val_row)
-                row.update({f"val_{t}_ap_{name}": v for t in ap for name, v in ap[t]["per_class"].items()})
-            row["seconds"] = time.perf_counter() - t0
-            row = {k: v if k == "epoch" else float(v) for k, v in row.items()}  # checkpoints hold plain numbers
-            history.append(row)
+        for epoch in range(run.start_epoch, cfg.epochs):
+            evaluated = has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
+            row = _train_and_evaluate_epoch(run, epoch, evaluated)
             # without a val split the latest model is the best one we know of
-            improved = row.get("val_segm_map", -1.0) > best if "val" in coco_gts else True
-            if main:
-                save_checkpoint(snapshot(epoch + 1, 0), out / "last.pt")
-                state["step"] = 0  # from here on, an interruption resumes at the next epoch
+            improved = row.get("val_segm_map", -1.0) > best if has_val else True
+            if run.main:
+                save_checkpoint(run.resumable(epoch + 1, 0), out / "last.pt")
+                run.step = 0  # from here on, an interruption resumes at the next epoch
                 if improved:
                     best = row.get("val_segm_map", best)
-                    save_checkpoint({**meta, "model": model.state_dict(), "epoch": epoch + 1, "metrics": row},
-                                    out / "best.pt")
-                runs.write_outputs(out, history)
-                runs.print_epoch(row)
-            state["step"] = 0
+                    save_checkpoint(run.checkpoint(epoch=epoch + 1, metrics=row), out / "best.pt")
+                runs.write_history(out, run.history)
+                _print_epoch(row)
+            run.step = 0
             if evaluated:
                 stale = 0 if improved else stale + 1
-            if _agree(bool(cfg.patience) and stale >= cfg.patience, world):
-                if main:
+            if _agree(bool(cfg.patience) and stale >= cfg.patience, run.world):
+                if run.main:
                     print(f"early stop: no better val mask AP for {cfg.patience} evaluations")
                 break
-            _barrier(world)
+            _barrier(run.world)
     except KeyboardInterrupt:
-        if main and state["step"]:  # otherwise last.pt already holds the last finished epoch
-            save_checkpoint(snapshot(epoch, state["step"]), out / "last.pt")
+        if run.main and run.step:  # otherwise last.pt already holds the last finished epoch
+            save_checkpoint(run.resumable(epoch, run.step), out / "last.pt")
         if not (out / "last.pt").exists():
             raise TrainingStopped("interrupted before the first training step: nothing to save", 130) from None
         raise TrainingStopped(f"interrupted: saved {out / 'last.pt'}\n  resume with: python train.py --resume "
@@ -244,9 +245,41 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> dict:
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(f"CUDA out of memory at --img-size {cfg.img_size} --batch-size {cfg.batch_size}: "
                               "try a smaller --img-size or --batch-size") from None
-    summary = _finish(cfg, out, model, device, loaders, coco_gts, history, main) if main else {}
-    _barrier(world)
-    return summary
+
+
+def _train_and_evaluate_epoch(run: _Run, epoch: int, evaluated: bool) -> dict:
+    """Train one epoch (from ``run.step`` on, after an interruption), evaluate when asked; the metrics row."""
+    cfg, loader = run.cfg, run.loaders["train"]
+    _seed_epoch(cfg.seed, epoch, loader)
+    skip, run.step = run.step, 0
+    if skip and run.resume_rng is not None:
+        _set_rng_state(run.resume_rng)  # mid-epoch resume: continue the interrupted random stream
+    t0 = time.perf_counter()
+    losses = engine.train_one_epoch(
+        run.train_model, run.optimizer, loader, run.device, run.scheduler,
+        run.scaler if run.scaler.is_enabled() else None, cfg.clip_grad or None, _batch_describer(loader.dataset),
+        f"epoch {epoch + 1}/{cfg.epochs}", on_step=lambda n: setattr(run, "step", n),
+        show_progress=cfg.progress and run.main, skip=skip)
+    row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
+           "lr": run.optimizer.param_groups[0]["lr"]}
+    if run.main and evaluated:
+        val_row, report = engine.evaluate(run.model, run.loaders["val"], run.device, cfg.score_threshold, "val",
+                                          cfg.progress, run.ground_truth["val"])
+        row.update(val_row)
+        row.update({f"val_{t}_ap_{name}": v for t in ("bbox", "segm") for name, v in report[t]["per_class"].items()})
+    row["seconds"] = time.perf_counter() - t0
+    row = {k: v if k == "epoch" else float(v) for k, v in row.items()}  # checkpoints hold plain numbers
+    run.history.append(row)
+    return row
+
+
+def _print_epoch(row: dict) -> None:
+    parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
+    if "val_loss" in row:
+        parts += [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
+                  f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.0f}s"]
+    print(" | ".join(parts), flush=True)
 
 
 def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.Module:
@@ -334,8 +367,8 @@ def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
 
 
 def _load_data(cfg: TrainConfig, verbose: bool):
-    from segkit.check import ensure_trainable
     from segkit.readers import DataError, load_dataset
+    from segkit.validate import ensure_trainable
 
     try:
         records = load_dataset(cfg.data, cfg.format, cfg.images)
@@ -349,14 +382,6 @@ def _load_data(cfg: TrainConfig, verbose: bool):
         print(f"{cfg.data}: {len(records.problems)} data problem(s) handled: "
               + ", ".join(f"{k} x{n}" for k, n in kinds.items()) + f" (details: python -m segkit check {cfg.data})")
     return records
-
-
-def _restore_split(records, saved: dict[str, list[str]]) -> dict[str, list]:
-    by_path = {str(im.path): im for im in records.images}
-    missing = [p for paths in saved.values() for p in paths if p not in by_path]
-    if missing:
-        raise TrainingStopped(f"cannot resume: {len(missing)} image(s) of the saved split are gone, e.g. {missing[0]}")
-    return {k: [by_path[p] for p in v] for k, v in saved.items()}
 
 
 def _seed_everything(seed: int) -> None:
@@ -394,12 +419,6 @@ def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int
     return loaders
 
 
-def _coco_gt(images, classes) -> dict:
-    from segkit.dataset import records_to_coco
-
-    return records_to_coco(images, classes)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
@@ -423,19 +442,26 @@ def _batch_describer(dataset):
     return describe
 
 
-def _finish(cfg: TrainConfig, out: Path, model, device, loaders, coco_gts, history, main) -> dict:
+def _finish(run: _Run) -> dict:
     """Test the best checkpoint, draw previews, print where everything is."""
+    from segkit.predictor import Predictor
+    from segkit.visualize import preview_sheet, save_png
+
+    cfg, out = run.cfg, run.out
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
+    run.model.load_state_dict(best["model"])
     test = {}
-    if "test" in coco_gts:
-        test, ap = engine.evaluate(model, loaders["test"], device, coco_gts["test"], "test", cfg.progress)
-        (out / "test_metrics.json").write_text(json.dumps({"epoch": best["epoch"], **test, "ap": ap}, indent=2))
-    runs.write_outputs(out, history, test)
-    preview_split = "val" if len(loaders["val"].dataset) else "train"
-    runs.draw_previews(model, loaders[preview_split].dataset, best["classes"], cfg.score_threshold,
-                   out / "val_predictions.png")
+    if run.splits["test"]:
+        test, report = engine.evaluate(run.model, run.loaders["test"], run.device, cfg.score_threshold, "test",
+                                       cfg.progress, run.ground_truth["test"])
+        write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test, "ap": report}, indent=2)
+    runs.write_history(out, run.history, test)
+    preview = run.splits["val"] or run.splits["train"]
+    predictor = Predictor(run.model, run.classes, cfg.score_threshold, device=run.device)
+    sheet = preview_sheet(predictor, preview)
+    if sheet is not None:
+        save_png(sheet, out / "val_predictions.png")
     summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
                "best_metrics": best.get("metrics", {}), "test": test}
     print(f"\ndone: best epoch {best['epoch']}, val mask AP {best['metrics'].get('val_segm_map', float('nan')):.3f}"

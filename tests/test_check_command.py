@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_exports import coco_ann, coco_export, ls_annotation, ls_rectangle, ls_task, square, write_image, write_json
-from segkit import check
+from tests.exports import coco_ann, coco_export, ls_annotation, ls_rectangle, ls_task, square, write_image, write_json
+from segkit import validate
+from segkit.commands import check
 from segkit.readers import DataError, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _rectangles_only(folder: Path) -> Path:
 
 
 def test_report_counts_what_training_uses(tmp_path):
-    result = check.report(load_dataset(_good_export(tmp_path)))
+    result = validate.report(load_dataset(_good_export(tmp_path)))
     assert set(result) == KEYS
     assert result["format"] == "labelstudio-coco"
     assert result["images"] == 2  # the empty image is a negative; the missing one is not counted
@@ -50,14 +51,14 @@ def test_report_counts_what_training_uses(tmp_path):
     assert {p["kind"] for p in result["problems"]} == {"missing_image", "box_without_mask"}
     box = next(p for p in result["problems"] if p["kind"] == "box_without_mask")
     assert set(box) == {"kind", "file", "detail"} and box["file"].endswith("result.json") and "annotation 3" in box["detail"]
-    check.ensure_trainable(load_dataset(tmp_path))  # does not raise
+    validate.ensure_trainable(load_dataset(tmp_path))  # does not raise
 
 
 def test_rectangles_only_is_not_trainable_and_says_why(tmp_path):
     records = load_dataset(_rectangles_only(tmp_path))
-    assert check.report(records)["trainable"] is False and check.report(records)["instances"] == 0
+    assert validate.report(records)["trainable"] is False and validate.report(records)["instances"] == 0
     with pytest.raises(DataError) as e:
-        check.ensure_trainable(records)
+        validate.ensure_trainable(records)
     message = str(e.value)
     assert "tasks.json" in message and "no instance has a mask" in message and "rectangles" in message
     assert "PolygonLabels" in message and "BrushLabels" in message and "labelme" in message
@@ -66,7 +67,7 @@ def test_rectangles_only_is_not_trainable_and_says_why(tmp_path):
 def test_no_usable_images_is_not_trainable(tmp_path):
     coco_export(tmp_path, [{"id": 0, "file_name": "images/gone.png"}], [], [{"id": 0, "name": "a"}])
     with pytest.raises(DataError, match="no usable images.*1 missing_image"):
-        check.ensure_trainable(load_dataset(tmp_path))
+        validate.ensure_trainable(load_dataset(tmp_path))
 
 
 def test_human_report_shows_table_and_problems_by_kind(tmp_path, capsys):

@@ -11,14 +11,15 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import SAMPLE, write_subset
+from tests.helpers import SAMPLE, write_subset
 from segkit.cli import main
-from segkit.evaluate import (BACKGROUND, EvaluateError, PixelStats, evaluate_predictions, plot_confusion_matrix,
-                             plot_pr_curves, select_split, semantic_metrics)
-from segkit.export import image_entry, to_coco
-from segkit.predict import Prediction
+from segkit.coco import image_entry, predictions_file
+from segkit.metrics import BACKGROUND, PixelStats, evaluate_predictions, semantic_metrics
+from segkit.plots import plot_confusion_matrix, plot_pr_curves
+from segkit.prediction import Prediction
 from segkit.readers import load_dataset
 from segkit.records import ImageRecord, Instance
+from segkit.splits import SplitError, select_split
 
 CLASSES = ["leaf", "pebble", "shell"]
 
@@ -93,7 +94,7 @@ def test_segm_ap_matches_cocoeval_on_imperfect_predictions():
     rng = np.random.default_rng(0)
     predictions = [_jittered(r, rng) for r in records]
     ours = evaluate_predictions(records, predictions, CLASSES, threshold=0.5)
-    coco = to_coco([image_entry(str(r.path), r.width, r.height, p) for r, p in zip(records, predictions)], CLASSES)
+    coco = predictions_file([image_entry(str(r.path), r.width, r.height, p) for r, p in zip(records, predictions)], CLASSES)
     stats = _cocoeval(_export_gt(SAMPLE / "val" / "result.json", coco), coco["annotations"], "segm")
     assert 0.2 < stats[0] < 0.9
     _assert_same_ap(ours["segm"], stats)
@@ -103,7 +104,10 @@ def test_json_and_plots(evaluated):
     m = evaluated["metrics"]
     assert set(m) == {"bbox", "segm", "semantic"}
     for iou_type in ("bbox", "segm"):
-        assert set(m[iou_type]) == {"AP", "AP50", "AP75", "per_class"}
+        assert set(m[iou_type]) == {"AP", "AP50", "AP75", "per_class", "pr_curves"}
+        # precision at 101 recall points at IoU 0.5, for each class with ground truth: its mean is AP50
+        assert set(m[iou_type]["pr_curves"]) == set(m[iou_type]["per_class"])
+        assert all(len(curve) == 101 for curve in m[iou_type]["pr_curves"].values())
     assert set(m["semantic"]) == {"per_class", "mIoU", "mDice"}
     assert list(m["semantic"]["per_class"]) == [BACKGROUND, *CLASSES]
     for name, v in m["semantic"]["per_class"].items():
@@ -175,7 +179,9 @@ def test_empty_prediction_scores_zero(tmp_path):
         assert (m[iou_type]["AP"], m[iou_type]["AP50"], m[iou_type]["AP75"]) == (0.0, 0.0, 0.0)
     assert m["semantic"]["mIoU"] == 0.0 and m["semantic"]["mDice"] == 0.0
     assert 0 < m["semantic"]["per_class"][BACKGROUND]["iou"] < 1
-    plot_pr_curves({"images": [], "annotations": [], "categories": []}, [], tmp_path / "pr.png")
+    assert m["segm"]["pr_curves"] and set(m["segm"]["pr_curves"]) == set(m["segm"]["per_class"])
+    assert all(max(c) == 0 for c in m["segm"]["pr_curves"].values())
+    plot_pr_curves(m, tmp_path / "pr.png")
     plot_confusion_matrix(np.zeros((4, 4), np.int64), [BACKGROUND, *CLASSES], tmp_path / "cm.png")
 
 
@@ -218,9 +224,9 @@ def test_split_selection(tmp_path):
     assert [r.image_id for r in select_split(images, saved, "train", tmp_path)[0]] == ["b.jpg"]  # absolute
     assert [r.image_id for r in select_split(images, None, "val", tmp_path)[0]] == ["b.jpg", "c.jpg"]
     assert len(select_split(images, saved, "all", tmp_path)[0]) == 3
-    with pytest.raises(EvaluateError, match="has no test split"):
+    with pytest.raises(SplitError, match="has no test split"):
         select_split(images, None, "test", tmp_path)
-    with pytest.raises(EvaluateError, match="none of the 1 val images"):
+    with pytest.raises(SplitError, match="none of the 1 val images"):
         select_split(images, {"val": ["elsewhere/z.jpg"]}, "val", tmp_path)
     no_splits = [rec("a.jpg"), rec("b.jpg")]
     assert len(select_split(no_splits, None, "val", tmp_path)[0]) == 2

@@ -1,4 +1,4 @@
-"""``segkit predict``: segment images, folders or globs and write everything a person or a tool needs.
+"""Predict on image files into an output folder, resumably: what ``segkit predict`` runs.
 
 Output folder::
 
@@ -25,101 +25,93 @@ Without it, tasks carry the image path as given.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from segkit.export import DEFAULT_FROM_NAME, DEFAULT_TO_NAME, image_entry, to_coco, to_labelstudio
-from segkit.images import IMAGE_EXTENSIONS, ImageError, load_image
+from segkit.atomic import write_json
+from segkit.coco import image_entry, predictions_file
+from segkit.images import IMAGE_EXTENSIONS, ImageError, image_files, load_image
+from segkit.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME, to_labelstudio
 
 if TYPE_CHECKING:
-    from segkit.predict import Predictor
+    from segkit.predictor import Predictor
 
 
 class SourceError(ValueError):
     """A source names nothing that exists; the message says which."""
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="images, folders (searched recursively) or globs")
-    p.add_argument("--checkpoint", required=True, help="a segkit checkpoint (best.pt)")
-    p.add_argument("--out", required=True, help="output folder; a re-run into it skips images already done")
-    p.add_argument("--score-threshold", type=float, default=None,
-                   help="keep instances scoring at least this (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
-    p.add_argument("--from-name", default=DEFAULT_FROM_NAME,
-                   help="Label Studio: name of the PolygonLabels/BrushLabels tag in the labeling config")
-    p.add_argument("--to-name", default=DEFAULT_TO_NAME, help="Label Studio: name of the Image tag")
-    p.add_argument("--ls-brush", action="store_true",
-                   help="Label Studio: write lossless brush masks instead of editable polygons")
-    p.add_argument("--image-root-url", default=None, metavar="PREFIX",
-                   help="Label Studio: task image = PREFIX + the image's path relative to its source folder, "
-                        "e.g. '/data/local-files/?d=photos/' for local-files storage (default: the image path)")
+@dataclass
+class LabelStudioOptions:
+    """How ``labelstudio.json`` names the labeling config's tags and the images (see the module docstring)."""
+
+    from_name: str = DEFAULT_FROM_NAME  # the <PolygonLabels>/<BrushLabels> tag
+    to_name: str = DEFAULT_TO_NAME  # the <Image> tag
+    brush: bool = False  # lossless brush masks instead of editable polygons
+    image_root_url: str | None = None
 
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    from segkit.checkpoint import CheckpointError, load_checkpoint
+@dataclass
+class FolderResult:
+    """What :func:`predict_to_folder` did."""
 
-    try:
-        images = find_images(args.sources, exclude=out)
-        if not images:
-            raise SourceError(f"no images in {' '.join(args.sources)} "
-                              f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        ckpt = load_checkpoint(args.checkpoint)
-    except (SourceError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    classes = list(ckpt["classes"])
-    threshold = ckpt.get("score_threshold", 0.5) if args.score_threshold is None else args.score_threshold
-    run_key = {"checkpoint": _file_identity(Path(args.checkpoint)), "score_threshold": threshold}
+    entries: list[dict[str, Any]]  # every image's entry (see segkit.coco.image_entry), done now or before
+    failed: list[tuple[Path, str]]  # (path, error) of images that could not be read
+    skipped: int  # images already done by an earlier run
+    score_threshold: float
+
+
+def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Path,
+                      score_threshold: float | None = None, batch_size: int = 4, max_detections: int | None = 100,
+                      labelstudio: LabelStudioOptions | None = None) -> FolderResult:
+    """Predict ``(path, reference)`` images (from :func:`find_images`) into ``out``.
+
+    Images already done there for the same image, checkpoint and threshold are skipped; the json
+    files are rewritten for all. Raises CheckpointError for a checkpoint that cannot be used.
+    """
+    from segkit.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    threshold = ckpt.get("score_threshold", 0.5) if score_threshold is None else score_threshold
+    run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold}
     names = unique_names([path for path, _ in images])
     for sub in ("overlays", "masks", "records"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-
-    todo = [(path, name) for (path, _), name in zip(images, names) if _load_record(out, name, path, run_key) is None]
-    if len(todo) < len(images):
-        print(f"{len(images) - len(todo)} of {len(images)} images already done in {out}; skipping them")
+    todo = [(path, name) for (path, _), name in zip(images, names) if load_record(out, name, path, run_key) is None]
     failed = []
     if todo:  # building the model takes seconds; a finished folder only needs its json rewritten
-        from segkit.predict import Predictor
+        from segkit.predictor import Predictor
 
-        predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
-        failed = predict_images(predictor, todo, out, threshold, run_key, max(1, args.batch_size))
-
-    entries = _finished_entries(out, images, names, run_key)
-    write_outputs(out, entries, classes, _model_version(Path(args.checkpoint), ckpt.get("epoch")), args)
-    n_instances = sum(len(e["annotations"]) for e in entries)
-    print(f"{len(entries)} images, {n_instances} instances (score >= {threshold:g}); "
-          f"wrote {out}/predictions.json, labelstudio.json, overlays/, masks/")
-    for path, error in failed:
-        print(f"failed: {path}: {error}", file=sys.stderr)
-    return 1 if failed else 0
+        predictor = Predictor.from_loaded_checkpoint(ckpt, checkpoint, max_detections=max_detections)
+        failed = predict_images(predictor, todo, out, threshold, run_key, max(1, batch_size))
+    entries = finished_entries(out, images, names, run_key)
+    write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(checkpoint), ckpt.get("epoch")),
+                  labelstudio or LabelStudioOptions())
+    return FolderResult(entries, failed, len(images) - len(todo), threshold)
 
 
-def write_outputs(out: Path, entries: list[dict[str, Any]], classes: list[str], model_version: str,
-                  args: argparse.Namespace) -> None:
+def write_outputs(out: Path, entries: list[dict[str, Any]], classes: list[str], version: str,
+                  ls: LabelStudioOptions) -> None:
     """predictions.json and labelstudio.json of ``entries``, written atomically."""
-    _write_json(out / "predictions.json", to_coco(entries, classes))
-    tasks = to_labelstudio(entries, model_version, args.from_name, args.to_name, args.ls_brush, args.image_root_url)
-    _write_json(out / "labelstudio.json", tasks)
+    write_json(out / "predictions.json", predictions_file(entries, classes))
+    write_json(out / "labelstudio.json", to_labelstudio(entries, version, ls.from_name, ls.to_name, ls.brush,
+                                                        ls.image_root_url))
 
 
-def _finished_entries(out: Path, images: list[tuple[Path, str]], names: list[str],
+def finished_entries(out: Path, images: list[tuple[Path, str]], names: list[str],
                       run_key: dict[str, Any]) -> list[dict[str, Any]]:
     """The entries of every image of this run that has a record, in source order."""
     entries = []
     for (path, ref), name in zip(images, names):
-        record = _load_record(out, name, path, run_key)
+        record = load_record(out, name, path, run_key)
         if record is not None:
             # Paths as given now, not as in the run that made the record (it may have run elsewhere).
             entries.append({**record["entry"], "file_name": str(path), "image_ref": ref})
@@ -133,7 +125,7 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
     The record is written last, so an interrupted run redoes exactly the unfinished images.
     Returns ``(path, error)`` for images that could not be read.
     """
-    from segkit.visualize import instance_mask_png, overlay
+    from segkit.visualize import instance_mask_png, overlay, save_png
 
     failed: list[tuple[Path, str]] = []
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -148,11 +140,11 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
             failed += [(path, image) for (path, _), image in zip(batch, loaded) if isinstance(image, str)]
             predictions = predictor.predict_batch([image for _, _, image in ok], threshold) if ok else []
             for (path, name, image), prediction in zip(ok, predictions):
-                overlay(image, prediction).save(out / "overlays" / f"{name}.png")
-                instance_mask_png(prediction).save(out / "masks" / f"{name}.png")
+                save_png(overlay(image, prediction), out / "overlays" / f"{name}.png")
+                save_png(instance_mask_png(prediction), out / "masks" / f"{name}.png")
                 entry = image_entry(str(path), image.width, image.height, prediction)
-                _write_json(out / "records" / f"{name}.json",
-                            {"source": str(path.resolve()), "run": run_key, "entry": entry})
+                write_json(out / "records" / f"{name}.json",
+                           {"source": str(path.resolve()), "run": run_key, "entry": entry})
             bar.update(len(batch))
     return failed
 
@@ -182,13 +174,13 @@ def find_images(sources: list[str], exclude: Path | None = None) -> list[tuple[P
         if path.is_file():
             found.append((path, path.name))
         elif path.is_dir():
-            found += [(f, f.relative_to(path).as_posix()) for f in _images_under(path)]
+            found += [(f, f.relative_to(path).as_posix()) for f in image_files(path)]
         elif glob.has_magic(source):
             base = _glob_base(source)
             for match in sorted(glob.glob(source, recursive=True)):
                 m = Path(match)
                 if m.is_dir():
-                    found += [(f, Path(os.path.relpath(f, base)).as_posix()) for f in _images_under(m)]
+                    found += [(f, Path(os.path.relpath(f, base)).as_posix()) for f in image_files(m)]
                 elif m.suffix.lower() in IMAGE_EXTENSIONS:
                     found.append((m, Path(os.path.relpath(m, base)).as_posix()))
         else:
@@ -202,14 +194,6 @@ def find_images(sources: list[str], exclude: Path | None = None) -> list[tuple[P
         seen.add(key)
         unique.append((path, ref))
     return unique
-
-
-def _images_under(folder: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [Path(root) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
-    return files
 
 
 def _glob_base(pattern: str) -> str:
@@ -243,19 +227,19 @@ def unique_names(paths: list[Path]) -> list[str]:
             depth[i] += 1
 
 
-def _model_version(checkpoint: Path, epoch: int | None) -> str:
+def model_version(checkpoint: Path, epoch: int | None) -> str:
     """``run/best-epoch12``: what Label Studio shows to tell predictions of different models apart."""
     version = f"{checkpoint.parent.name}/{checkpoint.stem}" if checkpoint.parent.name else checkpoint.stem
     return version + (f"-epoch{epoch}" if epoch is not None else "")
 
 
-def _file_identity(path: Path) -> str:
+def file_identity(path: Path) -> str:
     # Path, size and modification time: a retrained best.pt at the same path is a different model.
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _load_record(out: Path, name: str, path: Path, run_key: dict[str, Any]) -> dict | None:
+def load_record(out: Path, name: str, path: Path, run_key: dict[str, Any]) -> dict | None:
     """The record of a finished image, or None when missing, unreadable or made from another image or model."""
     try:
         record = json.loads((out / "records" / f"{name}.json").read_text())
@@ -264,10 +248,3 @@ def _load_record(out: Path, name: str, path: Path, run_key: dict[str, Any]) -> d
     if record.get("source") != str(path.resolve()) or record.get("run") != run_key:
         return None
     return record
-
-
-def _write_json(path: Path, data: Any) -> None:
-    # Write then rename: an interrupted run never leaves a half-written file that looks finished.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)

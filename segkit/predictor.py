@@ -1,59 +1,20 @@
-"""One predictor for the CLI, the demo, training previews and the tests."""
+"""The one :class:`Predictor`: a trained model, loaded once, turning images into :class:`Prediction` s.
+
+``segkit predict``, ``segkit evaluate``, the demo, training's preview images and the tests all run
+their images through it.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.checkpoint import load_checkpoint, model_from_checkpoint
-
-ImageInput = Image.Image | np.ndarray | str | os.PathLike
-
-
-@dataclass
-class Prediction:
-    """Instances found in one image, sorted by score. Masks are boolean (N, H, W) at the image's size."""
-
-    boxes: np.ndarray  # (N, 4) float32 xyxy pixels
-    labels: np.ndarray  # (N,) int64, 1..num_classes
-    class_names: list[str]
-    scores: np.ndarray  # (N,) float32
-    masks: np.ndarray  # (N, H, W) bool
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(width, height) of the image the masks belong to."""
-        return int(self.masks.shape[2]), int(self.masks.shape[1])
-
-    def filter(self, keep: np.ndarray) -> "Prediction":
-        """The instances selected by a boolean or index array."""
-        keep = np.asarray(keep)
-        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return Prediction(self.boxes[idx], self.labels[idx], [self.class_names[i] for i in idx],
-                          self.scores[idx], self.masks[idx])
-
-
-def to_rgb_image(image: ImageInput) -> Image.Image:
-    """Accept a PIL image, an (H, W[, C]) uint8 array or a path; return an RGB PIL image."""
-    if isinstance(image, (str, os.PathLike)):
-        from segkit.images import load_image
-
-        return load_image(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if image.mode != "RGB":
-        from segkit.images import to_rgb
-
-        image = to_rgb(image)
-    return image
+from segkit.images import ImageInput, as_rgb
+from segkit.prediction import Prediction
 
 
 class Predictor:
@@ -107,7 +68,7 @@ class Predictor:
     def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[Prediction]:
         """Predict several images in one forward pass."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
-        tensors = [pil_to_tensor(to_rgb_image(im)).to(self.device, non_blocking=True).float().div_(255)
+        tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255)
                    for im in images]
         # torchvision runs the mask head on, and pastes a full-size mask for, every detection above
         # its own floor (0.05). Raising the floor to our threshold skips the masks we would discard;
@@ -120,17 +81,20 @@ class Predictor:
             outputs = self.model(tensors)
         finally:
             heads.score_thresh = floor
-        return [self._to_prediction(out, t.shape[-2:], threshold) for out, t in zip(outputs, tensors)]
+        return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
 
-    def _to_prediction(self, output: dict, size, threshold: float) -> Prediction:
-        keep = output["scores"] >= threshold
-        labels = output["labels"][keep].cpu().numpy().astype(np.int64)
-        masks = output["masks"][keep]
-        masks = (masks[:, 0] > 0.5).cpu().numpy() if len(masks) else np.zeros((0, *size), dtype=bool)
-        return Prediction(
-            boxes=output["boxes"][keep].cpu().numpy().astype(np.float32),
-            labels=labels,
-            class_names=[self.classes[i - 1] for i in labels],
-            scores=output["scores"][keep].cpu().numpy().astype(np.float32),
-            masks=masks,
-        )
+
+def to_prediction(output: dict[str, torch.Tensor], classes: list[str], threshold: float,
+                  size: tuple[int, int]) -> Prediction:
+    """One image's output of a torchvision Mask R-CNN in eval mode as a :class:`Prediction`.
+
+    Keeps the detections scoring at least ``threshold``; masks are the model's soft masks cut at 0.5,
+    as torchvision and Detectron2 do. ``size`` is the image's (height, width), for an empty result.
+    """
+    keep = output["scores"] >= threshold
+    labels = output["labels"][keep].cpu().numpy().astype(np.int64)
+    masks = output["masks"][keep]
+    masks = (masks[:, 0] > 0.5).cpu().numpy() if len(masks) else np.zeros((0, *size), dtype=bool)
+    return Prediction(boxes=output["boxes"][keep].cpu().numpy().astype(np.float32), labels=labels,
+                      class_names=[classes[i - 1] for i in labels],
+                      scores=output["scores"][keep].cpu().numpy().astype(np.float32), masks=masks)

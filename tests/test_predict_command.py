@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from conftest import SAMPLE, write_subset
+from tests.helpers import SAMPLE, write_subset
 from segkit.cli import main
-from segkit.export import image_entry, mask_to_polygons, to_labelstudio
-from segkit.predict import Prediction
+from segkit.coco import image_entry
+from segkit.preannotations import mask_to_polygons, to_labelstudio
+from segkit.prediction import Prediction
 from segkit.readers import load_dataset
 
 
@@ -139,11 +140,11 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
 
     # An interrupted run left one image without its record: only that one is predicted again.
     records[0].unlink()
-    import segkit.batch
+    import segkit.predict_files
 
     todo = []
     monkeypatch.setattr(segkit.checkpoint, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
-    monkeypatch.setattr(segkit.batch, "predict_images", lambda predictor, images, *a: todo.extend(images) or [])
+    monkeypatch.setattr(segkit.predict_files, "predict_images", lambda predictor, images, *a: todo.extend(images) or [])
     assert main([*args, str(predicted["images"])]) == 0
     assert [name for _, name in todo] == [records[0].stem]
     coco = json.loads((out / "predictions.json").read_text())
@@ -218,7 +219,7 @@ def test_polygons_follow_pixel_edges():
 
 
 def test_sources_names_and_errors(tmp_path, untrained_checkpoint):
-    from segkit.batch import find_images, unique_names
+    from segkit.predict_files import find_images, unique_names
 
     for rel in ("a/img.jpg", "b/img.jpg", "b/img.png", "b/deep/other.jpg", "b/notes.txt", "out/overlays/img.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,36 @@
+"""``segkit train`` (and ``python train.py``): one flag per :class:`segkit.trainer.TrainConfig` field.
+
+Multi-GPU: ``torchrun --nproc_per_node=N train.py ...``; the trainer joins torchrun's process group.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from segkit.trainer import TrainConfig, TrainingStopped, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its comment as help."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"default": f.default, "help": f.metadata["help"]}
+        if f.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        kw["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+        parser.add_argument(flag, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C)."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        train(cfg)
+    except TrainingStopped as e:
+        print(f"\n{e}", file=sys.stderr)
+        return e.exit_code
+    return 0
