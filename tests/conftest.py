@@ -45,7 +45,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
-    """Train from random init on the 4 tiny images until it has learned them (about 4 minutes on 2 cores)."""
+    """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 cores)."""
     from segkit.trainer import train
 
     out = tmp_path_factory.mktemp("overfit") / "run"
