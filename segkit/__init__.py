@@ -28,7 +28,7 @@ _API = {
     "train": "segkit.trainer",
     "TrainConfig": "segkit.trainer",
 }
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "load_dataset", "Prediction", "overlay", "Predictor", "train", "TrainConfig"]
 
 if TYPE_CHECKING:
     from segkit.prediction import Prediction
