@@ -41,13 +41,16 @@ def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Im
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: corrupt or truncated image data ({e})") from e
-    return downscale(im, max_side)
+    return downscale(im, max_side, copy=False)  # the decoded image is ours: shrink it in place
 
 
-def downscale(image: Image.Image, max_side: int | None) -> Image.Image:
-    """``image`` shrunk (aspect ratio kept) so that neither side exceeds ``max_side``; None keeps it."""
+def downscale(image: Image.Image, max_side: int | None, copy: bool = True) -> Image.Image:
+    """``image`` shrunk (aspect ratio kept) so that neither side exceeds ``max_side``; None keeps it.
+
+    ``copy=False`` shrinks ``image`` itself, sparing a copy of a large image that is about to be dropped.
+    """
     if max_side is not None and max(image.size) > max_side:
-        image = image.copy()
+        image = image.copy() if copy else image
         image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return image
 

@@ -144,7 +144,7 @@ class _Run:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
                                uses_frozen_bn(self.cfg.model, self.cfg.weights), config=dataclasses.asdict(self.cfg),
-                               split={k: [str(im.path) for im in v] for k, v in self.splits.items()}, **extra)
+                               split=_split_paths(self.splits), **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
         """last.pt: the checkpoint plus everything needed to continue exactly where training is."""
@@ -152,6 +152,11 @@ class _Run:
                                scaler=self.scaler.state_dict(), epoch=epoch_done, step=step,
                                history=self.history[:epoch_done], rng=_rng_state(),
                                metrics=self.history[-1] if self.history else {})
+
+
+def _split_paths(splits: dict[str, list]) -> dict[str, list[str]]:
+    """The split as image paths: what split.json and checkpoints save and :func:`restore_split` reads."""
+    return {k: [str(im.path) for im in v] for k, v in splits.items()}
 
 
 def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
@@ -194,7 +199,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
         run.resume_rng = resume.get("rng")
     if main:
         write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
-        write_json(out / "split.json", {k: [str(im.path) for im in v] for k, v in splits.items()}, indent=2)
+        write_json(out / "split.json", _split_paths(splits), indent=2)
         trainable, total = count_parameters(model)
         print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
               f"{len(classes)} classes {classes}, images train/val/test = "
