@@ -10,7 +10,7 @@ EPOCHS ?= 20
 ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: setup browser train demo test bench sample clean
+.PHONY: setup browser labelstudio train demo test bench sample clean
 
 # The pinned, tested versions first, then segkit itself (editable: the venv runs this checkout).
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
@@ -28,13 +28,26 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Label Studio in a venv of its own (its pins clash with segkit's), for the integration tests and
+# for trying the ML backend locally: .venv-ls/bin/label-studio start.
+LS_VENV := .venv-ls
+LS_STAMP := $(LS_VENV)/.installed
+
+$(LS_STAMP): requirements-labelstudio.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/pip install --quiet -r requirements-labelstudio.txt
+	touch $(LS_STAMP)
+
+labelstudio: $(LS_STAMP)
+
 train: setup
 	$(BIN)/python train.py --data $(DATA) --weights $(WEIGHTS) --epochs $(EPOCHS) $(ARGS)
 
 demo: setup
 	$(BIN)/python demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
-test: setup browser
+test: setup browser labelstudio
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 bench: setup
@@ -46,4 +59,4 @@ sample: setup
 	$(BIN)/python utils/make_sample.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache test-artifacts

@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "fine-tune Mask R-CNN on an export",
     "predict": "predict on images, folders or globs; write overlays, masks, COCO and Label Studio json",
     "evaluate": "COCO AP and per-class IoU/Dice of a checkpoint on a dataset",
+    "ml-backend": "serve a checkpoint as a Label Studio ML backend (pre-annotations, retraining)",
 }
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(name: str):
-    return importlib.import_module(f"segkit.commands.{name}")
+    return importlib.import_module(f"segkit.commands.{name.replace('-', '_')}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,11 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
     if pretrained:
         _load_starting_weights(model, arch, weights, coco_weights)
         freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if trainable_layers is None else trainable_layers)
-    replace_heads(model, num_classes)
+    # A checkpoint of the same classes (retraining a served model on more annotations) keeps its
+    # trained heads; COCO's 91 slots, or another class count, get new ones.
+    same_classes = str(weights).lower() != "coco" and model.roi_heads.box_predictor.cls_score.out_features == num_classes
+    if not (pretrained and same_classes):
+        replace_heads(model, num_classes)
     return model
 
 

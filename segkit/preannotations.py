@@ -35,28 +35,42 @@ def to_labelstudio(entries: list[dict[str, Any]], model_version: str, from_name:
     """
     tasks = []
     for entry in entries:
-        result = [item for k, ann in enumerate(entry["annotations"])
-                  for item in _regions(k, ann, entry["width"], entry["height"], from_name, to_name, brush)]
         ref = entry.get("image_ref") or PurePath(entry["file_name"]).name
         image = image_root_url + quote(ref) if image_root_url else entry["file_name"]
-        scores = [a["score"] for a in entry["annotations"]]
-        tasks.append({"data": {"image": image}, "predictions": [{
-            "model_version": model_version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}]})
+        tasks.append({"data": {"image": image},
+                      "predictions": [prediction_result(entry, model_version, from_name, to_name, brush)]})
     return tasks
 
 
+def prediction_result(entry: dict[str, Any], model_version: str, from_name: str = DEFAULT_FROM_NAME,
+                      to_name: str = DEFAULT_TO_NAME, brush: bool = False,
+                      labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """One image's predictions as one Label Studio prediction: ``{model_version, score, result}``.
+
+    ``labels`` maps class names to the labeling config's label values; instances of classes it
+    lacks are left out (Label Studio would store them but draw nothing). The score is the mean
+    instance score of what is sent, which Label Studio uses to order tasks.
+    """
+    kept = [(k, ann) for k, ann in enumerate(entry["annotations"]) if labels is None or ann["label"] in labels]
+    result = [item for k, ann in kept
+              for item in _regions(k, ann, entry["width"], entry["height"], from_name, to_name, brush,
+                                   ann["label"] if labels is None else labels[ann["label"]])]
+    scores = [ann["score"] for _, ann in kept]
+    return {"model_version": model_version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}
+
+
 def _regions(k: int, ann: dict[str, Any], w: int, h: int, from_name: str, to_name: str,
-             brush: bool) -> list[dict[str, Any]]:
+             brush: bool, label: str) -> list[dict[str, Any]]:
     """Label Studio result items of the ``k``-th instance: one brush, or one polygon per part."""
     mask = mask_utils.decode(ann["segmentation"]).astype(bool)
     common = {"from_name": from_name, "to_name": to_name, "original_width": w, "original_height": h,
               "image_rotation": 0, "score": ann["score"]}
     if brush:
         return [{"id": _region_id(k), "type": "brushlabels", **common,
-                 "value": {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": [ann["label"]]}}]
+                 "value": {"format": "rle", "rle": mask_to_ls_rle(mask), "brushlabels": [label]}}]
     return [{"id": _region_id(k, j), "type": "polygonlabels", **common,
              "value": {"points": [[100.0 * x / w, 100.0 * y / h] for x, y in zip(poly[0::2], poly[1::2])],
-                       "closed": True, "polygonlabels": [ann["label"]]}}
+                       "closed": True, "polygonlabels": [label]}}
             for j, poly in enumerate(mask_to_polygons(mask))]
 
 

@@ -74,10 +74,11 @@ class DatasetRecords:
     """Everything a reader found: images, class names (index i -> label i + 1), problems."""
 
     format: str
-    source: Path
+    source: Path | str  # a str for a live Label Studio project URL
     images: list[ImageRecord]
     classes: list[str]
     problems: list[Problem] = field(default_factory=list)
+    origin: dict[str, Any] | None = None  # where a live project's data came from (server, project, time)
 
     def class_to_label(self) -> dict[str, int]:
         """Contiguous torchvision labels 1..N; 0 is background."""

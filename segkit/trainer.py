@@ -98,15 +98,18 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, api_key: str | None = None) -> dict:
     """Run (or resume) training; return a summary with the run folder, best metrics and paths.
+
+    ``api_key`` is for a Label Studio project URL as ``cfg.data`` (default ``$LABEL_STUDIO_API_KEY``);
+    it is never saved.
 
     Raises :class:`TrainingStopped` when it cannot start or has to stop early; ``last.pt`` then holds
     what can be resumed.
     """
     rank, world, local_rank = _setup_distributed()
     try:
-        run = _setup(cfg, rank, world, local_rank)
+        run = _setup(cfg, rank, world, local_rank, api_key)
         _train_epochs(run)
         summary = _finish(run) if run.main else {}
         _barrier(world)
@@ -135,6 +138,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     ground_truth: dict[str, dict]  # COCO ground truth of val and test (rank 0 only), made once
     history: list[dict]
+    data_source: dict | None = None  # a live Label Studio project: server, project, export time
     start_epoch: int = 0
     start_step: int = 0  # batches of start_epoch already trained before an interruption
     resume_rng: dict | None = None
@@ -144,7 +148,7 @@ class _Run:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
                                uses_frozen_bn(self.cfg.model, self.cfg.weights), config=dataclasses.asdict(self.cfg),
-                               split=_split_paths(self.splits), **extra)
+                               split=_split_paths(self.splits), data_source=self.data_source, **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
         """last.pt: the checkpoint plus everything needed to continue exactly where training is."""
@@ -159,14 +163,14 @@ def _split_paths(splits: dict[str, list]) -> dict[str, list[str]]:
     return {k: [str(im.path) for im in v] for k, v in splits.items()}
 
 
-def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
+def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: str | None = None) -> _Run:
     """Read and split the data, build model, loaders and optimizer, restore a resumed run; print a summary."""
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
     device = _pick_device(cfg.device, local_rank)
     main = rank == 0
-    records = _load_data(cfg, verbose=main)
+    records = _load_data(cfg, verbose=main, api_key=api_key)
     classes = resume["classes"] if resume else records.classes
     try:
         splits = restore_split(records.images, resume["split"]) if resume else split_records(
@@ -193,13 +197,15 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     ground_truth = {s: records_to_coco(splits[s], classes) for s in ("val", "test") if main and splits[s]}
     run = _Run(cfg, out, main, world, device, classes, splits, loaders, model, train_model, optimizer, scheduler,
-               scaler, ground_truth, history=[])
+               scaler, ground_truth, history=[], data_source=records.origin)
     if resume:
         run.history, run.start_epoch, run.start_step = resume["history"], resume["epoch"], resume.get("step", 0)
         run.resume_rng = resume.get("rng")
     if main:
         write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
         write_json(out / "split.json", _split_paths(splits), indent=2)
+        if records.origin:
+            write_json(out / "data_source.json", records.origin, indent=2)
         trainable, total = count_parameters(model)
         print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
               f"{len(classes)} classes {classes}, images train/val/test = "
@@ -371,12 +377,12 @@ def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
     return TrainConfig(**{**saved, "resume": cli.resume, **changed})
 
 
-def _load_data(cfg: TrainConfig, verbose: bool):
+def _load_data(cfg: TrainConfig, verbose: bool, api_key: str | None = None):
     from segkit.readers import DataError, load_dataset
     from segkit.validate import ensure_trainable
 
     try:
-        records = load_dataset(cfg.data, cfg.format, cfg.images)
+        records = load_dataset(cfg.data, cfg.format, cfg.images, api_key=api_key)
         ensure_trainable(records)
     except DataError as e:
         raise TrainingStopped(f"cannot train on {cfg.data}: {e}", exit_code=2) from None

@@ -21,16 +21,18 @@ _SHOWN_PER_KIND = 10  # problems listed per kind in the human report; --json lis
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit check``."""
     parser.add_argument("path", metavar="PATH", help="export file or folder (Label Studio COCO or JSON, labelme, "
-                        "COCO), or a folder with train/ val/ test/ subfolders")
+                        "COCO), a folder with train/ val/ test/ subfolders, or a Label Studio project URL")
     parser.add_argument("--images", metavar="DIR", help="folder searched for images before the export's own folder")
     parser.add_argument("--format", choices=FORMATS, help="skip format detection")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
+    parser.add_argument("--ls-token", metavar="KEY", help="Label Studio API key for a project URL "
+                        "(default: $LABEL_STUDIO_API_KEY)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; 0 when trainable, 1 when not, 2 when the input cannot be read."""
     try:
-        records = load_dataset(args.path, args.format, args.images)
+        records = load_dataset(args.path, args.format, args.images, api_key=args.ls_token)
     except DataError as e:
         if args.json:
             print(json.dumps({"error": str(e)}))

@@ -23,13 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = f.metadata["choices"]
         kw["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
         parser.add_argument(flag, **kw)
+    parser.add_argument("--ls-token", metavar="KEY", help="Label Studio API key when --data is a project URL "
+                        "(default: $LABEL_STUDIO_API_KEY; never saved)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C)."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
-        train(cfg)
+        train(cfg, api_key=args.ls_token)
     except TrainingStopped as e:
         print(f"\n{e}", file=sys.stderr)
         return e.exit_code

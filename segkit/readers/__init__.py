@@ -24,12 +24,19 @@ _READERS = {
 }
 
 
-def load_dataset(path: str | Path, fmt: str | None = None, images_dir: str | Path | None = None) -> DatasetRecords:
+def load_dataset(path: str | Path, fmt: str | None = None, images_dir: str | Path | None = None,
+                 api_key: str | None = None) -> DatasetRecords:
     """Read an export (file or folder); ``images_dir`` is searched for images before the export's folder.
 
+    A Label Studio project URL (``http://host:8080/projects/3``) is read live through its API with
+    ``api_key`` (default ``$LABEL_STUDIO_API_KEY``), images cached: see :mod:`segkit.labelstudio.project`.
     Raises DataError, naming the file, when the input cannot be read at all (bad JSON, empty
     export, unknown format). Problems with single images or annotations are collected instead.
     """
+    if str(path).startswith(("http://", "https://")):
+        from segkit.labelstudio.project import load_project  # imports httpx: only when asked
+
+        return load_project(str(path), api_key)
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")

@@ -49,7 +49,7 @@ def read_labelstudio(path: Path, data: Any = None, images_dir: Path | None = Non
         results = ann.get("result") if isinstance(ann.get("result"), list) else []
         regions = _regions(results)
         labels.update(label for r, label in regions if label)
-        ref = _image_reference(task.get("data"))
+        ref = image_reference(task.get("data"))
         found = locate_image(finder, ref or "", path.parent, _declared_size(results), path, ctx.what, problems)
         if found is None:
             continue
@@ -157,7 +157,7 @@ def _ellipse(v: dict, width: int, height: int, n: int = 64) -> list[float]:
     return out
 
 
-def _image_reference(data: Any) -> str | None:
+def image_reference(data: Any) -> str | None:
     """The first value of a task's ``data`` that looks like an image path or URL, else ``data["image"]``."""
     if not isinstance(data, dict):
         return None

@@ -1,0 +1,67 @@
+"""``segkit ml-backend``: serve a checkpoint as a Label Studio ML backend (see segkit.labelstudio.backend).
+
+In the project's Settings > Model, connect ``http://HOST:PORT``. Settings that Label Studio's own
+backends read from the environment are read here too: ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``
+(to fetch task images and to retrain), ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``segkit ml-backend``."""
+    p.add_argument("--checkpoint", default=None, help="segkit checkpoint to serve (default: newest runs/*/best.pt)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--score-threshold", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--max-detections", type=int, default=100, help="most regions per image")
+    p.add_argument("--img-size", type=int, default=None, help="shorter side inside the model (default: the checkpoint's)")
+    p.add_argument("--regions", choices=["auto", "polygon", "brush"], default="auto",
+                   help="region type; auto: polygons when the labeling config has PolygonLabels, else brushes")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    p.add_argument("--train-every", type=int, default=0, metavar="N",
+                   help="also retrain after every N new or updated annotations (0: only on 'Start training')")
+    p.add_argument("--train-epochs", type=int, default=10, help="epochs of each retraining")
+    p.add_argument("--train-img-size", type=int, default=None, help="image size of retraining (default: the checkpoint's)")
+    p.add_argument("--train-args", default="", help="more `segkit train` options for retraining, quoted, "
+                                                    "e.g. \"--batch-size 4 --lr 0.005\"")
+    p.add_argument("--runs-dir", default="runs/labelstudio", help="where retraining runs go")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    import uvicorn
+
+    from segkit.labelstudio.backend import create_app
+    from segkit.runs import newest_best
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_best(Path("runs"))
+    if checkpoint is None or not checkpoint.is_file():
+        print(f"error: no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in runs/'}; pass --checkpoint",
+              file=sys.stderr)
+        return 2
+    cfg = config_from_args(args, checkpoint, os.environ)
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def config_from_args(args: argparse.Namespace, checkpoint: Path, env: dict | os._Environ):
+    """The backend's settings: the flags, plus Label Studio's variables from ``env``."""
+    from segkit.labelstudio.backend import BackendConfig
+
+    user, password = env.get("BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS")
+    return BackendConfig(
+        checkpoint=checkpoint, score_threshold=args.score_threshold, max_detections=args.max_detections,
+        img_size=args.img_size, regions=args.regions, device=args.device,
+        label_studio_url=env.get("LABEL_STUDIO_URL") or None, api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+        basic_auth=(user, password) if user and password else None, train_every=args.train_every,
+        train_epochs=args.train_epochs, train_img_size=args.train_img_size, train_args=shlex.split(args.train_args),
+        runs_dir=Path(args.runs_dir))

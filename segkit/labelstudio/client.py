@@ -1,0 +1,151 @@
+"""Label Studio's HTTP API with either kind of key, and project URLs as users copy them from the browser.
+
+Keys: a *legacy token* (40 hex characters, sent as ``Authorization: Token <key>``) or a *personal
+access token* (a JWT, which is never sent itself: it is exchanged at ``/api/token/refresh/`` for a
+short-lived access token sent as ``Bearer``, refreshed again when that expires).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Generator
+from typing import Any
+
+import httpx
+
+from segkit.readers.files import DataError
+
+API_KEY_ENV = "LABEL_STUDIO_API_KEY"  # the variable Label Studio's own ML backends read
+_PROJECT_URL = re.compile(r"^(?P<server>https?://[^?#]+?)/projects/(?P<id>\d+)(?=$|[/?#])")
+
+
+class LabelStudioError(DataError):
+    """Label Studio cannot be reached, refuses the key, or answers something unusable; says what to do."""
+
+
+def is_project_url(text: str) -> bool:
+    """True for ``http(s)://host[:port][/prefix]/projects/<id>[/...][?...]``."""
+    return bool(_PROJECT_URL.match(str(text)))
+
+
+def parse_project_url(url: str) -> tuple[str, int]:
+    """(server URL, project id) of a project URL as seen in the browser, e.g. ``.../projects/3/data?tab=5``."""
+    m = _PROJECT_URL.match(url)
+    if not m:
+        raise LabelStudioError(f"{url}: not a Label Studio project URL (expected http://HOST:PORT/projects/ID)")
+    return m["server"], int(m["id"])
+
+
+def resolve_api_key(explicit: str | None) -> str:
+    """The key given, else ``$LABEL_STUDIO_API_KEY``; raise saying where to find one when neither is set."""
+    key = explicit or os.environ.get(API_KEY_ENV, "")
+    if not key.strip():
+        raise LabelStudioError(f"no Label Studio API key: set {API_KEY_ENV} or pass --ls-token (Label Studio: "
+                               f"Account & Settings > Personal Access Token, or the legacy Access Token)")
+    return key.strip()
+
+
+def key_kind(key: str) -> str:
+    """``"personal access token"`` for a JWT, else ``"legacy token"``."""
+    return "personal access token" if key.count(".") == 2 and key.startswith("eyJ") else "legacy token"
+
+
+class ApiKeyAuth(httpx.Auth):
+    """Either kind of key; a personal access token is exchanged for access tokens, refreshed on 401."""
+
+    requires_response_body = True  # to read the refresh answer
+
+    def __init__(self, server: str, key: str):
+        self.server, self.key, self.kind = server, key, key_kind(key)
+        self._access: str | None = None
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.kind == "legacy token":
+            request.headers["Authorization"] = f"Token {self.key}"
+            yield request
+            return
+        if self._access is None:
+            yield from self._refresh()
+        request.headers["Authorization"] = f"Bearer {self._access}"
+        response = yield request
+        if response.status_code == 401:  # access tokens live minutes: refresh once and retry
+            yield from self._refresh()
+            request.headers["Authorization"] = f"Bearer {self._access}"
+            yield request
+
+    def _refresh(self) -> Generator[httpx.Request, httpx.Response, None]:
+        response = yield httpx.Request("POST", f"{self.server}/api/token/refresh/", json={"refresh": self.key})
+        if response.status_code != 200 or "access" not in _json_or_empty(response):
+            raise LabelStudioError(unauthorized_message(self.server, self.kind, response.status_code))
+        self._access = response.json()["access"]
+
+
+def unauthorized_message(server: str, kind: str, status: int = 401) -> str:
+    """What a refused key means, for the kind that was tried, and how to get the other kind."""
+    if kind == "legacy token":
+        other = ("if you have a personal access token instead (a long key starting with 'eyJ', from Account & "
+                 "Settings > Personal Access Token), use that; legacy tokens work only where the organization "
+                 "enables them (Organization > API Tokens Settings)")
+    else:
+        other = ("the token may be revoked or from another server; create a new one in Account & Settings > "
+                 "Personal Access Token, or use the legacy Access Token shown on the same page if your "
+                 "organization enables legacy tokens")
+    return f"Label Studio at {server} refused the API key (HTTP {status}), tried as a {kind}: {other}"
+
+
+class Client:
+    """A session with one Label Studio server: JSON calls and file downloads with the key attached."""
+
+    def __init__(self, server: str, api_key: str, timeout: float = 60.0, transport: httpx.BaseTransport | None = None):
+        self.server = server.rstrip("/")
+        self.auth = ApiKeyAuth(self.server, api_key)
+        self.http = httpx.Client(base_url=self.server, auth=self.auth, timeout=timeout, transport=transport,
+                                 follow_redirects=True)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        """GET ``path`` (relative to the server) and parse JSON; raise LabelStudioError on any failure."""
+        response = self.request("GET", path, params=params)
+        try:
+            return response.json()
+        except ValueError as e:
+            raise LabelStudioError(f"{self.server}{path}: answer is not JSON ({e})") from e
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        """One call; 401/403/404/5xx and connection errors become LabelStudioError naming the URL."""
+        try:
+            response = self.http.request(method, url, **kw)
+        except httpx.TransportError as e:
+            raise LabelStudioError(f"cannot reach Label Studio at {self.server} ({type(e).__name__}: {e}); "
+                                   f"is it running, and is the URL right?") from e
+        if response.status_code == 401:
+            raise LabelStudioError(unauthorized_message(self.server, self.auth.kind))
+        if response.status_code >= 400 and response.status_code != 304:
+            raise LabelStudioError(f"{response.request.url}: HTTP {response.status_code} {_detail(response)}")
+        return response
+
+    def same_server(self, url: str) -> bool:
+        """Whether an absolute URL points at this server (only then may the key go with it)."""
+        return httpx.URL(url).netloc == httpx.URL(self.server).netloc
+
+
+def _json_or_empty(response: httpx.Response) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _detail(response: httpx.Response) -> str:
+    data = _json_or_empty(response)
+    text = data.get("detail") or data.get("validation_errors") or response.text[:200]
+    return str(text).strip()

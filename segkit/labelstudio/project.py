@@ -1,0 +1,156 @@
+"""A live Label Studio project as a dataset: its JSON export read by the Label Studio JSON reader,
+with every task's image fetched through Label Studio into an on-disk cache.
+
+The cache (``~/.cache/segkit/labelstudio/<server>/project-<id>/``, or ``$XDG_CACHE_HOME``) keeps the
+images and each one's HTTP validators (ETag, Last-Modified): a second run asks the server with them
+and downloads only what changed. ``tasks.json`` there is the export as read, with each task's image
+pointing at its cached copy, so ``segkit check`` on that folder shows exactly what training used.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from segkit.atomic import atomic_write, write_json
+from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
+from segkit.readers.labelstudio import image_reference, read_labelstudio
+from segkit.records import DatasetRecords, Problem
+
+
+def default_cache_dir() -> Path:
+    """Where project images are cached: ``$XDG_CACHE_HOME/segkit/labelstudio`` (``~/.cache`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segkit" / "labelstudio"
+
+
+def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 client: Client | None = None) -> DatasetRecords:
+    """Read the project at ``url`` (as in the browser) into records; images come through the cache.
+
+    ``records.origin`` says where the data came from (server, project id and title, export time),
+    never the key. Tasks without a usable annotation are reported and their images not fetched; an
+    image that cannot be fetched is reported for its task, and the other tasks are used.
+    """
+    server, project_id = parse_project_url(url)
+    folder = Path(cache_dir or default_cache_dir()) / _slug(server) / f"project-{project_id}"
+    owned = client is None
+    client = client or Client(server, resolve_api_key(api_key))
+    try:
+        project = client.get_json(f"/api/projects/{project_id}")
+        tasks = client.get_json(f"/api/projects/{project_id}/export", exportType="JSON", download_all_tasks="true")
+        exported_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"{url}: the JSON export is not a list of tasks")
+        local_tasks, problems = fetch_images(client, tasks, folder)
+    finally:
+        if owned:
+            client.close()
+    tasks_file = write_json(folder / "tasks.json", local_tasks)
+    if not local_tasks:
+        raise LabelStudioError(f"{url}: the project has no tasks with annotations whose image could be fetched"
+                               + (f" ({problems[0].detail})" if problems else ""))
+    records = read_labelstudio(tasks_file, local_tasks)
+    records.format, records.source = "labelstudio-project", url
+    records.problems[:0] = problems
+    records.origin = {"label_studio": server, "project": project_id, "title": project.get("title"),
+                      "exported_at": exported_at, "tasks": len(tasks)}
+    return records
+
+
+def fetch_images(client: Client, tasks: list[dict], folder: Path) -> tuple[list[dict], list[Problem]]:
+    """Tasks worth reading, each pointing at its image's cached copy (``images/...`` under ``folder``)."""
+    cache = ImageCache(folder)
+    out, problems = [], []
+    try:
+        for task in tasks:
+            what = f"{client.server} task {task.get('id')}"
+            if not any(isinstance(a, dict) and not a.get("was_cancelled") for a in task.get("annotations") or []):
+                problems.append(Problem("unlabeled_task", what, "not annotated; left out", True))
+                continue
+            ref = image_reference(task.get("data"))
+            if not ref:
+                problems.append(Problem("missing_image", what, "the task's data names no image", True))
+                continue
+            try:
+                local = cache.fetch(client, image_url(client, ref, task.get("id")), ref)
+            except LabelStudioError as e:
+                problems.append(Problem("missing_image", what, f"image {ref!r} could not be fetched: {e}", True))
+                continue
+            task = copy.deepcopy(task)
+            for key, value in task["data"].items():
+                if value == ref:
+                    task["data"][key] = local
+            out.append(task)
+    finally:
+        cache.save()
+    return out, problems
+
+
+def image_url(client: Client, ref: str, task_id: Any) -> str:
+    """The URL to download a task's image from: server paths and local files through the server,
+    cloud URIs (s3://, gs://, azure-blob://) through Label Studio's presign redirect."""
+    scheme = urlparse(ref).scheme
+    if scheme in ("http", "https") or ref.startswith("/"):
+        return ref
+    if scheme and task_id is not None:
+        token = base64.urlsafe_b64encode(ref.encode()).decode()
+        return f"/tasks/{task_id}/presign/?fileuri={token}"
+    raise LabelStudioError(f"{ref!r} is not a URL Label Studio can serve")
+
+
+class ImageCache:
+    """Downloaded images by URL, with their validators, under ``folder/images``; ``save`` writes the index."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.index_file = folder / "images.json"
+        self.index: dict[str, dict] = json.loads(self.index_file.read_text()) if self.index_file.is_file() else {}
+        self.downloaded = self.reused = 0
+
+    def fetch(self, client: Client, url: str, ref: str) -> str:
+        """Path of the cached image, relative to the folder; downloads it when new or changed."""
+        entry = self.index.get(url)
+        if entry and not (self.folder / entry["file"]).is_file():
+            entry = None
+        headers = _conditional_headers(entry)
+        absolute = url.startswith(("http://", "https://"))
+        auth = {} if not absolute or client.same_server(url) else {"auth": None}  # the key stays home
+        response = client.request("GET", url, headers=headers, **auth)
+        if response.status_code == 304 and entry:
+            self.reused += 1
+            return entry["file"]
+        rel = f"images/{hashlib.sha1(url.encode()).hexdigest()[:12]}-{_file_name(ref)}"
+        atomic_write(self.folder / rel, response.content)
+        self.index[url] = {"file": rel, "etag": response.headers.get("etag"),
+                           "last_modified": response.headers.get("last-modified")}
+        self.downloaded += 1
+        return rel
+
+    def save(self) -> None:
+        write_json(self.index_file, self.index, indent=1)
+
+
+def _conditional_headers(entry: dict | None) -> dict[str, str]:
+    headers = {}
+    if entry and entry.get("etag"):
+        headers["If-None-Match"] = entry["etag"]
+    if entry and entry.get("last_modified"):
+        headers["If-Modified-Since"] = entry["last_modified"]
+    return headers
+
+
+def _file_name(ref: str) -> str:
+    parsed = urlparse(ref)
+    name = PurePosixPath(unquote(parse_qs(parsed.query).get("d", [parsed.path])[0])).name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[-80:] or "image"
+
+
+def _slug(server: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", urlparse(server).netloc + urlparse(server).path).strip("_")
