@@ -308,16 +308,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", default=EXAMPLES_DIR, help="folder of example images")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
+    parser.add_argument("--ls-backend", action="store_true", default=_env_flag("SEGKIT_LS_BACKEND"),
+                        help="also serve Label Studio's ML-backend routes (/health, /setup, /predict, /webhook, "
+                             "/versions) on the same server; default $SEGKIT_LS_BACKEND")
     return parser.parse_args(argv)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def create_demo(args: argparse.Namespace) -> gr.Blocks:
     """Load the model ``args`` point to and build the app around it."""
+    return create_demo_and_model(args)[0]
+
+
+def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predictor | None]:
+    """The app and the predictor it serves (None when there is no model yet)."""
     spec = find_checkpoint(args.checkpoint)
     predictor, note = load_predictor(spec, args.max_detections)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
-    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side)
+    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side), predictor
 
 
 def _share_failure_reason() -> str:
@@ -331,13 +343,34 @@ def _share_failure_reason() -> str:
     return "Gradio's share server answered but the tunnel did not start (see Gradio's message above)"
 
 
-def launch(demo: gr.Blocks, args: argparse.Namespace) -> None:
+def launch(demo: gr.Blocks, args: argparse.Namespace, predictor: Predictor | None = None) -> None:
     """Serve until interrupted; a failed --share leaves the local server running and says why."""
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    if args.ls_backend:
+        add_ls_backend(demo, predictor, args.max_detections)
     if args.share and not demo.share_url:
         print(f"segkit demo: no public link: {_share_failure_reason()}. Still serving on {demo.local_url}",
               flush=True)
     demo.block_thread()
+
+
+def add_ls_backend(demo: gr.Blocks, predictor: Predictor | None, max_detections: int = 100) -> None:
+    """Serve the Label Studio ML-backend routes beside the launched app (one Space: demo and backend).
+
+    The backend starts with the demo's predictor; a retraining it runs is served by the backend
+    routes (the demo keeps its model until restarted). Settings come from the environment as for
+    ``segkit ml-backend``: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/BASIC_AUTH_PASS.
+    """
+    from segkit.commands.ml_backend import backend_config
+    from segkit.labelstudio.backend import add_routes, create_backend
+
+    if predictor is None or "checkpoint" not in predictor.info or not Path(predictor.info["checkpoint"]).is_file():
+        print("segkit demo: --ls-backend needs a segkit checkpoint; the backend routes are not served",
+              file=sys.stderr, flush=True)
+        return
+    cfg = backend_config(Path(predictor.info["checkpoint"]), os.environ, max_detections=max_detections)
+    add_routes(demo.app, create_backend(cfg, predictor), cfg.basic_auth)
+    print(f"segkit demo: Label Studio ML backend at {demo.local_url.rstrip('/')} (/health, /predict, ...)", flush=True)
 
 
 @functools.cache
@@ -355,5 +388,5 @@ def __getattr__(name: str):
 
 if __name__ == "__main__":
     args = parse_args()
-    demo = create_demo(args)  # module level: Gradio's reload mode looks for it in __main__
-    launch(demo, args)
+    demo, predictor = create_demo_and_model(args)  # module level: Gradio's reload mode looks for it in __main__
+    launch(demo, args, predictor)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -36,3 +39,24 @@ def tiny_config(data: Path, out: Path, **overrides):
     settings = dict(data=str(data), weights="none", img_size=128, batch_size=2, workers=0, aug="none",
                     lr=0.01, warmup_iters=5, epochs=2, roi_batch_size=128, out=str(out), progress=False, seed=0)
     return TrainConfig(**{**settings, **overrides})
+
+
+def chrome():
+    """Debian's headless Chromium through selenium; skips the test when either is missing."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -r requirements-test.txt)")
+    binary = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not (Path(binary).exists() and Path(driver).exists()):
+        pytest.skip("chromium and chromedriver are not installed (make browser, or apt-get install chromium "
+                    "chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1400", f"--user-data-dir={tempfile.mkdtemp(prefix='segkit-chrome-')}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)

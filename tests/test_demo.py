@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from segkit.images import load_image
+from tests.helpers import chrome
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -291,32 +291,12 @@ def test_failed_share_link_is_explained_and_the_app_keeps_serving(server, client
         assert r.status == 200
 
 
-def _chrome():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install -r requirements-test.txt)")
-    binary = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not (Path(binary).exists() and Path(driver).exists()):
-        pytest.skip("chromium and chromedriver are not installed (make browser, or apt-get install chromium "
-                    "chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1400", f"--user-data-dir={tempfile.mkdtemp(prefix='segkit-chrome-')}"]:
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 def test_browser_example_then_segment_shows_the_overlay(server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = server.ready()
-    browser = _chrome()
+    browser = chrome()
     try:
         browser.get(url)
         wait = WebDriverWait(browser, 60)

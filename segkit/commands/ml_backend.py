@@ -11,7 +11,9 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,20 +50,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in runs/'}; pass --checkpoint",
               file=sys.stderr)
         return 2
-    cfg = config_from_args(args, checkpoint, os.environ)
+    cfg = backend_config(
+        checkpoint, os.environ, score_threshold=args.score_threshold, max_detections=args.max_detections,
+        img_size=args.img_size, regions=args.regions, device=args.device, train_every=args.train_every,
+        train_epochs=args.train_epochs, train_img_size=args.train_img_size, train_args=shlex.split(args.train_args),
+        runs_dir=Path(args.runs_dir))
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 
 
-def config_from_args(args: argparse.Namespace, checkpoint: Path, env: dict | os._Environ):
-    """The backend's settings: the flags, plus Label Studio's variables from ``env``."""
+def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any):
+    """The backend's settings: ``options`` (BackendConfig fields) plus Label Studio's variables from ``env``."""
     from segkit.labelstudio.backend import BackendConfig
 
     user, password = env.get("BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS")
-    return BackendConfig(
-        checkpoint=checkpoint, score_threshold=args.score_threshold, max_detections=args.max_detections,
-        img_size=args.img_size, regions=args.regions, device=args.device,
-        label_studio_url=env.get("LABEL_STUDIO_URL") or None, api_key=env.get("LABEL_STUDIO_API_KEY") or None,
-        basic_auth=(user, password) if user and password else None, train_every=args.train_every,
-        train_epochs=args.train_epochs, train_img_size=args.train_img_size, train_args=shlex.split(args.train_args),
-        runs_dir=Path(args.runs_dir))
+    return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
+                         api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+                         basic_auth=(user, password) if user and password else None, **options)

@@ -68,16 +68,17 @@ def model_version(checkpoint: Path) -> str:
 class ServedModel:
     """The predictor being served and its version; swapped whole when a retraining succeeds."""
 
-    def __init__(self, cfg: BackendConfig):
+    def __init__(self, cfg: BackendConfig, predictor=None):
         self.cfg = cfg
         self.lock = threading.Lock()  # one forward at a time: torch already uses every core
         self.versions: list[str] = []
-        self.load(cfg.checkpoint)
+        self.load(cfg.checkpoint, predictor)
 
-    def load(self, checkpoint: Path) -> None:
+    def load(self, checkpoint: Path, predictor=None) -> None:
+        """Serve ``checkpoint`` (``predictor``: the same, already loaded, e.g. the demo's)."""
         from segkit.predictor import Predictor  # torch: imported when a model is served
 
-        predictor = Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
+        predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
         if self.cfg.img_size:
             predictor.model.transform.min_size = (self.cfg.img_size,)
         if self.cfg.score_threshold is not None:
@@ -267,9 +268,9 @@ class Backend:
     retrainer: Retrainer
 
 
-def create_backend(cfg: BackendConfig) -> Backend:
-    """Load the checkpoint and wire the parts; no server is started."""
-    model = ServedModel(cfg)
+def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
+    """Load the checkpoint (unless its ``predictor`` is given) and wire the parts; no server is started."""
+    model = ServedModel(cfg, predictor)
     link = LabelStudioLink(cfg.label_studio_url, cfg.api_key)
     return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
 
