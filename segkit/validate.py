@@ -25,6 +25,7 @@ def report(records: DatasetRecords) -> dict[str, Any]:
         "classes": classes,
         "problems": [p.as_dict() for p in records.problems],
         "trainable": not_trainable_reason(records) is None,
+        **({"origin": records.origin} if records.origin else {}),
     }
 
 

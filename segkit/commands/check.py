@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
 def _human(records: DatasetRecords, result: dict[str, Any]) -> str:
     lines = [f"{records.source} ({result['format']}): {result['images']} images, {result['instances']} instances, "
              f"{len(result['classes'])} classes"]
+    if records.origin:
+        o = records.origin
+        lines.append(f"  Label Studio project {o['project']} ({o.get('title')}), exported {o['exported_at']}: "
+                     f"{o['images_downloaded']} images downloaded, {o['images_unchanged']} unchanged in {o['cache']}")
     splits = Counter(im.split for im in records.images if im.split)
     if splits:
         lines.append("  splits: " + ", ".join(f"{s} {n} images" for s, n in splits.items()))

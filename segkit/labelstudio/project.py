@@ -48,7 +48,8 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
         exported_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not isinstance(tasks, list):
             raise LabelStudioError(f"{url}: the JSON export is not a list of tasks")
-        local_tasks, problems = fetch_images(client, tasks, folder)
+        cache = ImageCache(folder)
+        local_tasks, problems = fetch_images(client, tasks, cache)
     finally:
         if owned:
             client.close()
@@ -60,13 +61,13 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     records.format, records.source = "labelstudio-project", url
     records.problems[:0] = problems
     records.origin = {"label_studio": server, "project": project_id, "title": project.get("title"),
-                      "exported_at": exported_at, "tasks": len(tasks)}
+                      "exported_at": exported_at, "tasks": len(tasks), "cache": str(folder),
+                      "images_downloaded": cache.downloaded, "images_unchanged": cache.reused}
     return records
 
 
-def fetch_images(client: Client, tasks: list[dict], folder: Path) -> tuple[list[dict], list[Problem]]:
-    """Tasks worth reading, each pointing at its image's cached copy (``images/...`` under ``folder``)."""
-    cache = ImageCache(folder)
+def fetch_images(client: Client, tasks: list[dict], cache: ImageCache) -> tuple[list[dict], list[Problem]]:
+    """Tasks worth reading, each pointing at its image's copy in ``cache`` (a path relative to its folder)."""
     out, problems = [], []
     try:
         for task in tasks:
