@@ -71,7 +71,7 @@ def test_no_usable_images_is_not_trainable(tmp_path):
 
 
 def test_human_report_shows_table_and_problems_by_kind(tmp_path, capsys):
-    args = argparse.Namespace(path=str(_good_export(tmp_path)), images=None, format=None, json=False)
+    args = argparse.Namespace(path=str(_good_export(tmp_path)), images=None, format=None, json=False, ls_token=None)
     assert check.run(args) == 0
     out = capsys.readouterr().out
     assert "2 images, 2 instances" in out and "images without objects (used as negative examples): 1" in out
