@@ -31,7 +31,7 @@ from segkit.coco import image_entry
 from segkit.images import load_image
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
-from segkit.labelstudio.project import ImageCache, default_cache_dir, image_url, _slug
+from segkit.labelstudio.project import ImageCache, cache_folder, image_url
 from segkit.preannotations import prediction_result
 from segkit.readers.labelstudio import image_reference
 
@@ -165,9 +165,8 @@ class Predictions:
         return image_url(client, ref, task_id)
 
     def _cache_folder(self, project: str | None) -> Path:
-        root = self.cfg.cache_dir or default_cache_dir()
-        server = _slug(self.link.url) if self.link.url else "external"
-        return root / server / f"project-{str(project or 'unknown').split('.')[0]}"
+        # The same folder as the project's training data: an image fetched once serves both.
+        return cache_folder(self.link.url or "external", str(project or "unknown").split(".")[0], self.cfg.cache_dir)
 
 
 class Retrainer:

@@ -30,6 +30,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segkit" / "labelstudio"
 
 
+def cache_folder(server: str, project: int | str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache of one project's images and export: ``<cache_dir>/<server>/project-<id>``."""
+    return Path(cache_dir or default_cache_dir()) / _slug(server) / f"project-{project}"
+
+
 def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathLike | None = None,
                  client: Client | None = None) -> DatasetRecords:
     """Read the project at ``url`` (as in the browser) into records; images come through the cache.
@@ -39,7 +44,7 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     image that cannot be fetched is reported for its task, and the other tasks are used.
     """
     server, project_id = parse_project_url(url)
-    folder = Path(cache_dir or default_cache_dir()) / _slug(server) / f"project-{project_id}"
+    folder = cache_folder(server, project_id, cache_dir)
     owned = client is None
     client = client or Client(server, resolve_api_key(api_key))
     try:
