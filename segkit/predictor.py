@@ -6,14 +6,19 @@ their images through it.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.checkpoint import load_checkpoint, model_from_checkpoint
 from segkit.images import ImageInput, as_rgb
+from segkit.masks import Crop, InstanceMasks
 from segkit.prediction import Prediction
 
 
@@ -78,23 +83,65 @@ class Predictor:
         floor = heads.score_thresh
         heads.score_thresh = max(floor, threshold)
         try:
-            outputs = self.model(tensors)
+            outputs = detect(self.model, tensors)
         finally:
             heads.score_thresh = floor
         return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
 
 
+def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A torchvision Mask R-CNN in eval mode, stopped before it pastes masks into full-size images.
+
+    Per image: ``boxes`` (N, 4) in the input image's pixels, ``labels``, ``scores`` and
+    ``mask_probs`` (N, 1, 28, 28), the mask head's probabilities over each box. The same steps as
+    ``model(images)`` (transform, backbone, RPN, heads, boxes scaled back), less the paste, whose
+    float image per detection is what makes a large photo cost gigabytes.
+    """
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(batch, features)
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    for det, size, original in zip(detections, batch.image_sizes, original_sizes):
+        det["boxes"] = resize_boxes(det["boxes"], size, original)
+        det["mask_probs"] = det.pop("masks")
+    return detections
+
+
+def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> InstanceMasks:
+    """Each (M, M) mask probability map resized onto its box and cut at 0.5, kept at the box's size.
+
+    Pixel for pixel what torchvision's ``paste_masks_in_image`` (then ``> 0.5``) gives inside the
+    image, without the full-size image per mask: the mask is padded by one cell and its box grown
+    to match, the box rounded down to integers, the mask resized bilinearly to the box, and the
+    part of the box inside the image kept.
+    """
+    padded, scale = expand_masks(mask_probs, padding=1)
+    int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    crops = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+        region = resized[y0 - by0:max(y1, y0) - by0, x0 - bx0:max(x1, x0) - bx0]
+        crops.append(Crop(x0, y0, (region > 0.5).cpu().numpy()))
+    return InstanceMasks(crops, height, width)
+
+
 def to_prediction(output: dict[str, torch.Tensor], classes: list[str], threshold: float,
                   size: tuple[int, int]) -> Prediction:
-    """One image's output of a torchvision Mask R-CNN in eval mode as a :class:`Prediction`.
+    """One image's output of :func:`detect` as a :class:`Prediction`.
 
-    Keeps the detections scoring at least ``threshold``; masks are the model's soft masks cut at 0.5,
-    as torchvision and Detectron2 do. ``size`` is the image's (height, width), for an empty result.
+    Keeps the detections scoring at least ``threshold`` and pastes only their masks; masks are the
+    model's soft masks cut at 0.5, as torchvision and Detectron2 do. ``size`` is the image's
+    (height, width).
     """
     keep = output["scores"] >= threshold
     labels = output["labels"][keep].cpu().numpy().astype(np.int64)
-    masks = output["masks"][keep]
-    masks = (masks[:, 0] > 0.5).cpu().numpy() if len(masks) else np.zeros((0, *size), dtype=bool)
-    return Prediction(boxes=output["boxes"][keep].cpu().numpy().astype(np.float32), labels=labels,
+    boxes = output["boxes"][keep]
+    masks = paste_masks(output["mask_probs"][keep], boxes, int(size[0]), int(size[1]))
+    return Prediction(boxes=boxes.cpu().numpy().astype(np.float32), labels=labels,
                       class_names=[classes[i - 1] for i in labels],
                       scores=output["scores"][keep].cpu().numpy().astype(np.float32), masks=masks)
