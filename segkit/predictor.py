@@ -17,6 +17,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.checkpoint import load_checkpoint, model_from_checkpoint
+from segkit.export import Runner
 from segkit.images import ImageInput, as_rgb
 from segkit.masks import Crop, InstanceMasks
 from segkit.prediction import Prediction
@@ -28,17 +29,30 @@ class Predictor:
     ``predictor(image)`` returns a :class:`Prediction`; ``predictor.model`` is the torchvision model.
     """
 
-    def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
+    def __init__(self, model: torch.nn.Module | None, classes: list[str], score_threshold: float = 0.5,
                  device: str | torch.device | None = None, info: dict | None = None,
-                 max_detections: int | None = None):
+                 max_detections: int | None = None, runner: Runner | None = None):
+        """``model`` is an eager torchvision Mask R-CNN; or None with ``runner``, an exported model's
+        detector (see :func:`segkit.export.load_runner`), which runs on the CPU."""
+        if runner is not None:
+            device = "cpu"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
-        if max_detections is not None:
+        self.model = model.eval().to(self.device) if model is not None else None
+        self.runner = runner
+        self.max_detections = max_detections
+        if max_detections is not None and model is not None:
             # The mask head runs once per detection: on a CPU, torchvision's 100 cost seconds an image.
             self.model.roi_heads.detections_per_img = max_detections
         self.classes = list(classes)
         self.score_threshold = score_threshold
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
+
+    @property
+    def score_floor(self) -> float:
+        """The model's own score cut-off (torchvision's ``box_score_thresh``; frozen in an exported model)."""
+        if self.model is not None:
+            return float(self.model.roi_heads.score_thresh)
+        return float(self.info["export"]["frozen"]["box_score_thresh"])
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -49,9 +63,18 @@ class Predictor:
     @classmethod
     def from_loaded_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str | torch.device | None = None,
                                max_detections: int | None = None) -> "Predictor":
-        """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`."""
+        """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`.
+
+        An exported model (``.onnx``, ``.xml``, ``.torchscript``: what :func:`segkit.checkpoint.load_checkpoint`
+        returns for it has an ``export`` entry) runs with its own backend.
+        """
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
+        if "export" in ckpt:
+            from segkit.export import load_runner
+
+            return cls(None, ckpt["classes"], ckpt.get("score_threshold", 0.5), "cpu",
+                       {**info, "export": ckpt["export"]}, max_detections, runner=load_runner(path, ckpt))
         return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info,
                    max_detections)
 
@@ -79,6 +102,9 @@ class Predictor:
         # its own floor (0.05). Raising the floor to our threshold skips the masks we would discard;
         # the detections kept are the same, since one below the threshold only suppresses (in NMS)
         # others below it.
+        if self.runner is not None:
+            outputs = [self._run_exported(t) for t in tensors]
+            return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
         heads = self.model.roi_heads
         floor = heads.score_thresh
         heads.score_thresh = max(floor, threshold)
@@ -87,6 +113,13 @@ class Predictor:
         finally:
             heads.score_thresh = floor
         return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
+
+
+    def _run_exported(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        boxes, labels, scores, mask_probs = self.runner(image)
+        n = len(scores) if self.max_detections is None else self.max_detections  # sorted by score
+        return {"boxes": boxes[:n], "labels": labels[:n].to(torch.int64), "scores": scores[:n],
+                "mask_probs": mask_probs[:n]}
 
 
 def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
