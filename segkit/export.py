@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
 import segkit
@@ -63,23 +64,23 @@ class Detector(nn.Module):
 
 
 class ScriptableDetector(Detector):
-    """:class:`Detector` for ``torch.jit.script``: the image is resized here, with the scale in double
-    precision as in eager mode. Scripted, torchvision computes it in float32, and 200 px scaled to 128
-    becomes 127 rows: different features, different detections. The transform's own resize then
-    finds the image at its size and keeps it."""
+    """:class:`Detector` for ``torch.jit.script``, with the transform's normalize-resize-batch done
+    here. Scripted, torchvision computes the resize scale in float32, so 200 px scaled to 128 becomes
+    127 rows: other features, other detections. Here the scale is a double, as in eager mode."""
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         original = (image.shape[-2], image.shape[-1])
-        short, long = float(min(original)), float(max(original))
-        scale = min(float(self.transform.min_size[-1]) / short, float(self.transform.max_size) / long)
-        resized = nn.functional.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                                            recompute_scale_factor=True, align_corners=False)[0]
-        batch, _ = self.transform([resized])
+        scale = min(float(self.transform.min_size[-1]) / float(min(original)),
+                    float(self.transform.max_size) / float(max(original)))
+        resized = nn.functional.interpolate(self.transform.normalize(image)[None], scale_factor=scale,
+                                            mode="bilinear", recompute_scale_factor=True, align_corners=False)[0]
+        size = (resized.shape[-2], resized.shape[-1])
+        batch = ImageList(self.transform.batch_images([resized], self.transform.size_divisible), [size])
         features = self.backbone(batch.tensors)
         proposals, _ = self.rpn(batch, features)
         detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         det = detections[0]
-        boxes = resize_boxes(det["boxes"], batch.image_sizes[0], original)
+        boxes = resize_boxes(det["boxes"], size, original)
         return boxes, det["labels"], det["scores"], det["masks"]
 
 
