@@ -73,10 +73,7 @@ def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
 def load_backend(backend: str, checkpoint: Path, folder: Path) -> Predictor:
     """A Predictor running ``backend``; exported ones are exported first."""
     if backend.startswith("eager"):
-        predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-        if backend == "eager+channels_last":
-            predictor.model.to(memory_format=torch.channels_last)
-        return predictor
+        return Predictor.from_checkpoint(checkpoint, device="cpu", channels_last=backend == "eager+channels_last")
     path = artifact_for(backend, checkpoint, folder)
     ckpt = load_checkpoint(path)
     if backend == "openvino-bf16":

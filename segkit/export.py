@@ -98,11 +98,15 @@ def frozen_settings(model: nn.Module) -> dict[str, Any]:
 
 
 def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
-           max_detections: int | None = None) -> Path:
+           max_detections: int | None = None, bf16: bool = False) -> Path:
     """Write ``checkpoint`` as a ``fmt`` artifact (see :data:`FORMATS`) at ``out``; returns its path.
 
     ``max_detections`` freezes a smaller detection cap (the mask head runs once per detection).
+    ``bf16`` (OpenVINO only) records that the model runs in bfloat16 on CPUs that have it: faster,
+    but its detections differ from f32's (bench/infer.py measures how much).
     """
+    if bf16 and fmt != "openvino":
+        raise ExportError("bf16 is an OpenVINO inference setting: use --format openvino")
     from segkit.checkpoint import load_checkpoint, model_from_checkpoint
 
     if fmt not in FORMATS:
@@ -121,6 +125,7 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
     if max_detections is not None:
         model.roi_heads.detections_per_img = max_detections
     info = _info(ckpt, Path(checkpoint), fmt, model)
+    info["export"]["bf16"] = bf16
     out.parent.mkdir(parents=True, exist_ok=True)
     {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}[fmt](
         Detector(model).eval(), out, info)

@@ -22,6 +22,10 @@ from segkit.images import ImageInput, as_rgb
 from segkit.masks import Crop, InstanceMasks
 from segkit.prediction import Prediction
 
+# Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
+# itself: the same detections, and faster with oneDNN (bench/infer.py, README "Inference backends").
+CPU_CHANNELS_LAST = True
+
 
 class Predictor:
     """A trained Mask R-CNN, loaded once, ready to segment images.
@@ -56,17 +60,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        max_detections: int | None = None) -> "Predictor":
-        """Build the model from a segkit checkpoint alone."""
-        return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections)
+                        max_detections: int | None = None, channels_last: bool | None = None) -> "Predictor":
+        """Build the model from a segkit checkpoint alone, or load an exported model (see below)."""
+        return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections, channels_last)
 
     @classmethod
     def from_loaded_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str | torch.device | None = None,
-                               max_detections: int | None = None) -> "Predictor":
+                               max_detections: int | None = None,
+                               channels_last: bool | None = None) -> "Predictor":
         """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`.
 
         An exported model (``.onnx``, ``.xml``, ``.torchscript``: what :func:`segkit.checkpoint.load_checkpoint`
-        returns for it has an ``export`` entry) runs with its own backend.
+        returns for it has an ``export`` entry) runs with its own backend. An eager model on the CPU
+        runs in channels-last memory format unless ``channels_last`` is False (see :data:`CPU_CHANNELS_LAST`).
         """
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
@@ -75,8 +81,14 @@ class Predictor:
 
             return cls(None, ckpt["classes"], ckpt.get("score_threshold", 0.5), "cpu",
                        {**info, "export": ckpt["export"]}, max_detections, runner=load_runner(path, ckpt))
-        return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info,
-                   max_detections)
+        predictor = cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device,
+                        info, max_detections)
+        if channels_last is None:
+            channels_last = CPU_CHANNELS_LAST and predictor.device.type == "cpu"
+        if channels_last:
+            predictor.model.to(memory_format=torch.channels_last)
+            predictor.info["channels_last"] = True
+        return predictor
 
     @classmethod
     def from_torchvision_coco(cls, device: str | torch.device | None = None,
