@@ -8,7 +8,7 @@ Every backend runs through the one :class:`segkit.predictor.Predictor` (image in
     python bench/infer.py --data data/sample   # adds box and mask AP on the checkpoint's val split
 
 Backends: eager, eager+channels_last (torch), torchscript, onnxruntime, openvino (f32), openvino-bf16
-(where the CPU has bf16). Exported models are written to a temporary folder, one per size (the size is
+(where the CPU has bf16), openvino-int8 (NNCF, calibrated on 10 of the sample's training images). Exported models are written to a temporary folder, one per size (the size is
 frozen in them). Peak RSS is measured in a separate process per backend and size (load, one image).
 Without --checkpoint: a random-init model with the sample's classes, which fills all 100 detection
 slots (its detections mean nothing, but they cost what a trained model's cost).
@@ -37,7 +37,10 @@ from segkit.predictor import Predictor  # noqa: E402
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
 EXPORTED = {"torchscript": ("torchscript", ".torchscript"), "onnxruntime": ("onnx", ".onnx"),
             "openvino": ("openvino", ".xml"), "openvino-bf16": ("openvino", ".xml")}
-ALL_BACKENDS = ["eager", "eager+channels_last", "torchscript", "onnxruntime", "openvino", "openvino-bf16"]
+ALL_BACKENDS = ["eager", "eager+channels_last", "torchscript", "onnxruntime", "openvino", "openvino-bf16",
+                "openvino-int8"]
+SAMPLE = REPO / "data" / "sample"
+CALIBRATION_IMAGES = 10  # INT8: sample training images NNCF calibrates on
 
 
 def checkpoint_at(source: Path, size: int, folder: Path) -> Path:
@@ -60,9 +63,15 @@ def random_init_checkpoint(folder: Path) -> Path:
 
 
 def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
-    """The checkpoint exported for ``backend`` (written once)."""
+    """The checkpoint exported for ``backend`` (written once; INT8 calibrated on the sample's train split)."""
     from segkit.export import export
+    from segkit.quantize import export_int8
 
+    if backend == "openvino-int8":
+        out = folder / f"{checkpoint.stem}_int8.xml"
+        if not out.exists():
+            export_int8(checkpoint, out, SAMPLE, CALIBRATION_IMAGES, measure_ap=False, show_progress=False)
+        return out
     fmt, suffix = EXPORTED[backend]
     out = folder / f"{checkpoint.stem}{suffix}"
     if not out.exists():

@@ -158,7 +158,7 @@ def _example(info: dict) -> Tensor:
 
 
 def _write_onnx(detector: Detector, out: Path, info: dict) -> None:
-    onnx = _require("onnx")
+    onnx = require_package("onnx")
     with torch.no_grad():
         # The TorchScript-based exporter: torchvision's detection models carry ONNX paths for it.
         torch.onnx.export(detector, (_example(info),), str(out), opset_version=OPSET, dynamo=False,
@@ -176,22 +176,21 @@ def _write_torchscript(detector: Detector, out: Path, info: dict) -> None:
     torch.jit.save(scripted, str(out), _extra_files={f"{META_KEY}.json": json.dumps(info)})
 
 
-def _write_openvino(detector: Detector, out: Path, info: dict, int8_model=None) -> None:
-    ov = _require("openvino")
-    model = int8_model
-    if model is None:
-        # Through ONNX: OpenVINO's ONNX frontend takes torchvision's exported graph with dynamic sizes.
-        onnx_path = out.with_suffix(".tmp.onnx")
-        try:
-            _write_onnx(detector, onnx_path, info)
-            model = ov.convert_model(str(onnx_path))
-        finally:
-            onnx_path.unlink(missing_ok=True)
+def _write_openvino(detector: Detector, out: Path, info: dict) -> None:
+    ov = require_package("openvino")
+    # Through ONNX: OpenVINO's ONNX frontend takes torchvision's exported graph with dynamic sizes.
+    onnx_path = out.with_suffix(".tmp.onnx")
+    try:
+        _write_onnx(detector, onnx_path, info)
+        model = ov.convert_model(str(onnx_path))
+    finally:
+        onnx_path.unlink(missing_ok=True)
     model.set_rt_info(json.dumps(info), [META_KEY])
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 
-def _require(name: str):
+def require_package(name: str):
+    """Import an optional package, or raise ExportError saying how to install it."""
     try:
         return __import__(name)
     except ImportError:
@@ -204,11 +203,11 @@ def artifact_info(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt == "onnx":
-        onnx = _require("onnx")
+        onnx = require_package("onnx")
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         text = props.get(META_KEY)
     elif fmt == "openvino":
-        model = _require("openvino").Core().read_model(str(path))
+        model = require_package("openvino").Core().read_model(str(path))
         text = model.get_rt_info([META_KEY]).astype(str) if model.has_rt_info([META_KEY]) else None
     elif fmt == "torchscript":
         extra = {f"{META_KEY}.json": ""}
@@ -229,13 +228,13 @@ def load_runner(path: str | os.PathLike, info: dict[str, Any], threads: int | No
         module = torch.jit.load(path, map_location="cpu").eval()
         return lambda image: module(image)
     if fmt == "onnx":
-        ort = _require("onnxruntime")
+        ort = require_package("onnxruntime")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         return lambda image: tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))
-    ov = _require("openvino")
+    ov = require_package("openvino")
     # OpenVINO picks bf16 on CPUs that have it, which changes detections: f32 unless asked for.
     config = {"INFERENCE_PRECISION_HINT": "bf16" if info["export"].get("bf16") else "f32"}
     if threads:

@@ -77,3 +77,24 @@ def test_unreadable_artifact_is_a_checkpoint_error(tmp_path):
     (tmp_path / "junk.torchscript").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="junk.torchscript"):
         Predictor.from_checkpoint(tmp_path / "junk.torchscript")
+
+
+def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoint, tiny_data, tmp_path):
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    out = tmp_path / "int8.xml"
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "openvino", "--int8",
+                 "--data", str(tiny_data), "--calibration-images", "2", "--max-detections", str(MAX_DETECTIONS),
+                 "--out", str(out)]) == 0
+    assert 'type="FakeQuantize"' in out.read_text()  # quantized, not just converted
+    int8 = artifact_info(out)["export"]["int8"]
+    assert int8["calibration_images"] == 2 and int8["val_images"] == 4
+    assert set(int8["before"]) == set(int8["after"]) == {"box_ap", "mask_ap"}
+    image = next((tiny_data / "val" / "images").iterdir())
+    assert len(Predictor.from_checkpoint(out)(image, 0.0)) > 0  # runs like any checkpoint
+
+
+def test_int8_needs_openvino_format(untrained_checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "onnx", "--int8",
+                 "--data", "x", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--int8 needs --format openvino" in capsys.readouterr().err
