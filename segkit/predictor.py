@@ -106,17 +106,16 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[Prediction]:
-        """Predict several images in one forward pass."""
+        """Predict several images: in one forward pass (eager), or one by one (exported models)."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
         tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255)
                    for im in images]
-        # torchvision runs the mask head on, and pastes a full-size mask for, every detection above
-        # its own floor (0.05). Raising the floor to our threshold skips the masks we would discard;
-        # the detections kept are the same, since one below the threshold only suppresses (in NMS)
-        # others below it.
-        if self.runner is not None:
+        if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
             outputs = [self._run_exported(t) for t in tensors]
             return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
+        # torchvision runs the mask head on every detection above its own floor (0.05). Raising the
+        # floor to our threshold skips the masks we would discard; the detections kept are the same,
+        # since one below the threshold only suppresses (in NMS) others below it.
         heads = self.model.roi_heads
         floor = heads.score_thresh
         heads.score_thresh = max(floor, threshold)
@@ -125,7 +124,6 @@ class Predictor:
         finally:
             heads.score_thresh = floor
         return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
-
 
     def _run_exported(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         boxes, labels, scores, mask_probs = self.runner(image)

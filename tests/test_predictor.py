@@ -73,3 +73,17 @@ def test_compact_masks_equal_torchvisions_full_size_paste(predictor, sample_dir)
     np.testing.assert_array_equal(prediction.masks, full)
     assert [r["segmentation"] for r in prediction_to_coco(0, prediction)] == [encode_mask(m) for m in full]
     np.testing.assert_array_equal(prediction.areas(), full.sum(axis=(1, 2)))
+
+
+def test_channels_last_is_the_cpu_default_and_finds_the_same_instances(untrained_checkpoint, predictor, sample_dir):
+    import torch
+
+    plain = Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=10, channels_last=False)
+    conv = predictor.model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and predictor.info["channels_last"]
+    path = next((sample_dir / "val" / "images").glob("*.jpg"))
+    want, got = plain(path, 0.0), predictor(path, 0.0)
+    assert len(want) == len(got) > 0
+    np.testing.assert_array_equal(want.labels, got.labels)
+    np.testing.assert_allclose(want.boxes, got.boxes, atol=0.05)
+    assert (want.masks != got.masks).mean() < 1e-4
