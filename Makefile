@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/infer.py
+	$(BIN)/python bench/large_image.py
 
 sample: setup
 	$(BIN)/python utils/make_sample.py

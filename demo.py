@@ -41,7 +41,7 @@ from segkit.predictor import Predictor
 from segkit.runs import newest_best
 from segkit.visualize import instance_mask_png, overlay, save_png
 
-MAX_SIDE = 2048  # larger images are downscaled before inference: masks of a 50 MP photo would not fit in memory
+MAX_SIDE = 2048  # larger images are downscaled before inference: the overlay is sent to a browser
 EXAMPLES_DIR = "data/sample/val/images"
 ALPHA = 0.5  # default mask opacity; the API always uses it
 TABLE_COLUMNS = ["id", "class", "score", "x1", "y1", "x2", "y2", "area (px)"]
@@ -135,7 +135,7 @@ def render(image: Image.Image, prediction: Prediction, threshold: float, classes
 
 def detections_table(prediction: Prediction) -> pd.DataFrame:
     """One row per instance: id (as in the instance PNG), class, score, xyxy box, mask area."""
-    areas = prediction.masks.sum(axis=(1, 2))
+    areas = prediction.areas()
     rows = [[i + 1, name, round(float(score), 3), *(round(float(v), 1) for v in box), int(area)]
             for i, (name, score, box, area) in enumerate(zip(prediction.class_names, prediction.scores,
                                                               prediction.boxes, areas))]
@@ -226,7 +226,7 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
 
     # The model's time does not depend on the threshold (torchvision pastes every mask it keeps), so
     # predict once with no threshold and cache it: redraws for a new threshold, class filter or
-    # opacity are then instant. Two entries: a 2048 px image with 100 masks holds ~400 MB.
+    # opacity are then instant. Two entries: masks are kept at their boxes' size, the images dominate.
     @functools.lru_cache(maxsize=2)
     def predict_all(path: str, stamp: tuple[int, int]) -> tuple[Image.Image, Prediction]:
         image = load_image(path, max_side)

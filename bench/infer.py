@@ -1,18 +1,25 @@
-"""Inference latency: segkit's ``overlay(image, predictor(image))`` against the bare torchvision forward.
+"""Inference backends side by side: latency against eager, agreement with eager, peak memory.
 
-Both run the same model on the same decoded image, in the same process, interleaved so that machine
-noise hits both alike: the bare forward gets the image already as a float tensor, segkit starts from
-the PIL image and ends with the drawn overlay. Measured at the checkpoint's image size and at 800 px
-(the image is resized so its longer side is that size, and the model's own resize is set to match).
+Every backend runs through the one :class:`segkit.predictor.Predictor` (image in, compact
+:class:`Prediction` out), at each size, on the same image. Timed runs alternate between backends
+(the order rotates each round) so that machine noise hits all alike; the table shows medians.
 
-    python bench/infer.py [--checkpoint runs/exp/best.pt] [--runs 20] [--sizes 0 800] [--device cpu]
+    python bench/infer.py [--checkpoint best.pt] [--sizes 512 800] [--runs 5] [--backends eager onnxruntime ...]
+    python bench/infer.py --data data/sample   # adds box and mask AP on the checkpoint's val split
 
-Without --checkpoint it uses the newest runs/*/best.pt, else a random-init model with the sample's
-classes (its detections are meaningless, but it pastes as many masks as a trained one: the cost is real).
+Backends: eager, eager+channels_last (torch), torchscript, onnxruntime, openvino (f32), openvino-bf16
+(where the CPU has bf16), openvino-int8 (NNCF, calibrated on 10 of the sample's training images). Exported models are written to a temporary folder, one per size (the size is
+frozen in them). Peak RSS is measured in a separate process per backend and size (load, one image).
+Without --checkpoint: a random-init model with the sample's classes, which fills all 100 detection
+slots (its detections mean nothing, but they cost what a trained model's cost).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,101 +27,207 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from segkit.images import load_image
-from segkit.model import image_size_kwargs
-from segkit.predictor import Predictor
-from segkit.runs import newest_best
-from segkit.visualize import overlay
+from segkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from segkit.predictor import Predictor  # noqa: E402
 
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
+EXPORTED = {"torchscript": ("torchscript", ".torchscript"), "onnxruntime": ("onnx", ".onnx"),
+            "openvino": ("openvino", ".xml"), "openvino-bf16": ("openvino", ".xml")}
+ALL_BACKENDS = ["eager", "eager+channels_last", "torchscript", "onnxruntime", "openvino", "openvino-bf16",
+                "openvino-int8"]
+SAMPLE = REPO / "data" / "sample"
+CALIBRATION_IMAGES = 10  # INT8: sample training images NNCF calibrates on
+
+
+def checkpoint_at(source: Path, size: int, folder: Path) -> Path:
+    """The same weights with the model's resize set to ``size`` (exports freeze it)."""
+    path = folder / f"model_{size}.pt"
+    save_checkpoint({**load_checkpoint(source), "img_size": size}, path)
+    return path
 
 
 def random_init_checkpoint(folder: Path) -> Path:
-    """A self-describing checkpoint of an untrained model, for when no trained one exists."""
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.checkpoint import make_checkpoint
     from segkit.model import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=512)
     path = folder / "random_init.pt"
-    save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", ["leaf", "pebble", "shell"], img_size=512), path)
+    save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", ["leaf", "pebble", "shell"], img_size=512,
+                                    score_threshold=0.05), path)
     return path
 
 
-def find_checkpoint(spec: str | None, scratch: Path) -> tuple[Path, str]:
-    if spec:
-        return Path(spec), spec
-    newest = newest_best(REPO / "runs")
-    if newest:
-        return newest, str(newest)
-    return random_init_checkpoint(scratch), "random init (no runs/*/best.pt)"
+def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
+    """The checkpoint exported for ``backend`` (written once; INT8 calibrated on the sample's train split)."""
+    from segkit.export import export
+    from segkit.quantize import export_int8
+
+    if backend == "openvino-int8":
+        out = folder / f"{checkpoint.stem}_int8.xml"
+        if not out.exists():
+            export_int8(checkpoint, out, SAMPLE, CALIBRATION_IMAGES, measure_ap=False, show_progress=False)
+        return out
+    fmt, suffix = EXPORTED[backend]
+    out = folder / f"{checkpoint.stem}{suffix}"
+    if not out.exists():
+        export(checkpoint, fmt, out)
+    return out
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def load_backend(backend: str, checkpoint: Path, folder: Path) -> Predictor:
+    """A Predictor running ``backend``; exported ones are exported first."""
+    if backend.startswith("eager"):
+        return Predictor.from_checkpoint(checkpoint, device="cpu", channels_last=backend == "eager+channels_last")
+    path = artifact_for(backend, checkpoint, folder)
+    ckpt = load_checkpoint(path)
+    if backend == "openvino-bf16":
+        ckpt["export"] = {**ckpt["export"], "bf16": True}
+    return Predictor.from_loaded_checkpoint(ckpt, path)
 
 
-def time_size(predictor: Predictor, image: Image.Image, size: int, runs: int, warmup: int) -> dict:
-    """p50/p95 seconds of both pipelines at one size, plus the number of instances drawn."""
+def agreement(reference, other) -> tuple[int, int, float]:
+    """(instances of ``reference`` matched, its count, mean mask IoU of the matches): greedy, same class, IoU >= 0.5."""
+    a, b = reference.masks, other.masks
+    used, ious = set(), []
+    for i in range(len(reference)):
+        best, best_j = 0.0, None
+        for j in range(len(other)):
+            if j in used or other.labels[j] != reference.labels[i]:
+                continue
+            union = np.count_nonzero(a[i] | b[j])
+            iou = np.count_nonzero(a[i] & b[j]) / union if union else 1.0
+            if iou > best:
+                best, best_j = iou, j
+        if best_j is not None and best >= 0.5:
+            used.add(best_j)
+            ious.append(best)
+    return len(ious), len(reference), float(np.mean(ious)) if ious else float("nan")
+
+
+def resized(image: Image.Image, size: int) -> Image.Image:
     scale = size / max(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-    model, device = predictor.model, predictor.device
-    kwargs = image_size_kwargs(size)
-    model.transform.min_size, model.transform.max_size = (kwargs["min_size"],), kwargs["max_size"]
-    tensor = pil_to_tensor(image).to(device).float().div_(255)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
 
-    def bare():
-        with torch.inference_mode():
-            model([tensor])
 
-    def segkit():
-        return overlay(image, predictor(image))
+def peak_rss_mb(backend: str, checkpoint: Path, folder: Path, image: str, size: int) -> float:
+    """Peak RSS of a fresh process that loads ``backend`` and segments the image once."""
+    proc = subprocess.run([sys.executable, __file__, "--rss-of", backend, "--checkpoint", str(checkpoint),
+                           "--scratch", str(folder), "--image", image, "--sizes", str(size)],
+                          capture_output=True, text=True)
+    return float(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else float("nan")
 
-    times = {"bare": [], "segkit": []}
+
+def ap_of(predictor: Predictor, data: str, ckpt: dict) -> tuple[float, float]:
+    """(box AP, mask AP) on the checkpoint's val split of ``data``."""
+    from segkit.metrics import evaluate_predictor
+    from segkit.readers import load_dataset
+    from segkit.records import restrict_to_classes
+    from segkit.splits import select_split
+
+    records, _ = select_split(load_dataset(data).images, ckpt.get("split"), "val", Path(data))
+    records, _ = restrict_to_classes(records, ckpt["classes"])
+    report = evaluate_predictor(predictor, records, ckpt["classes"], predictor.score_threshold,
+                                show_progress=False).evaluate()
+    return report["bbox"]["AP"], report["segm"]["AP"]
+
+
+def bench_size(backends: list[str], checkpoint: Path, folder: Path, image: Image.Image, runs: int,
+               warmup: int, data: str | None) -> list[dict]:
+    """One row per backend at one size: timings interleaved, then agreement, then AP."""
+    predictors = {b: load_backend(b, checkpoint, folder) for b in backends}
+    times: dict[str, list[float]] = {b: [] for b in backends}
     for i in range(warmup + runs):
-        for name, fn in (("bare", bare), ("segkit", segkit)) if i % 2 else (("segkit", segkit), ("bare", bare)):
-            sync(device)
+        order = backends[i % len(backends):] + backends[:i % len(backends)]  # rotate who goes first
+        for b in order:
             start = time.perf_counter()
-            fn()
-            sync(device)
+            predictors[b](image)
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    stats = {name: np.percentile(t, [50, 95]) for name, t in times.items()}
-    return {"size": size, "image": image.size, "instances": len(predictor(image)), **stats}
+                times[b].append(time.perf_counter() - start)
+    reference = predictors["eager"](image) if "eager" in predictors else None
+    rows = []
+    for b in backends:
+        row = {"backend": b, "median_s": statistics.median(times[b])}
+        if reference is not None:
+            row["matched"], row["of"], row["mean_iou"] = agreement(reference, predictors[b](image))
+        if data:
+            row["box_ap"], row["mask_ap"] = ap_of(predictors[b], data, load_checkpoint(checkpoint))
+        rows.append(row)
+    return rows
+
+
+def bf16_supported() -> bool:
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def peak_rss_of_self() -> float:
+    """This process's peak RSS in MB: VmHWM, which exec resets (ru_maxrss would keep the parent's at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="segkit checkpoint (default: newest runs/*/best.pt, else random init)")
-    parser.add_argument("--image", default=SAMPLE_IMAGE, help="image to segment (default: a sample val image)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 800], help="longer sides; 0 = the checkpoint's")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checkpoint", help="segkit checkpoint (default: random init)")
+    parser.add_argument("--image", default=str(SAMPLE_IMAGE), help="image to segment (default: a sample val image)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 800], help="model sizes (image resized to match)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backends", nargs="+", default=ALL_BACKENDS, choices=ALL_BACKENDS)
+    parser.add_argument("--data", help="dataset for box/mask AP on the checkpoint's val split")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-backend peak-RSS processes")
+    parser.add_argument("--rss-of", help=argparse.SUPPRESS)  # internal: one backend, one image, print peak RSS
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    image = Image.open(args.image).convert("RGB")
 
+    if args.rss_of:
+        predictor = load_backend(args.rss_of, Path(args.checkpoint), Path(args.scratch))
+        predictor(resized(image, args.sizes[0]))
+        print(peak_rss_of_self())
+        return
+
+    backends = [b for b in args.backends if b != "openvino-bf16" or bf16_supported()]
     with tempfile.TemporaryDirectory() as scratch:
-        path, source = find_checkpoint(args.checkpoint, Path(scratch))
-        predictor = Predictor.from_checkpoint(path, device=args.device)
-    image = load_image(args.image)  # EXIF rotation applied, as everywhere in segkit
-    rows = [time_size(predictor, image, size or predictor.info["img_size"], args.runs, args.warmup)
-            for size in args.sizes]
+        folder = Path(scratch)
+        source = Path(args.checkpoint) if args.checkpoint else random_init_checkpoint(folder)
+        results = []
+        for size in args.sizes:
+            checkpoint = checkpoint_at(source, size, folder)
+            rows = bench_size(backends, checkpoint, folder, resized(image, size), args.runs, args.warmup, args.data)
+            for row in rows:
+                row["size"] = size
+                if not args.no_rss:
+                    row["peak_rss_mb"] = peak_rss_mb(row["backend"], checkpoint, folder, args.image, size)
+            results += rows
+            print(json.dumps(rows), file=sys.stderr, flush=True)  # progress, in case a later size fails
+    print_table(results, source if args.checkpoint else "random init", args)
 
-    print(f"Mask R-CNN ({predictor.info['arch']}) inference, {source}, {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.runs} runs, threshold {predictor.score_threshold}")
-    print(f"{'size':>6}{'image':>11}{'inst':>6}{'bare p50':>10}{'bare p95':>10}"
-          f"{'segkit p50':>12}{'segkit p95':>12}{'ratio p50':>11}")
-    for r in rows:
-        (b50, b95), (s50, s95) = r["bare"], r["segkit"]
-        print(f"{r['size']:>6}{'x'.join(map(str, r['image'])):>11}{r['instances']:>6}{b50 * 1e3:>8.0f}ms{b95 * 1e3:>8.0f}ms"
-              f"{s50 * 1e3:>10.0f}ms{s95 * 1e3:>10.0f}ms{s50 / b50:>10.2f}x")
-    print("segkit = overlay(image, predictor(image)) from a PIL image; bare = model([tensor]) on the same "
-          "decoded tensor. Goal: segkit p50 <= 1.10x bare.")
+
+def print_table(results: list[dict], source, args) -> None:
+    print(f"Mask R-CNN inference through Predictor, {source}, CPU, {torch.get_num_threads()} torch threads, "
+          f"median of {args.runs} interleaved runs")
+    print(f"{'backend':<22}{'size':>5}{'median':>9}{'vs eager':>9}{'matched':>9}{'mask IoU':>9}{'peak RSS':>10}"
+          + (f"{'box AP':>8}{'mask AP':>8}" if args.data else ""))
+    eager = {r["size"]: r["median_s"] for r in results if r["backend"] == "eager"}
+    for r in results:
+        ratio = r["median_s"] / eager[r["size"]] if r["size"] in eager else float("nan")
+        matched = f"{r['matched']}/{r['of']}" if "matched" in r else "-"
+        line = (f"{r['backend']:<22}{r['size']:>5}{r['median_s'] * 1e3:>7.0f}ms{ratio:>8.2f}x{matched:>9}"
+                f"{r.get('mean_iou', float('nan')):>9.3f}{r.get('peak_rss_mb', float('nan')):>8.0f}MB")
+        if args.data:
+            line += f"{r['box_ap']:>8.3f}{r['mask_ap']:>8.3f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file."""
+    """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file.
+
+    An exported model (:mod:`segkit.export`) gives its self-description instead: the same keys less
+    the weights, plus ``export`` (format, frozen settings, source checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    from segkit.export import ExportError, artifact_info, is_artifact
+
+    if is_artifact(path):
+        try:
+            return artifact_info(path)
+        except ExportError as e:
+            raise CheckpointError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - each backend's parser fails in its own way
+            raise CheckpointError(f"{path}: not a readable exported model ({type(e).__name__}: {e})") from e
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors have many types

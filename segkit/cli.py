@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "fine-tune Mask R-CNN on an export",
     "predict": "predict on images, folders or globs; write overlays, masks, COCO and Label Studio json",
     "evaluate": "COCO AP and per-class IoU/Dice of a checkpoint on a dataset",
+    "export": "write a checkpoint as an ONNX, OpenVINO or TorchScript model that any --checkpoint runs",
     "ml-backend": "serve a checkpoint as a Label Studio ML backend (pre-annotations, retraining)",
 }
 

@@ -73,8 +73,9 @@ def records_to_coco(images: Sequence[ImageRecord], classes: Sequence[str]) -> di
 def prediction_to_coco(image_id: int, prediction: Prediction) -> list[dict[str, Any]]:
     """COCO result entries for one image: category id, score, xywh box, RLE mask and its area."""
     results = []
-    for box, label, score, mask in zip(prediction.boxes, prediction.labels, prediction.scores, prediction.masks):
-        rle = encode_mask(mask)
+    masks = prediction.instance_masks  # RLE straight from each box-sized crop: no full-size mask
+    for i, (box, label, score) in enumerate(zip(prediction.boxes, prediction.labels, prediction.scores)):
+        rle = masks.rle(i)
         x1, y1, x2, y2 = (float(v) for v in box)
         results.append({"image_id": int(image_id), "category_id": int(label), "score": float(score),
                         "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle,

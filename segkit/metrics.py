@@ -27,6 +27,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from segkit.coco import coco_evaluate, prediction_to_coco, records_to_coco
+from segkit.masks import Crop
 from segkit.prediction import Prediction
 from segkit.records import ImageRecord
 
@@ -54,18 +55,18 @@ class PixelStats:
         self.gt_area, self.pred_area = np.zeros(n, np.int64), np.zeros(n, np.int64)
         self.confusion = np.zeros((n, n), np.int64)
 
-    def add(self, gt_masks: list[tuple[int, np.ndarray]], pred_masks: list[tuple[int, np.ndarray]],
+    def add(self, gt_masks: list[tuple[int, Crop]], pred_masks: list[tuple[int, Crop]],
             shape: tuple[int, int]) -> None:
-        """One image: ``(label, bool mask)`` pairs; ground truth in drawing order, predictions best first."""
+        """One image: ``(label, mask crop)`` pairs; ground truth in drawing order, predictions best first."""
         gt_union = [np.zeros(shape, bool) for _ in range(self.num_classes + 1)]
         pred_union = [np.zeros(shape, bool) for _ in range(self.num_classes + 1)]
         gt_map, pred_map = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
-        for label, mask in gt_masks:  # a later annotation is drawn on top, as in the annotation tools
-            gt_union[label] |= mask
-            gt_map[mask] = label
-        for label, mask in reversed(pred_masks):  # the most confident instance ends up on top
-            pred_union[label] |= mask
-            pred_map[mask] = label
+        for label, crop in gt_masks:  # a later annotation is drawn on top, as in the annotation tools
+            gt_union[label][crop.window] |= crop.mask
+            gt_map[crop.window][crop.mask] = label
+        for label, crop in reversed(pred_masks):  # the most confident instance ends up on top
+            pred_union[label][crop.window] |= crop.mask
+            pred_map[crop.window][crop.mask] = label
         gt_union[0] = ~np.logical_or.reduce(gt_union[1:], axis=0) if self.num_classes else np.ones(shape, bool)
         pred_union[0] = ~np.logical_or.reduce(pred_union[1:], axis=0) if self.num_classes else np.ones(shape, bool)
         for c, (g, p) in enumerate(zip(gt_union, pred_union)):
@@ -113,14 +114,15 @@ class SegmentationEvaluator:
         """Add the prediction for ``records[index]``: all its detections, whatever their score."""
         rec = self.records[index]
         shape = (rec.height, rec.width)
-        if len(prediction) and prediction.masks.shape[1:] != shape:
-            raise EvaluateError(f"{rec.path}: prediction is {prediction.masks.shape[2]}x{prediction.masks.shape[1]}, "
-                                f"annotation is {rec.width}x{rec.height}")
+        if len(prediction) and prediction.image_size != (rec.width, rec.height):
+            width, height = prediction.image_size
+            raise EvaluateError(f"{rec.path}: prediction is {width}x{height}, annotation is {rec.width}x{rec.height}")
         self.results += prediction_to_coco(index, prediction)
-        gt = [(a["category_id"], mask_utils.decode(a["segmentation"]).astype(bool))
+        gt = [(a["category_id"], Crop.from_dense(mask_utils.decode(a["segmentation"])))
               for a in self._gt_by_image.get(index, [])]
         keep = prediction.scores >= self.threshold
-        pred = [(int(label), mask) for label, mask, k in zip(prediction.labels, prediction.masks, keep) if k]
+        crops = prediction.instance_masks.crops
+        pred = [(int(label), crop) for label, crop, k in zip(prediction.labels, crops, keep) if k]
         self.pixels.add(gt, pred, shape)
 
     def evaluate(self) -> dict[str, Any]:

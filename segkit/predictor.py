@@ -6,15 +6,25 @@ their images through it.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.checkpoint import load_checkpoint, model_from_checkpoint
+from segkit.export import Runner
 from segkit.images import ImageInput, as_rgb
+from segkit.masks import Crop, InstanceMasks
 from segkit.prediction import Prediction
+
+# Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
+# itself: the same detections, and faster with oneDNN (bench/infer.py, README "Inference backends").
+CPU_CHANNELS_LAST = True
 
 
 class Predictor:
@@ -23,32 +33,62 @@ class Predictor:
     ``predictor(image)`` returns a :class:`Prediction`; ``predictor.model`` is the torchvision model.
     """
 
-    def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
+    def __init__(self, model: torch.nn.Module | None, classes: list[str], score_threshold: float = 0.5,
                  device: str | torch.device | None = None, info: dict | None = None,
-                 max_detections: int | None = None):
+                 max_detections: int | None = None, runner: Runner | None = None):
+        """``model`` is an eager torchvision Mask R-CNN; or None with ``runner``, an exported model's
+        detector (see :func:`segkit.export.load_runner`), which runs on the CPU."""
+        if runner is not None:
+            device = "cpu"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
-        if max_detections is not None:
+        self.model = model.eval().to(self.device) if model is not None else None
+        self.runner = runner
+        self.max_detections = max_detections
+        if max_detections is not None and model is not None:
             # The mask head runs once per detection: on a CPU, torchvision's 100 cost seconds an image.
             self.model.roi_heads.detections_per_img = max_detections
         self.classes = list(classes)
         self.score_threshold = score_threshold
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
 
+    @property
+    def score_floor(self) -> float:
+        """The model's own score cut-off (torchvision's ``box_score_thresh``; frozen in an exported model)."""
+        if self.model is not None:
+            return float(self.model.roi_heads.score_thresh)
+        return float(self.info["export"]["frozen"]["box_score_thresh"])
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        max_detections: int | None = None) -> "Predictor":
-        """Build the model from a segkit checkpoint alone."""
-        return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections)
+                        max_detections: int | None = None, channels_last: bool | None = None) -> "Predictor":
+        """Build the model from a segkit checkpoint alone, or load an exported model (see below)."""
+        return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections, channels_last)
 
     @classmethod
     def from_loaded_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str | torch.device | None = None,
-                               max_detections: int | None = None) -> "Predictor":
-        """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`."""
+                               max_detections: int | None = None,
+                               channels_last: bool | None = None) -> "Predictor":
+        """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`.
+
+        An exported model (``.onnx``, ``.xml``, ``.torchscript``: what :func:`segkit.checkpoint.load_checkpoint`
+        returns for it has an ``export`` entry) runs with its own backend. An eager model on the CPU
+        runs in channels-last memory format unless ``channels_last`` is False (see :data:`CPU_CHANNELS_LAST`).
+        """
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
-        return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info,
-                   max_detections)
+        if "export" in ckpt:
+            from segkit.export import load_runner
+
+            return cls(None, ckpt["classes"], ckpt.get("score_threshold", 0.5), "cpu",
+                       {**info, "export": ckpt["export"]}, max_detections, runner=load_runner(path, ckpt))
+        predictor = cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device,
+                        info, max_detections)
+        if channels_last is None:
+            channels_last = CPU_CHANNELS_LAST and predictor.device.type == "cpu"
+        if channels_last:
+            predictor.model.to(memory_format=torch.channels_last)
+            predictor.info["channels_last"] = True
+        return predictor
 
     @classmethod
     def from_torchvision_coco(cls, device: str | torch.device | None = None,
@@ -66,35 +106,85 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[Prediction]:
-        """Predict several images in one forward pass."""
+        """Predict several images: in one forward pass (eager), or one by one (exported models)."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
         tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255)
                    for im in images]
-        # torchvision runs the mask head on, and pastes a full-size mask for, every detection above
-        # its own floor (0.05). Raising the floor to our threshold skips the masks we would discard;
-        # the detections kept are the same, since one below the threshold only suppresses (in NMS)
-        # others below it.
+        if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
+            outputs = [self._run_exported(t) for t in tensors]
+            return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
+        # torchvision runs the mask head on every detection above its own floor (0.05). Raising the
+        # floor to our threshold skips the masks we would discard; the detections kept are the same,
+        # since one below the threshold only suppresses (in NMS) others below it.
         heads = self.model.roi_heads
         floor = heads.score_thresh
         heads.score_thresh = max(floor, threshold)
         try:
-            outputs = self.model(tensors)
+            outputs = detect(self.model, tensors)
         finally:
             heads.score_thresh = floor
         return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
 
+    def _run_exported(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        boxes, labels, scores, mask_probs = self.runner(image)
+        n = len(scores) if self.max_detections is None else self.max_detections  # sorted by score
+        return {"boxes": boxes[:n], "labels": labels[:n].to(torch.int64), "scores": scores[:n],
+                "mask_probs": mask_probs[:n]}
+
+
+def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A torchvision Mask R-CNN in eval mode, stopped before it pastes masks into full-size images.
+
+    Per image: ``boxes`` (N, 4) in the input image's pixels, ``labels``, ``scores`` and
+    ``mask_probs`` (N, 1, 28, 28), the mask head's probabilities over each box. The same steps as
+    ``model(images)`` (transform, backbone, RPN, heads, boxes scaled back), less the paste, whose
+    float image per detection is what makes a large photo cost gigabytes.
+    """
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    batch, _ = model.transform(images)
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    proposals, _ = model.rpn(batch, features)
+    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    for det, size, original in zip(detections, batch.image_sizes, original_sizes):
+        det["boxes"] = resize_boxes(det["boxes"], size, original)
+        det["mask_probs"] = det.pop("masks")
+    return detections
+
+
+def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> InstanceMasks:
+    """Each (M, M) mask probability map resized onto its box and cut at 0.5, kept at the box's size.
+
+    Pixel for pixel what torchvision's ``paste_masks_in_image`` (then ``> 0.5``) gives inside the
+    image, without the full-size image per mask: the mask is padded by one cell and its box grown
+    to match, the box rounded down to integers, the mask resized bilinearly to the box, and the
+    part of the box inside the image kept.
+    """
+    padded, scale = expand_masks(mask_probs, padding=1)
+    int_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    crops = []
+    for mask, (bx0, by0, bx1, by1) in zip(padded, int_boxes):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+        region = resized[y0 - by0:max(y1, y0) - by0, x0 - bx0:max(x1, x0) - bx0]
+        crops.append(Crop(x0, y0, (region > 0.5).cpu().numpy()))
+    return InstanceMasks(crops, height, width)
+
 
 def to_prediction(output: dict[str, torch.Tensor], classes: list[str], threshold: float,
                   size: tuple[int, int]) -> Prediction:
-    """One image's output of a torchvision Mask R-CNN in eval mode as a :class:`Prediction`.
+    """One image's output of :func:`detect` as a :class:`Prediction`.
 
-    Keeps the detections scoring at least ``threshold``; masks are the model's soft masks cut at 0.5,
-    as torchvision and Detectron2 do. ``size`` is the image's (height, width), for an empty result.
+    Keeps the detections scoring at least ``threshold`` and pastes only their masks; masks are the
+    model's soft masks cut at 0.5, as torchvision and Detectron2 do. ``size`` is the image's
+    (height, width).
     """
     keep = output["scores"] >= threshold
     labels = output["labels"][keep].cpu().numpy().astype(np.int64)
-    masks = output["masks"][keep]
-    masks = (masks[:, 0] > 0.5).cpu().numpy() if len(masks) else np.zeros((0, *size), dtype=bool)
-    return Prediction(boxes=output["boxes"][keep].cpu().numpy().astype(np.float32), labels=labels,
+    boxes = output["boxes"][keep]
+    masks = paste_masks(output["mask_probs"][keep], boxes, int(size[0]), int(size[1]))
+    return Prediction(boxes=boxes.cpu().numpy().astype(np.float32), labels=labels,
                       class_names=[classes[i - 1] for i in labels],
                       scores=output["scores"][keep].cpu().numpy().astype(np.float32), masks=masks)

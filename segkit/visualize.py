@@ -49,8 +49,9 @@ def instance_id_map(prediction: Prediction) -> np.ndarray:
     if len(prediction) > np.iinfo(np.uint16).max:
         raise ValueError(f"{len(prediction)} instances do not fit a 16-bit id map")
     ids = np.zeros((height, width), dtype=np.uint16)
+    crops = prediction.instance_masks.crops
     for i in range(len(prediction) - 1, -1, -1):
-        ids[prediction.masks[i]] = i + 1
+        ids[crops[i].window][crops[i].mask] = i + 1  # only the box region: cost grows with the objects
     return ids
 
 

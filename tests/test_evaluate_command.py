@@ -14,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from tests.helpers import SAMPLE, write_subset
 from segkit.cli import main
 from segkit.coco import image_entry, predictions_file
+from segkit.masks import Crop
 from segkit.metrics import BACKGROUND, PixelStats, evaluate_predictions, semantic_metrics
 from segkit.plots import plot_confusion_matrix, plot_pr_curves
 from segkit.prediction import Prediction
@@ -199,8 +200,9 @@ def test_pixels_are_summed_over_the_split_not_averaged():
     big, small = np.zeros((10, 20), bool), np.zeros((10, 20), bool)
     big[:, :10] = True
     small[0, :10] = True
-    stats.add([(1, big)], [(1, big)], big.shape)
-    stats.add([(1, small)], [(2, small)], small.shape)  # predicted as class 2
+    big, small = Crop.from_dense(big), Crop.from_dense(small)
+    stats.add([(1, big)], [(1, big)], (10, 20))
+    stats.add([(1, small)], [(2, small)], (10, 20))  # predicted as class 2
     m = semantic_metrics(stats, ["a", "b"])
     assert m["per_class"]["a"]["iou"] == pytest.approx(100 / 110)
     assert m["per_class"]["a"]["dice"] == pytest.approx(200 / 210)

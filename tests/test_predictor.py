@@ -51,3 +51,39 @@ def test_grey_and_rgba_images_are_accepted(predictor):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt"):
         Predictor.from_checkpoint(tmp_path / "nope.pt")
+
+
+def test_compact_masks_equal_torchvisions_full_size_paste(predictor, sample_dir):
+    """Same boxes, scores, pixels and COCO RLEs as torchvision's own forward, which pastes every mask
+    into a full-size image: the compact path changes memory and time, not results."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from segkit.coco import encode_mask, prediction_to_coco
+
+    image = Image.open(next((sample_dir / "val" / "images").glob("*.jpg"))).convert("RGB")
+    prediction = predictor(image, 0.0)
+    with torch.inference_mode():
+        reference = predictor.model([pil_to_tensor(image).float().div_(255)])[0]
+    assert len(prediction) == len(reference["scores"]) > 0
+    np.testing.assert_array_equal(prediction.scores, reference["scores"].numpy())
+    np.testing.assert_array_equal(prediction.boxes, reference["boxes"].numpy())
+    full = (reference["masks"][:, 0] > 0.5).numpy()
+    assert full.any(axis=(1, 2)).sum() > len(full) // 2  # real masks, not empty ones
+    np.testing.assert_array_equal(prediction.masks, full)
+    assert [r["segmentation"] for r in prediction_to_coco(0, prediction)] == [encode_mask(m) for m in full]
+    np.testing.assert_array_equal(prediction.areas(), full.sum(axis=(1, 2)))
+
+
+def test_channels_last_is_the_cpu_default_and_finds_the_same_instances(untrained_checkpoint, predictor, sample_dir):
+    import torch
+
+    plain = Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=10, channels_last=False)
+    conv = predictor.model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and predictor.info["channels_last"]
+    path = next((sample_dir / "val" / "images").glob("*.jpg"))
+    want, got = plain(path, 0.0), predictor(path, 0.0)
+    assert len(want) == len(got) > 0
+    np.testing.assert_array_equal(want.labels, got.labels)
+    np.testing.assert_allclose(want.boxes, got.boxes, atol=0.05)
+    assert (want.masks != got.masks).mean() < 1e-4

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluator.evaluate()
 
     print(f"{len(records)} images: {which}")
-    print(f"COCO AP: all detections (the model's internal score threshold is {predictor.model.roi_heads.score_thresh}); "
+    print(f"COCO AP: all detections (the model's internal score threshold is {predictor.score_floor:g}); "
           f"IoU/Dice: masks with score >= {threshold:g}")
     print(format_table(report, classes))
     if args.json:

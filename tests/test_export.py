@@ -1,0 +1,100 @@
+"""segkit export: each artifact describes itself, runs through the one Predictor, and agrees with eager."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segkit.cli import main
+from segkit.export import ExportError, artifact_info, export, sha256
+from segkit.predictor import Predictor
+
+BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
+MAX_DETECTIONS = 10  # a random model fills every slot; 10 keep the mask head and the export cheap
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def artifact(request, untrained_checkpoint, tmp_path_factory):
+    for package in BACKENDS[request.param]:
+        pytest.importorskip(package)
+    out = tmp_path_factory.mktemp("export") / f"model{SUFFIX[request.param]}"
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", request.param,
+                 "--out", str(out), "--max-detections", str(MAX_DETECTIONS)]) == 0
+    return out
+
+
+def _images(sample_dir):
+    image = Image.open(next((sample_dir / "val" / "images").glob("*.jpg"))).convert("RGB")
+    return [image, image.resize((300, 200)), image.resize((190, 330))]  # dynamic size, either orientation
+
+
+def test_artifact_gives_the_same_detections_as_eager(artifact, untrained_checkpoint, sample_dir):
+    eager = Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=MAX_DETECTIONS)
+    exported = Predictor.from_checkpoint(artifact)
+    assert exported.model is None and exported.classes == eager.classes
+    for image in _images(sample_dir):
+        want, got = eager(image), exported(image)  # the checkpoint's threshold, 0.05
+        assert len(want) == len(got) > 0
+        np.testing.assert_array_equal(want.labels, got.labels)
+        np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
+        np.testing.assert_allclose(want.scores, got.scores, atol=1e-3)
+        for a, b in zip(want.masks, got.masks):
+            union = np.count_nonzero(a | b)
+            assert union == 0 or np.count_nonzero(a & b) / union >= 0.98
+
+
+def test_artifact_describes_itself(artifact, untrained_checkpoint):
+    info = artifact_info(artifact)
+    ckpt = load_checkpoint(untrained_checkpoint)
+    assert info["classes"] == ckpt["classes"] and info["img_size"] == 128 and info["score_threshold"] == 0.05
+    assert info["export"]["source_sha256"] == sha256(untrained_checkpoint)
+    assert info["export"]["segkit_version"]
+    assert info["export"]["frozen"] == {"box_score_thresh": 0.05, "box_nms_thresh": 0.5,
+                                        "detections_per_img": MAX_DETECTIONS, "min_size": 128, "max_size": 213}
+    assert load_checkpoint(artifact)["export"] == info["export"]  # what every --checkpoint reads
+
+
+def test_other_mask_heads_are_refused(untrained_checkpoint, tmp_path):
+    ckpt = load_checkpoint(untrained_checkpoint)
+    save_checkpoint({**ckpt, "mask_head": "pointrend"}, tmp_path / "pointrend.pt")
+    with pytest.raises(ExportError, match="'pointrend'.*only the standard Mask R-CNN mask head"):
+        export(tmp_path / "pointrend.pt", "onnx", tmp_path / "m.onnx")
+
+
+def test_missing_packages_say_what_to_install(untrained_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "pip install 'segkit[export]'" in capsys.readouterr().err
+
+
+def test_unreadable_artifact_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "junk.torchscript").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="junk.torchscript"):
+        Predictor.from_checkpoint(tmp_path / "junk.torchscript")
+
+
+def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoint, tiny_data, tmp_path):
+    pytest.importorskip("nncf")
+    pytest.importorskip("openvino")
+    out = tmp_path / "int8.xml"
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "openvino", "--int8",
+                 "--data", str(tiny_data), "--calibration-images", "2", "--max-detections", str(MAX_DETECTIONS),
+                 "--out", str(out)]) == 0
+    assert 'type="FakeQuantize"' in out.read_text()  # quantized, not just converted
+    int8 = artifact_info(out)["export"]["int8"]
+    assert int8["calibration_images"] == 2 and int8["val_images"] == 4
+    assert set(int8["before"]) == set(int8["after"]) == {"box_ap", "mask_ap"}
+    image = next((tiny_data / "val" / "images").iterdir())
+    assert len(Predictor.from_checkpoint(out)(image, 0.0)) > 0  # runs like any checkpoint
+
+
+def test_int8_needs_openvino_format(untrained_checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "onnx", "--int8",
+                 "--data", "x", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--int8 needs --format openvino" in capsys.readouterr().err
