@@ -22,7 +22,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
 
-from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS, PointRendRoIHeads, check_resolution
+from segkit.pointrend import (DEFAULT_RESOLUTION, MASK_HEADS, FullResolutionTransform, PointRendRoIHeads,
+                              check_resolution)
 
 COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
 
@@ -102,6 +103,7 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
     replace_heads(model, num_classes)
     if mask_head == "pointrend":
         model.roi_heads = PointRendRoIHeads.from_roi_heads(model.roi_heads, num_classes, mask_resolution)
+        model.transform = FullResolutionTransform.from_transform(model.transform)  # point labels at full resolution
     return model
 
 

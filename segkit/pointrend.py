@@ -6,7 +6,10 @@ the same points) then
 
 * in training, predicts the mask at points chosen by uncertainty-biased sampling (oversample ``k``
   times, keep the ``beta`` share the coarse mask is least sure about, the rest uniformly at random),
-  with a point-wise binary cross-entropy (``loss_mask_point``) next to torchvision's ``loss_mask``;
+  with a point-wise binary cross-entropy (``loss_mask_point``) next to torchvision's ``loss_mask``.
+  The labels at the points are read from the annotation at the image's own resolution
+  (:class:`FullResolutionTransform` keeps it), not from the copy resized to ``--img-size``: that is
+  what lets the rendered mask be sharper than the model's input;
 * at inference, renders the mask by adaptive subdivision: upsample the coarse logits 2x, recompute
   only the most uncertain points, repeat until ``resolution`` (224 by default), then torchvision's
   ``paste_masks_in_image`` pastes the square mask into the image as it does the 28 x 28 one.
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_loss
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 MASK_HEADS = ("standard", "pointrend")
 COARSE_SIZE = 28  # torchvision's mask head output: the coarse mask PointRend starts from
@@ -88,6 +92,21 @@ def fine_grained_features(feature: Tensor, boxes: list[Tensor], points: Tensor,
         out.append(sampled.reshape(feature.shape[1], n, points.shape[1]).transpose(0, 1))
         start += n
     return torch.cat(out) if out else feature.new_zeros((0, feature.shape[1], points.shape[1]))
+
+
+class FullResolutionTransform(GeneralizedRCNNTransform):
+    """torchvision's resize and normalisation, which also keeps each target's masks as they came
+    (``masks_full``, the same tensor: no copy) beside the resized ``masks``."""
+
+    @classmethod
+    def from_transform(cls, t: GeneralizedRCNNTransform) -> "FullResolutionTransform":
+        return cls(t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible,
+                   fixed_size=t.fixed_size, _skip_resize=t._skip_resize)
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        if target is not None and "masks" in target:
+            target["masks_full"] = target["masks"]  # the dict is the transform's own copy
+        return super().resize(image, target)
 
 
 class PointHead(nn.Module):
@@ -182,7 +201,8 @@ class PointRendRoIHeads(RoIHeads):
             points = uncertain_points(coarse[rois, labels][:, None], self.train_points, self.oversample,
                                       self.importance)
         point_logits = self._point_logits(features, boxes, points, coarse, image_shapes)[rois, labels]
-        point_targets = self._point_targets(gt_masks, boxes, matched, points)
+        full = [t.get("masks_full", t["masks"]) for t in targets]
+        point_targets = point_labels(full, boxes, matched, points, image_shapes)
         if point_targets.numel() == 0:
             loss_point = point_logits.sum() * 0  # keeps every parameter in the graph (DDP)
         else:
@@ -194,20 +214,6 @@ class PointRendRoIHeads(RoIHeads):
         fine = fine_grained_features(features[FINE_LEVEL], boxes, points, image_shapes)
         coarse_at_points = point_sample(coarse, points)
         return self.point_head(fine, coarse_at_points)
-
-    @staticmethod
-    def _point_targets(gt_masks: list[Tensor], boxes: list[Tensor], matched: list[Tensor], points: Tensor) -> Tensor:
-        """Each RoI's matched ground-truth mask, sampled at its points: (R, P) in [0, 1]."""
-        out, start = [], 0
-        for masks, image_boxes, idx in zip(gt_masks, boxes, matched):
-            n = len(image_boxes)
-            if n:
-                h, w = masks.shape[-2:]
-                scale = torch.tensor([w, h], device=points.device, dtype=points.dtype)
-                image_points = boxes_to_image_points(image_boxes, points[start:start + n]) / scale
-                out.append(point_sample(masks[idx][:, None].float(), image_points)[:, 0])
-            start += n
-        return torch.cat(out) if out else points.new_zeros((0, points.shape[1]))
 
     def _render_masks(self, features, boxes: list[Tensor], labels: list[Tensor],
                       image_shapes: list[tuple[int, int]]) -> list[Tensor]:
@@ -227,6 +233,26 @@ class PointRendRoIHeads(RoIHeads):
             logits = self._point_logits(features, boxes, points, coarse, image_shapes)[rois, classes]
             mask = mask.view(r, h * w).scatter(1, index, logits.float()).view(r, 1, h, w)
         return list(mask.sigmoid().split([len(b) for b in boxes]))
+
+
+def point_labels(gt_masks: list[Tensor], boxes: list[Tensor], matched: list[Tensor], points: Tensor,
+                 image_shapes: list[tuple[int, int]]) -> Tensor:
+    """Each RoI's matched ground-truth mask at its points: (R, P) of 0 and 1.
+
+    ``gt_masks`` per image may have any resolution (the annotation's own, or resized): points are placed
+    by their fraction of the model's image (``image_shapes``), and the mask pixel under each is read
+    directly, without making float copies of large masks.
+    """
+    out, start = [], 0
+    for masks, image_boxes, idx, (h, w) in zip(gt_masks, boxes, matched, image_shapes):
+        n = len(image_boxes)
+        fraction = boxes_to_image_points(image_boxes, points[start:start + n]) / points.new_tensor([w, h])
+        mask_h, mask_w = masks.shape[-2:]
+        x = (fraction[..., 0] * mask_w).long().clamp_(0, mask_w - 1)
+        y = (fraction[..., 1] * mask_h).long().clamp_(0, mask_h - 1)
+        out.append(masks[idx[:, None], y, x].float())
+        start += n
+    return torch.cat(out) if out else points.new_zeros((0, points.shape[1]))
 
 
 def mask_head_of(model: nn.Module) -> dict:

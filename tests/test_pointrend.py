@@ -7,8 +7,8 @@ import torch
 
 from segkit.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from segkit.model import build_model
-from segkit.pointrend import (PointRendRoIHeads, check_resolution, fine_grained_features, point_sample,
-                              uncertain_points)
+from segkit.pointrend import (FullResolutionTransform, PointRendRoIHeads, check_resolution, fine_grained_features,
+                              point_labels, point_sample, uncertain_points)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,24 @@ def test_training_points_favour_the_uncertain_band():
     in_band = ((points[..., 0] > 6.5 / 28) & (points[..., 0] < 21.5 / 28)).float().mean(1)
     # 54% of the area; ~160 of the 300 candidates fall in it, so the 75 kept all do, and half the 25 random ones
     assert (in_band > 0.8).all()
+
+
+def test_point_labels_come_from_the_annotation_at_its_own_resolution(model):
+    assert isinstance(model.transform, FullResolutionTransform)
+    masks = torch.ones(1, 128, 160, dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[0.0, 0, 160, 128]]), "labels": torch.tensor([1]), "masks": masks}]
+    model.train()
+    _, resized = model.transform([torch.rand(3, 128, 160)], targets)  # to the model's 64 px
+    assert resized[0]["masks_full"] is masks and resized[0]["masks"].shape == (1, 64, 80)
+    assert "masks_full" not in targets[0]  # the caller's dicts are left alone
+
+    # a 1-pixel line at full resolution, in a 4x smaller model image: the resize would drop it
+    full = torch.zeros(1, 40, 80, dtype=torch.uint8)
+    full[0, 21, :] = 1
+    boxes, points = [torch.tensor([[0.0, 0, 20, 10]])], torch.tensor([[[0.5, 21.5 / 40], [0.5, 0.5]]])
+    assert point_labels([full], boxes, [torch.tensor([0])], points, [(10, 20)]).tolist() == [[1.0, 0.0]]
+    assert point_labels([full[:0]], [boxes[0][:0]], [torch.zeros(0, dtype=torch.int64)], points[:0],
+                        [(10, 20)]).shape == (0, 2)
 
 
 def test_coco_format_weights_load_into_everything_but_the_point_head(tmp_path):
