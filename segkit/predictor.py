@@ -45,7 +45,8 @@ class Predictor:
     def from_loaded_checkpoint(cls, ckpt: dict, path: str | os.PathLike, device: str | torch.device | None = None,
                                max_detections: int | None = None) -> "Predictor":
         """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`."""
-        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
+        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "mask_head": ckpt.get("mask_head", "standard"),
+                "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
         return cls(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5), device, info,
                    max_detections)

@@ -297,9 +297,7 @@ def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.M
         model = build_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.trainable_layers,
                             cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights), mask_head=cfg.mask_head,
                             mask_resolution=cfg.mask_resolution)
-    except ValueError as e:  # a mask resolution PointRend cannot render
-        raise TrainingStopped(str(e), exit_code=2) from None
-    except WeightsError as e:
+    except (WeightsError, ValueError) as e:  # ValueError: a mask resolution PointRend cannot render
         raise TrainingStopped(str(e), exit_code=2) from None
     if resumed and is_pretrained(cfg.weights):
         freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)
