@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.helpers import instance_scores
+from tests.helpers import SAMPLE, instance_scores, write_subset
 
 from segkit.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from segkit.model import build_model
@@ -186,3 +186,29 @@ def test_pointrend_overfits_sharper_than_the_standard_head(overfit_run, pointren
     assert found(pointrend) >= found(standard), report  # no instance lost
     assert gain_iou >= MIN_IOU_GAIN, report
     assert gain_boundary >= MIN_BOUNDARY_GAIN, report
+
+
+def test_predict_and_evaluate_take_a_pointrend_checkpoint_without_options(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from segkit.cli import main
+    from segkit.predictor import Predictor
+
+    torch.manual_seed(0)
+    classes = ["leaf", "pebble", "shell"]
+    model = build_model("maskrcnn_resnet50_fpn", len(classes) + 1, weights=None, img_size=128, mask_head="pointrend")
+    ckpt = tmp_path / "pointrend.pt"
+    save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", classes, img_size=128, score_threshold=0.0), ckpt)
+    data = write_subset(SAMPLE / "val", tmp_path / "data", 1, splits=("val",)) / "val"
+    image = next((data / "images").iterdir())
+    predictor = Predictor.from_checkpoint(ckpt, max_detections=3)
+    assert isinstance(predictor.model.roi_heads, PointRendRoIHeads) and predictor.info["mask_head"] == "pointrend"
+    prediction = predictor(image)
+    width, height = Image.open(image).size
+    assert len(prediction) == 3 and prediction.masks.shape == (3, height, width)
+    fast = ["--max-detections", "3", "--checkpoint", str(ckpt)]
+    assert main(["predict", *fast, "--out", str(tmp_path / "pred"), str(image)]) == 0
+    assert main(["evaluate", *fast, "--data", str(data), "--split", "all", "--json", str(tmp_path / "m.json")]) == 0
+    assert set(json.loads((tmp_path / "m.json").read_text())["boundary"]["per_class"]) == set(classes)
