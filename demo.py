@@ -210,7 +210,8 @@ def _friendly(error: ImageError, path: str, name: str) -> str:
 
 def _model_panel(predictor: Predictor) -> str:
     info = predictor.info
-    facts = [f"**{k}**: `{info[k]}`" for k in ("checkpoint", "arch", "img_size", "epoch") if info.get(k) is not None]
+    facts = [f"**{k}**: `{info[k]}`" for k in ("checkpoint", "arch", "mask_head", "img_size", "epoch")
+             if info.get(k) is not None]
     return "  \n".join([*facts, f"**classes** ({len(predictor.classes)}): {', '.join(predictor.classes)}"])
 
 

@@ -15,6 +15,7 @@ import torch
 import segkit
 from segkit.atomic import atomic_open
 from segkit.model import build_model
+from segkit.pointrend import mask_head_of
 
 
 class CheckpointError(RuntimeError):
@@ -25,11 +26,13 @@ def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_s
                     score_threshold: float = 0.5, frozen_bn: bool = False, **extra: Any) -> dict[str, Any]:
     """The checkpoint dict of ``model``: what :func:`model_from_checkpoint` needs to rebuild it.
 
+    ``mask_head`` (``"standard"`` or ``"pointrend"``, with ``mask_resolution``) is read from the model:
+    it says which mask head to rebuild, and lets an exporter refuse what its backend cannot run.
     ``extra`` adds run details: ``epoch``, ``metrics``, ``config``, ``split``, and for resuming the
     optimizer, scheduler, scaler, ``history``, ``step`` and ``rng``.
     """
     return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
-            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), **extra}
+            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), **mask_head_of(model), **extra}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -70,8 +73,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset)."""
+    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset).
+
+    Checkpoints from before PointRend have no ``mask_head``: they are ``"standard"``.
+    """
+    head = {"mask_head": ckpt.get("mask_head", "standard")}
+    if "mask_resolution" in ckpt:
+        head["mask_resolution"] = int(ckpt["mask_resolution"])
     model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]) + 1, weights=None,
-                        img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)))
+                        img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)), **head)
     model.load_state_dict(ckpt["model"])
     return model

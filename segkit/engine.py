@@ -18,7 +18,7 @@ from segkit.predictor import detect, to_prediction
 
 # torchvision's loss names, shortened for the progress bar
 SHORT = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
-         "loss_rpn_box_reg": "rpn"}
+         "loss_rpn_box_reg": "rpn", "loss_mask_point": "point"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,7 +148,8 @@ def evaluate(model, loader, device: torch.device, score_threshold: float, prefix
     """Losses, COCO AP and IoU/Dice on ``loader``'s dataset (a :class:`segkit.dataset.SegmentationDataset`).
 
     Returns (flat row of numbers for metrics.csv, the full report of
-    :meth:`segkit.metrics.SegmentationEvaluator.evaluate`); IoU/Dice count masks scoring ``score_threshold``.
+    :meth:`segkit.metrics.SegmentationEvaluator.evaluate`); IoU/Dice and Boundary IoU (``biou``) count masks
+    scoring ``score_threshold``.
     ``ground_truth``: the dataset's :func:`segkit.coco.records_to_coco`, when already made.
     """
     losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
@@ -161,4 +162,6 @@ def evaluate(model, loader, device: torch.device, score_threshold: float, prefix
             row[f"{prefix}_{iou_type}_map{key[2:]}"] = report[iou_type][key]
     for key in ("mIoU", "mDice"):  # None when no class has pixels in the ground truth or the predictions
         row[f"{prefix}_{key.lower()}"] = float("nan") if report["semantic"][key] is None else report["semantic"][key]
+    boundary = report["boundary"]["iou"]
+    row[f"{prefix}_biou"] = float("nan") if boundary is None else boundary
     return row, report

@@ -1,6 +1,8 @@
 """How good predictions are: COCO AP for boxes and masks, and per-class IoU and Dice of the pixels.
 
 ``segkit evaluate`` and training's per-epoch validation feed the same :class:`SegmentationEvaluator`.
+Beside AP and IoU/Dice it reports Boundary IoU per class (:mod:`segkit.boundary`): how well the
+edges of the masks above the score threshold match, where mask IoU is dominated by the interiors.
 
 Two thresholds, on purpose:
 
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segkit.boundary import BoundaryStats
 from segkit.coco import coco_evaluate, prediction_to_coco, records_to_coco
 from segkit.masks import Crop
 from segkit.prediction import Prediction
@@ -95,7 +98,7 @@ class SegmentationEvaluator:
     """COCO AP and semantic IoU/Dice, fed one image at a time so that masks never pile up in memory.
 
     ``process(i, prediction)`` takes the prediction for ``records[i]`` with *all* its detections;
-    ``evaluate()`` returns ``{"bbox", "segm", "semantic"}`` (see the module docstring for thresholds).
+    ``evaluate()`` returns ``{"bbox", "segm", "semantic", "boundary"}`` (see the module docstring for thresholds).
     """
 
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
@@ -106,6 +109,7 @@ class SegmentationEvaluator:
         self.gt = ground_truth if ground_truth is not None else records_to_coco(self.records, self.classes)
         self.results: list[dict[str, Any]] = []
         self.pixels = PixelStats(len(self.classes))
+        self.boundary = BoundaryStats(len(self.classes))
         self._gt_by_image: dict[int, list[dict]] = {}
         for ann in self.gt["annotations"]:
             self._gt_by_image.setdefault(ann["image_id"], []).append(ann)
@@ -124,10 +128,12 @@ class SegmentationEvaluator:
         crops = prediction.instance_masks.crops
         pred = [(int(label), crop) for label, crop, k in zip(prediction.labels, crops, keep) if k]
         self.pixels.add(gt, pred, shape)
+        self.boundary.add(gt, pred, shape)
 
     def evaluate(self) -> dict[str, Any]:
         ap = coco_evaluate(self.gt, self.results)
-        return {"bbox": ap["bbox"], "segm": ap["segm"], "semantic": semantic_metrics(self.pixels, self.classes)}
+        return {"bbox": ap["bbox"], "segm": ap["segm"], "semantic": semantic_metrics(self.pixels, self.classes),
+                "boundary": self.boundary.report(self.classes)}
 
 
 def evaluate_predictions(records: Sequence[ImageRecord], predictions: Sequence[Prediction], classes: Sequence[str],
@@ -140,19 +146,20 @@ def evaluate_predictions(records: Sequence[ImageRecord], predictions: Sequence[P
 
 
 def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
-    """Per-class box AP, mask AP, IoU and Dice, then the summary rows."""
-    sem = report["semantic"]
+    """Per-class box AP, mask AP, IoU, Dice and Boundary IoU, then the summary rows."""
+    sem, boundary = report["semantic"], report["boundary"]
     width = max(len(n) for n in [BACKGROUND, "mean / all", *classes])
 
     def row(name: str, *values: float | None) -> str:
         return f"{name:<{width}}" + "".join("       -" if v is None else f"{v:8.3f}" for v in values)
 
-    lines = [f"{'class':<{width}}" + "".join(f"{h:>8}" for h in ("box AP", "mask AP", "IoU", "Dice"))]
+    lines = [f"{'class':<{width}}" + "".join(f"{h:>8}" for h in ("box AP", "mask AP", "IoU", "Dice", "bIoU"))]
     for name in classes:
         lines.append(row(name, report["bbox"]["per_class"].get(name), report["segm"]["per_class"].get(name),
-                         sem["per_class"][name]["iou"], sem["per_class"][name]["dice"]))
+                         sem["per_class"][name]["iou"], sem["per_class"][name]["dice"], boundary["per_class"][name]))
     lines.append(row(BACKGROUND, None, None, sem["per_class"][BACKGROUND]["iou"], sem["per_class"][BACKGROUND]["dice"]))
-    lines.append(row("mean / all", report["bbox"]["AP"], report["segm"]["AP"], sem["mIoU"], sem["mDice"]))
+    lines.append(row("mean / all", report["bbox"]["AP"], report["segm"]["AP"], sem["mIoU"], sem["mDice"],
+                     boundary["iou"]))
     lines += [row(key, report["bbox"][key], report["segm"][key]) for key in ("AP50", "AP75")]
     return "\n".join(lines)
 

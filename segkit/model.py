@@ -3,6 +3,8 @@
 Transfer learning the torchvision way: build the architecture exactly as torchvision does for
 pretrained weights (frozen batch norm, frozen early backbone stages), load the COCO state dict
 (91 classes), then replace the box and mask predictors with fresh ones for the user's classes.
+With ``mask_head="pointrend"`` a PointRend point head (:mod:`segkit.pointrend`, random init) is
+added on top of the 28 x 28 mask head, which stays as its coarse predictor.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
+
+from segkit.pointrend import (DEFAULT_RESOLUTION, MASK_HEADS, FullResolutionTransform, PointRendRoIHeads,
+                              check_resolution)
 
 COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
 
@@ -69,16 +74,23 @@ def uses_frozen_bn(arch: str, weights: str | os.PathLike | None) -> bool:
 
 def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None = "coco",
                 trainable_layers: int | None = None, img_size: int = 800,
-                frozen_bn: bool | None = None) -> MaskRCNN:
+                frozen_bn: bool | None = None, mask_head: str = "standard",
+                mask_resolution: int = DEFAULT_RESOLUTION) -> MaskRCNN:
     """Mask R-CNN for ``num_classes`` classes plus background.
 
     ``weights``: ``"coco"`` (torchvision's COCO weights, downloaded to torch's cache), ``None`` or
     ``"none"`` (random init), or a path to a torchvision-format state dict or a segkit checkpoint.
     ``trainable_layers`` (0..5) freezes the earliest ResNet stages as torchvision does; from random
     init everything trains. ``frozen_bn`` overrides the batch-norm choice (used when reloading).
+    ``mask_head``: ``"standard"`` (torchvision's 28 x 28 masks) or ``"pointrend"`` (masks refined up to
+    ``mask_resolution`` squared; the point head starts from random init whatever ``weights`` say).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    if mask_head not in MASK_HEADS:
+        raise ValueError(f"unknown mask head {mask_head!r}; choose one of: {', '.join(MASK_HEADS)}")
+    if mask_head == "pointrend":
+        check_resolution(mask_resolution)  # before any download
     builder, coco_weights, _ = ARCHITECTURES[arch]
     pretrained = is_pretrained(weights)
     frozen = uses_frozen_bn(arch, weights) if frozen_bn is None else frozen_bn
@@ -93,6 +105,9 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
     same_classes = str(weights).lower() != "coco" and model.roi_heads.box_predictor.cls_score.out_features == num_classes
     if not (pretrained and same_classes):
         replace_heads(model, num_classes)
+    if mask_head == "pointrend":
+        model.roi_heads = PointRendRoIHeads.from_roi_heads(model.roi_heads, num_classes, mask_resolution)
+        model.transform = FullResolutionTransform.from_transform(model.transform)  # point labels at full resolution
     return model
 
 
@@ -123,6 +138,8 @@ def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) ->
         state = _load_or_explain(lambda: coco_weights.get_state_dict(progress=True, check_hash=True), coco_weights)
     else:
         state = _read_state_dict(Path(weights))
+        # a PointRend checkpoint as starting weights: its point head is per class, and starts anew like the predictors
+        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.point_head.")}
     num_in_file = state["roi_heads.box_predictor.cls_score.weight"].shape[0] if \
         "roi_heads.box_predictor.cls_score.weight" in state else COCO_CLASSES
     if num_in_file != COCO_CLASSES:

@@ -74,7 +74,8 @@ class Predictor:
         returns for it has an ``export`` entry) runs with its own backend. An eager model on the CPU
         runs in channels-last memory format unless ``channels_last`` is False (see :data:`CPU_CHANNELS_LAST`).
         """
-        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
+        info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "mask_head": ckpt.get("mask_head", "standard"),
+                "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
         if "export" in ckpt:
             from segkit.export import load_runner

@@ -25,6 +25,7 @@ from segkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from segkit.coco import records_to_coco
 from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, count_parameters,
                           freeze_backbone, is_pretrained, uses_frozen_bn)
+from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS
 from segkit.splits import SPLITS, SplitError, restore_split, split_records
 from segkit.transforms import PRESETS
 
@@ -42,6 +43,9 @@ class TrainConfig:
     images: str | None = _opt(None, "folder holding the images, when not beside the export")
     model: str = _opt("maskrcnn_resnet50_fpn", "architecture", choices=list(ARCHITECTURES))
     weights: str = _opt("coco", "starting weights: coco, none (random init) or a .pt/.pth path")
+    mask_head: str = _opt("standard", "standard (torchvision's 28x28 masks) or pointrend (refined at high "
+                                      "resolution; its point head starts from random init)", choices=list(MASK_HEADS))
+    mask_resolution: int = _opt(DEFAULT_RESOLUTION, "pointrend: side of the rendered mask (112, 224 or 448)")
     trainable_layers: int | None = _opt(None, "ResNet stages to fine-tune (0-5); default 3 with pretrained weights")
     roi_batch_size: int = _opt(512, "sampled proposals per image for the box/mask heads (torchvision: 512; "
                                     "128 trains faster and is enough for small datasets)")
@@ -297,8 +301,9 @@ def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.M
     """The run's model; a resumed run rebuilds the same modules and frozen layers, its weights come from last.pt."""
     try:
         model = build_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.trainable_layers,
-                            cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights))
-    except WeightsError as e:
+                            cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights), mask_head=cfg.mask_head,
+                            mask_resolution=cfg.mask_resolution)
+    except (WeightsError, ValueError) as e:  # ValueError: a mask resolution PointRend cannot render
         raise TrainingStopped(str(e), exit_code=2) from None
     if resumed and is_pretrained(cfg.weights):
         freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)

@@ -43,14 +43,23 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_subset(SAMPLE / "train", tmp_path_factory.mktemp("tiny") / "data", 4)
 
 
+def _overfit(tiny_data: Path, out: Path, mask_head: str) -> dict:
+    from segkit.trainer import train
+
+    return train(tiny_config(tiny_data, out, epochs=OVERFIT_EPOCHS, eval_every=OVERFIT_EPOCHS, lr=0.02,
+                             warmup_iters=10, schedule="step", mask_head=mask_head))
+
+
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
     """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 cores)."""
-    from segkit.trainer import train
+    return _overfit(tiny_data, tmp_path_factory.mktemp("overfit") / "run", "standard")
 
-    out = tmp_path_factory.mktemp("overfit") / "run"
-    return train(tiny_config(tiny_data, out, epochs=OVERFIT_EPOCHS, eval_every=OVERFIT_EPOCHS, lr=0.02,
-                             warmup_iters=10, schedule="step"))
+
+@pytest.fixture(scope="session")
+def pointrend_overfit_run(tiny_data, tmp_path_factory) -> dict:
+    """The same training as ``overfit_run`` (images, size, epochs, seed), with the PointRend mask head."""
+    return _overfit(tiny_data, tmp_path_factory.mktemp("overfit_pointrend") / "run", "pointrend")
 
 
 @pytest.fixture(scope="session")

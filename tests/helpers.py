@@ -60,3 +60,26 @@ def chrome():
                  "--window-size=1280,1400", f"--user-data-dir={tempfile.mkdtemp(prefix='segkit-chrome-')}"]:
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def instance_scores(checkpoint: Path, split: Path) -> list[tuple[float, float]]:
+    """(mask IoU, Boundary IoU) of each ground-truth instance in ``split`` with its best-overlapping
+    prediction of the same class (0, 0 when there is none), at the checkpoint's score threshold."""
+    from segkit.boundary import boundary_iou
+    from segkit.predictor import Predictor
+    from segkit.readers import load_dataset
+
+    predictor = Predictor.from_checkpoint(checkpoint)
+    scores = []
+    for record in load_dataset(split).images:
+        prediction = predictor(record.path)
+        for inst in record.instances:
+            gt = inst.mask(record.height, record.width).astype(bool)
+            same_class = [m for m, name in zip(prediction.masks, prediction.class_names) if name == inst.label]
+            ious = [(m & gt).sum() / (m | gt).sum() for m in same_class]
+            if not ious:
+                scores.append((0.0, 0.0))
+                continue
+            best = same_class[max(range(len(ious)), key=ious.__getitem__)]
+            scores.append((float(max(ious)), float(boundary_iou(gt, best))))
+    return scores

@@ -10,16 +10,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
+def _torchrun(tiny_data: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train.py"), "--data", str(tiny_data),
-           "--weights", "none", "--img-size", "128", "--epochs", "1", "--batch-size", "1", "--workers", "0",
-           "--limit", "2", "--aug", "none", "--no-progress", "--name", "ddp"]
+           "--weights", "none", "--img-size", "128", "--batch-size", "1", "--workers", "0",
+           "--limit", "2", "--aug", "none", "--no-progress", "--name", "ddp", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_two_processes_on_cpu(tiny_data, tmp_path):
+    done = _torchrun(tiny_data, tmp_path, "--epochs", "1")
     assert "2 process(es)" in done.stdout
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]  # ranks agreed on one folder
     rows = list(csv.DictReader(open(tmp_path / "runs" / "ddp" / "metrics.csv")))
     assert len(rows) == 1 and float(rows[0]["val_loss"]) > 0
     assert done.stdout.count("epoch 1 |") == 1  # only rank 0 reports and writes
+
+
+def test_torchrun_trains_pointrend(tiny_data, tmp_path):
+    """Two steps per rank: DDP fails on the second when a parameter went unused in the first."""
+    _torchrun(tiny_data, tmp_path, "--epochs", "2", "--eval-every", "2", "--mask-head", "pointrend")
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "ddp" / "metrics.csv")))
+    assert len(rows) == 2 and float(rows[-1]["train_loss_mask_point"]) > 0

@@ -103,7 +103,7 @@ def test_segm_ap_matches_cocoeval_on_imperfect_predictions():
 
 def test_json_and_plots(evaluated):
     m = evaluated["metrics"]
-    assert set(m) == {"bbox", "segm", "semantic"}
+    assert set(m) == {"bbox", "segm", "semantic", "boundary"}
     for iou_type in ("bbox", "segm"):
         assert set(m[iou_type]) == {"AP", "AP50", "AP75", "per_class", "pr_curves"}
         # precision at 101 recall points at IoU 0.5, for each class with ground truth: its mean is AP50
@@ -113,6 +113,8 @@ def test_json_and_plots(evaluated):
     assert list(m["semantic"]["per_class"]) == [BACKGROUND, *CLASSES]
     for name, v in m["semantic"]["per_class"].items():
         assert set(v) == {"iou", "dice"}
+    assert set(m["boundary"]) == {"iou", "per_class", "dilation_ratio"} and m["boundary"]["dilation_ratio"] == 0.02
+    assert list(m["boundary"]["per_class"]) == CLASSES
     for png in ("confusion_matrix.png", "pr_curves.png"):
         assert (evaluated["plots"] / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -171,6 +173,7 @@ def test_perfect_prediction_scores_one():
         assert set(m[iou_type]["per_class"].values()) == {1.0}
     assert m["semantic"]["mIoU"] == 1.0 and m["semantic"]["mDice"] == 1.0
     assert all(v == {"iou": 1.0, "dice": 1.0} for v in m["semantic"]["per_class"].values())
+    assert m["boundary"]["iou"] == 1.0 and set(m["boundary"]["per_class"].values()) == {1.0}
 
 
 def test_empty_prediction_scores_zero(tmp_path):
@@ -179,6 +182,7 @@ def test_empty_prediction_scores_zero(tmp_path):
     for iou_type in ("bbox", "segm"):
         assert (m[iou_type]["AP"], m[iou_type]["AP50"], m[iou_type]["AP75"]) == (0.0, 0.0, 0.0)
     assert m["semantic"]["mIoU"] == 0.0 and m["semantic"]["mDice"] == 0.0
+    assert m["boundary"]["iou"] == 0.0
     assert 0 < m["semantic"]["per_class"][BACKGROUND]["iou"] < 1
     assert m["segm"]["pr_curves"] and set(m["segm"]["pr_curves"]) == set(m["segm"]["per_class"])
     assert all(max(c) == 0 for c in m["segm"]["pr_curves"].values())

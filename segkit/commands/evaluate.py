@@ -1,4 +1,4 @@
-"""``segkit evaluate``: COCO AP and per-class IoU/Dice of a checkpoint on a dataset, as a table, JSON and plots.
+"""``segkit evaluate``: COCO AP, per-class IoU/Dice and Boundary IoU of a checkpoint on a dataset, as a table, JSON and plots.
 
 See :mod:`segkit.metrics` for what each number means and which score threshold it uses.
 """
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"{len(records)} images: {which}")
     print(f"COCO AP: all detections (the model's internal score threshold is {predictor.score_floor:g}); "
-          f"IoU/Dice: masks with score >= {threshold:g}")
+          f"IoU/Dice/bIoU: masks with score >= {threshold:g}; bIoU: Boundary IoU, boundary "
+          f"{report['boundary']['dilation_ratio']:.0%} of the image diagonal")
     print(format_table(report, classes))
     if args.json:
         write_json(args.json, report, indent=2)
