@@ -148,6 +148,10 @@ class SemanticSegmenter(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         """Losses ``{"loss_ce", "loss_dice"}`` when ``targets`` (each with ``"semantic"``, (H, W) int64) are
         given, else a list of (C + 1, H, W) logits at each image's own size."""
+        if targets is None and len(images) > 1:
+            # One at a time: the padding a batch needs would change each image's logits near its edges,
+            # and an image's prediction must not depend on what it was batched with.
+            return [self([im])[0] for im in images]
         sizes = [self._resized(im.shape[-2:]) for im in images]
         batch = self._batch([F.interpolate(((im - self.mean) / self.std)[None], size=s, mode="bilinear",
                                            align_corners=False)[0] for im, s in zip(images, sizes)], 0.0)
