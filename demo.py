@@ -128,7 +128,8 @@ def predict(image: Image.Image, threshold: float = 0.5, predictor: Predictor | N
 
 
 def render(image: Image.Image, prediction: Prediction | SemanticPrediction, threshold: float,
-           classes: list[str] | None = None, alpha: float = ALPHA) -> tuple[Image.Image, Prediction | SemanticPrediction]:
+           classes: list[str] | None = None,
+           alpha: float = ALPHA) -> tuple[Image.Image, Prediction | SemanticPrediction]:
     """The instances of ``prediction`` scoring at least ``threshold`` (of ``classes``, when given), drawn on ``image``.
 
     A semantic prediction has no scores: all its classes (of ``classes``) are drawn.

@@ -75,7 +75,8 @@ class SemanticEvaluator:
         self.confusion += np.bincount(pairs, minlength=n * n).reshape(n, n)
 
     def evaluate(self) -> dict[str, Any]:
-        """``{"per_class": {name: {"iou", "dice"}}, "mIoU", "mDice", "pixel_accuracy"}`` (as the instance report's ``semantic``)."""
+        """``{"per_class": {name: {"iou", "dice"}}, "mIoU", "mDice", "pixel_accuracy"}``: the instance
+        report's ``semantic`` keys, plus pixel accuracy."""
         report = semantic_metrics(PixelStats.from_confusion(self.confusion), self.classes)
         total = int(self.confusion.sum())
         report["pixel_accuracy"] = float(np.trace(self.confusion)) / total if total else None

@@ -79,8 +79,10 @@ class ServedModel:
         from segkit.predictor import Predictor  # torch: imported when a model is served
 
         predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
-        if self.cfg.img_size:
+        if self.cfg.img_size and hasattr(predictor.model, "transform"):
             predictor.model.transform.min_size = (self.cfg.img_size,)
+        elif self.cfg.img_size:  # a semantic model resizes itself
+            predictor.model.img_size = self.cfg.img_size
         if self.cfg.score_threshold is not None:
             predictor.score_threshold = self.cfg.score_threshold
         version = model_version(checkpoint)
@@ -151,8 +153,9 @@ class Predictions:
             log.warning("task %s: no prediction: %s", task.get("id"), e)
             return {"model_version": version, "score": 0.0, "result": []}
         prediction = predictor(image)
-        entry = image_entry(ref, image.width, image.height, prediction)
-        return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels)
+        semantic = hasattr(prediction, "as_instances")  # a semantic model: one brush region per class
+        entry = image_entry(ref, image.width, image.height, prediction.as_instances() if semantic else prediction)
+        return prediction_result(entry, version, target.from_name, target.to_name, target.brush or semantic, labels)
 
     def _url(self, ref: str | None, task_id: Any, client: Client) -> str:
         if not ref:
@@ -238,6 +241,7 @@ class Retrainer:
         ckpt = load_checkpoint(self.model.checkpoint)
         cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{link.url.rstrip('/')}/projects/{project}",
                "--weights", str(self.model.checkpoint), "--model", ckpt["arch"],
+               "--task", ckpt.get("task") or "instance",
                "--img-size", str(self.cfg.train_img_size or ckpt["img_size"]),
                "--score-threshold", str(ckpt.get("score_threshold", 0.5)),
                "--epochs", str(self.cfg.train_epochs), "--out", str(out), "--no-progress", *self.cfg.train_args]
