@@ -16,6 +16,8 @@ import math
 import cv2
 import numpy as np
 
+from segkit.masks import Crop
+
 DILATION_RATIO = 0.02  # of the image diagonal: the paper's choice for COCO-sized images
 
 
@@ -27,16 +29,20 @@ def boundary_width(shape: tuple[int, int], ratio: float = DILATION_RATIO) -> int
 def mask_boundary(mask: np.ndarray, width: int) -> np.ndarray:
     """The pixels of ``mask`` (bool, H x W) within ``width`` of its contour or of the image's edge."""
     out = np.zeros(mask.shape, bool)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if not len(rows):
-        return out
-    # only the mask's box matters; a zero border stands for the outside (and the image's edge)
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = np.pad(mask[y0:y1, x0:x1].astype(np.uint8), 1)
-    # distance to the nearest outside pixel; one pass, whatever the width (= `width` 3x3 erosions)
-    distance = cv2.distanceTransform(crop, cv2.DIST_C, 3)[1:-1, 1:-1]
-    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1] & (distance <= width)
+    crop = Crop.from_dense(mask)
+    out[crop.window] = crop_boundary(crop, width)
     return out
+
+
+def crop_boundary(crop: Crop, width: int) -> np.ndarray:
+    """:func:`mask_boundary` of a mask kept as a :class:`Crop`, over the crop's own window."""
+    if not crop.mask.any():
+        return np.zeros(crop.mask.shape, bool)
+    # a zero border stands for the outside of the crop (background or the image's edge)
+    padded = np.pad(crop.mask.astype(np.uint8), 1)
+    # distance to the nearest outside pixel; one pass, whatever the width (= `width` 3x3 erosions)
+    distance = cv2.distanceTransform(padded, cv2.DIST_C, 3)[1:-1, 1:-1]
+    return crop.mask & (distance <= width)
 
 
 def boundary_iou(gt: np.ndarray, pred: np.ndarray, width: int | None = None) -> float | None:
@@ -63,9 +69,9 @@ class BoundaryStats:
         self.intersection = np.zeros(num_classes + 1, np.int64)
         self.union = np.zeros(num_classes + 1, np.int64)
 
-    def add(self, gt_masks: list[tuple[int, np.ndarray]], pred_masks: list[tuple[int, np.ndarray]],
+    def add(self, gt_masks: list[tuple[int, Crop]], pred_masks: list[tuple[int, Crop]],
             shape: tuple[int, int]) -> None:
-        """One image: ``(label, bool mask)`` pairs of the ground truth and of the counted predictions."""
+        """One image: ``(label, mask crop)`` pairs of the ground truth and of the counted predictions."""
         width = boundary_width(shape, self.ratio)
         gt, pred = self._regions(gt_masks, shape, width), self._regions(pred_masks, shape, width)
         for c in set(gt) | set(pred):
@@ -74,11 +80,11 @@ class BoundaryStats:
             self.union[c] += np.count_nonzero(g | p)
 
     @staticmethod
-    def _regions(masks: list[tuple[int, np.ndarray]], shape: tuple[int, int], width: int) -> dict[int, np.ndarray]:
+    def _regions(masks: list[tuple[int, Crop]], shape: tuple[int, int], width: int) -> dict[int, np.ndarray]:
         regions: dict[int, np.ndarray] = {}
-        for label, mask in masks:
+        for label, crop in masks:
             regions.setdefault(label, np.zeros(shape, bool))
-            regions[label] |= mask_boundary(mask, width)
+            regions[label][crop.window] |= crop_boundary(crop, width)
         return regions
 
     def report(self, classes: list[str]) -> dict:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from segkit.boundary import BoundaryStats, boundary_iou, boundary_width, mask_boundary
+from segkit.masks import Crop
 
 
 def _square(top: int, left: int, side: int = 20, shape=(50, 50)) -> np.ndarray:
@@ -57,14 +58,16 @@ def test_known_answers():
 def test_stats_sum_over_images_per_class_and_instances_keep_their_edges():
     stats = BoundaryStats(num_classes=2)
     gt = _square(10, 10)
-    stats.add([(1, gt)], [(1, gt)], gt.shape)  # 76 of 76
-    stats.add([(1, gt)], [(2, gt)], gt.shape)  # class 1 missed, class 2 false
+    crop = Crop.from_dense(gt)  # the form predictions and ground truth are fed in
+    stats.add([(1, crop)], [(1, crop)], gt.shape)  # 76 of 76
+    stats.add([(1, crop)], [(2, crop)], gt.shape)  # class 1 missed, class 2 false
     report = stats.report(["a", "b"])
     assert report["per_class"] == {"a": pytest.approx(76 / 152), "b": 0.0}
     assert report["iou"] == pytest.approx(0.25) and report["dilation_ratio"] == 0.02
 
     left, right = _square(10, 10, 10), _square(10, 20, 10)  # two touching instances of one class
     touching = BoundaryStats(num_classes=1)
-    touching.add([(1, left), (1, right)], [(1, left | right)], left.shape)  # merged: the shared edge is lost
+    touching.add([(1, Crop.from_dense(left)), (1, Crop.from_dense(right))], [(1, Crop.from_dense(left | right))],
+                 left.shape)  # merged: the shared edge is lost
     assert touching.report(["a"])["per_class"]["a"] == pytest.approx(56 / 72)  # ring of the merged box, all in the truth
     assert BoundaryStats(num_classes=1).report(["a"]) == {"iou": None, "per_class": {"a": None}, "dilation_ratio": 0.02}
