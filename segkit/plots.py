@@ -46,7 +46,7 @@ def plot_metrics(history: list[dict], path: str | Path) -> Path:
     """Validation AP curves for boxes and masks; for a semantic model mIoU, mDice, pixel accuracy and per-class IoU."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [row["epoch"] for row in history]
-    is_semantic = any("val_miou" in row for row in history)
+    is_semantic = any("val_pixel_accuracy" in row for row in history)  # instance rows have val_miou too
     keys = [*SEMANTIC_KEYS, *sorted({k for row in history for k in row if k.startswith("val_iou_")})] if is_semantic \
         else AP_KEYS
     for key in keys:

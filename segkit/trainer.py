@@ -312,7 +312,7 @@ def _score_key(cfg: TrainConfig) -> str:
 
 def _print_epoch(row: dict) -> None:
     parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
-    if "val_miou" in row:
+    if "val_pixel_accuracy" in row:  # a semantic run (instance rows have val_miou too)
         parts += [f"val loss {row['val_loss']:.3f}", f"mIoU {row['val_miou']:.3f}",
                   f"pixel acc {row['val_pixel_accuracy']:.3f}"]
     elif "val_loss" in row:
