@@ -124,12 +124,24 @@ def test_offline_unet_encoder_weights_say_where_to_put_them(monkeypatch):
     assert "smp-hub/resnet34.imagenet" in str(err.value) and "--weights none" in str(err.value)
 
 
-def test_a_model_of_the_other_task_is_refused_with_the_choices(tiny_data, tmp_path):
-    with pytest.raises(TrainingStopped, match="unet_resnet34") as err:
-        train(tiny_config(tiny_data, tmp_path / "a", task="semantic", model="maskrcnn_resnet50_fpn"))
-    assert err.value.exit_code == 2
+def test_a_model_of_the_other_task_is_refused_with_the_choices(tiny_data, tmp_path, capsys):
+    assert main(["train", "--data", str(tiny_data), "--task", "semantic", "--model", "maskrcnn_resnet50_fpn",
+                 "--weights", "none", "--out", str(tmp_path / "a")]) == 2
+    assert "unet_resnet34" in capsys.readouterr().err
     with pytest.raises(TrainingStopped, match="maskrcnn_resnet50_fpn"):
         train(tiny_config(tiny_data, tmp_path / "b", task="instance", model="unet_resnet34"))
+
+
+def test_semantic_run_resumes_with_its_task_and_history(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, task="semantic", model="unet_resnet18", epochs=1, limit=2))
+    # Resumed without --task or --model: both come from the checkpoint.
+    train(tiny_config(tiny_data, tmp_path / "ignored", epochs=2, resume=str(out / "last.pt")))
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["val_miou"] for r in rows)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["task"], last["arch"], last["epoch"]) == ("semantic", "unet_resnet18", 2)
 
 
 def test_weights_from_a_checkpoint_of_other_classes_keep_the_body(semantic_checkpoint):
