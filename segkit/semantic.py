@@ -7,7 +7,7 @@ instance trainer's own. Targets follow :mod:`segkit.class_map`'s rule; the model
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -144,10 +144,3 @@ def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
     lines += [row("mean", report["mIoU"], report["mDice"]), row("pixel accuracy", report["pixel_accuracy"])]
     return "\n".join(lines)
 
-
-def describe_classes(prediction, names: Iterable[str] | None = None) -> list[tuple[str, int, float]]:
-    """(class, pixels, share of the image) for each class present in a SemanticPrediction, largest first."""
-    total = prediction.class_map.size
-    rows = [(name, int(area), area / total) for name, area in zip(prediction.class_names, prediction.areas())
-            if names is None or name in set(names)]
-    return sorted(rows, key=lambda r: -r[1])
