@@ -33,6 +33,8 @@ class Predictor:
     ``predictor(image)`` returns a :class:`Prediction`; ``predictor.model`` is the torchvision model.
     """
 
+    task = "instance"  # what its checkpoint says; SemanticPredictor: "semantic"
+
     def __init__(self, model: torch.nn.Module | None, classes: list[str], score_threshold: float = 0.5,
                  device: str | torch.device | None = None, info: dict | None = None,
                  max_detections: int | None = None, runner: Runner | None = None):
@@ -146,6 +148,8 @@ class SemanticPredictor(Predictor):
     Built by :meth:`Predictor.from_checkpoint` for a semantic checkpoint. The score threshold is
     accepted for the callers' sake and ignored: every pixel gets its most probable class.
     """
+
+    task = "semantic"
 
     def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
                  device: str | torch.device | None = None, info: dict | None = None,

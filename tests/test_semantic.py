@@ -272,3 +272,41 @@ def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint,
     assert np.array_equal(np.asarray(Image.open(files[1])), expected)  # the class-index download
     coco = json.loads(Path(files[2]).read_text())
     assert sorted(a["category_name"] for a in coco["annotations"]) == sorted(rows)
+
+
+def test_ml_backend_answers_with_one_region_per_class(semantic_checkpoint, tiny_data, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from segkit.labelstudio.backend import BackendConfig, create_app
+
+    images = tiny_data / "val" / "images"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # the task's image URL
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    name = sorted(images.iterdir())[0].name
+    labels = '<Label value="Leaf"/><Label value="Pebble"/><Label value="Shell"/>'
+    polygons = f'<PolygonLabels name="outline" toName="photo">{labels}</PolygonLabels>'
+    brushes = f'<BrushLabels name="paint" toName="photo">{labels}</BrushLabels>'
+    cfg = BackendConfig(checkpoint=semantic_checkpoint, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
+                        label_studio_url=None, api_key=None)
+    task = {"id": 1, "data": {"img": f"http://127.0.0.1:{server.server_address[1]}/{name}"}}
+    try:
+        with TestClient(create_app(cfg)) as client:
+            both, only_polygons = [client.post("/predict", json={"tasks": [task], "label_config":
+                                                                 f'<View><Image name="photo" value="$img"/>{c}</View>'})
+                                   for c in (polygons + brushes, polygons)]
+    finally:
+        server.shutdown()
+    expected = Predictor.from_checkpoint(semantic_checkpoint)(images / name).class_map
+    present = sorted(CLASSES[k - 1].capitalize() for k in np.unique(expected) if k)
+    [result] = both.json()["results"]
+    # Brushes when the config has them, even after a polygon tag: a class's area, pieces and all.
+    assert {(r["type"], r["from_name"]) for r in result["result"]} == {("brushlabels", "paint")}
+    assert sorted(r["value"]["brushlabels"][0] for r in result["result"]) == present
+    [result] = only_polygons.json()["results"]  # else polygons, one or more per class
+    assert {(r["type"], r["from_name"]) for r in result["result"]} == {("polygonlabels", "outline")}
+    assert sorted({r["value"]["polygonlabels"][0] for r in result["result"]}) == present

@@ -122,11 +122,15 @@ class Predictions:
         self.model, self.link, self.cfg = model, link, cfg
         self._targets: dict[tuple[str, tuple[str, ...]], tuple[RegionTarget, dict[str, str]]] = {}
 
-    def target(self, label_config: str, classes: list[str]) -> tuple[RegionTarget, dict[str, str]]:
-        """The tag to fill and class -> label, worked out (and logged) once per config and class list."""
-        key = (label_config, tuple(classes))
+    def target(self, label_config: str, classes: list[str],
+               semantic: bool = False) -> tuple[RegionTarget, dict[str, str]]:
+        """The tag to fill and class -> label, worked out (and logged) once per config and class list.
+
+        A semantic model prefers brushes: a class's area is one region, often in many pieces.
+        """
+        key = (label_config, tuple(classes), semantic)
         if key not in self._targets:
-            prefer = "brush" if self.cfg.regions == "brush" else "polygon"
+            prefer = "brush" if self.cfg.regions == "brush" or semantic else "polygon"
             target = choose_target(label_config, prefer)
             if self.cfg.regions != "auto" and target.kind != self.cfg.regions:
                 log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
@@ -136,7 +140,7 @@ class Predictions:
     def __call__(self, tasks: list[dict], label_config: str, project: str | None) -> list[dict]:
         with self.model.lock:
             predictor, version = self.model.predictor, self.model.version
-            target, labels = self.target(label_config, predictor.classes)
+            target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
             cache = ImageCache(self._cache_folder(project))
             with self.link.client_or_none() as client:
                 try:
@@ -153,9 +157,10 @@ class Predictions:
             log.warning("task %s: no prediction: %s", task.get("id"), e)
             return {"model_version": version, "score": 0.0, "result": []}
         prediction = predictor(image)
-        semantic = hasattr(prediction, "as_instances")  # a semantic model: one brush region per class
-        entry = image_entry(ref, image.width, image.height, prediction.as_instances() if semantic else prediction)
-        return prediction_result(entry, version, target.from_name, target.to_name, target.brush or semantic, labels)
+        if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
+            prediction = prediction.as_instances()
+        entry = image_entry(ref, image.width, image.height, prediction)
+        return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels)
 
     def _url(self, ref: str | None, task_id: Any, client: Client) -> str:
         if not ref:
