@@ -5,8 +5,9 @@ The rule, the same for training targets, validation and ``segkit evaluate``:
 * background is 0, ``classes[i]`` is ``i + 1`` (:func:`segkit.records.label_map`, as for Mask R-CNN);
 * instances are painted in annotation order, so where instances of different classes overlap the one
   drawn on top in the annotation tool (the later one) wins;
-* crowd regions (COCO ``iscrowd``) are painted last with :data:`IGNORE_INDEX` (255): the loss and the
-  metrics skip those pixels, whatever class they look like;
+* crowd regions (COCO ``iscrowd``) and labelme's ``__ignore__`` regions (``ImageRecord.ignore``) are
+  painted last with :data:`IGNORE_INDEX` (255): the loss and the metrics skip those pixels, whatever
+  class they look like;
 * instances without a mask (rectangles) add nothing.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from segkit.records import ImageRecord, label_map
 
@@ -40,6 +42,9 @@ def class_map(record: ImageRecord, classes: Sequence[str], height: int | None = 
         out[_mask(inst, h, w, record)] = labels[inst.label]
     for inst in (i for i in with_masks if i.iscrowd):  # ignore regions win over every class
         out[_mask(inst, h, w, record)] = IGNORE_INDEX
+    if record.ignore:
+        out[mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(record.ignore, h, w))).astype(bool)] = \
+            IGNORE_INDEX
     return out
 
 

@@ -58,6 +58,26 @@ def test_later_instance_wins_overlaps_and_crowd_regions_are_ignored():
         class_map(_record([_square("cat", 0, 0, 2, 2)]), CLASSES)
 
 
+def test_labelme_ignore_and_coco_crowd_regions_read_from_exports_become_255(tmp_path):
+    from tests.exports import coco_ann, coco_export, labelme_file, labelme_shape, square, write_image
+
+    write_image(tmp_path / "labelme" / "a.png", size=(40, 30))
+    shapes = [labelme_shape("leaf", [[0, 0], [20, 0], [20, 20], [0, 20]]),
+              labelme_shape("__ignore__", [[10, 10], [30, 10], [30, 25], [10, 25]])]
+    labelme_file(tmp_path / "labelme" / "a.json", shapes, "a.png", (40, 30))
+    [record] = load_dataset(tmp_path / "labelme").images
+    cmap = class_map(record, ["leaf"])
+    assert (cmap[2, 2], cmap[15, 15], cmap[20, 25], cmap[28, 38]) == (1, IGNORE_INDEX, IGNORE_INDEX, 0)
+    assert [i.label for i in record.instances] == ["leaf"]  # still no instance from __ignore__
+
+    write_image(tmp_path / "coco" / "b.png", size=(40, 30))
+    coco_export(tmp_path / "coco", [{"id": 1, "file_name": "b.png", "width": 40, "height": 30}],
+                [coco_ann(1, 1, 1, [square(0, 0, 20, 20)]), coco_ann(2, 1, 1, [square(10, 10, 30, 25)], iscrowd=1)],
+                [{"id": 1, "name": "leaf"}])
+    [record] = load_dataset(tmp_path / "coco" / "result.json").images
+    assert np.array_equal(class_map(record, ["leaf"]), cmap)
+
+
 def test_dataset_target_is_the_class_map_at_the_image_size(tmp_path):
     path = tmp_path / "im.png"
     Image.new("RGB", (20, 12), (10, 20, 30)).save(path)
