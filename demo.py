@@ -4,7 +4,10 @@
     python demo.py                                    # newest runs/*/best.pt, else COCO Mask R-CNN, else a help page
 
 API: ``Client(url).predict(handle_file("photo.jpg"), 0.5, api_name="/segment")`` returns
-(overlay PNG, detections table, [overlay PNG, instance-id PNG, COCO json]).
+(overlay PNG, detections table, [overlay PNG, instance-id PNG, COCO json]). A semantic checkpoint
+(``--task semantic``) answers the same call with (overlay PNG, a table of the classes present with their
+pixel area and share, [overlay PNG, class-index PNG, COCO json with one region per class]); it has no
+scores to threshold, so the threshold is accepted and ignored.
 
 In Python, ``predict(image, threshold)`` below is the whole model side. Importing this file loads
 no model and downloads nothing: the model loads when the app is built, which happens on
@@ -36,15 +39,16 @@ from segkit.atomic import write_json
 from segkit.checkpoint import CheckpointError
 from segkit.coco import image_entry, predictions_file
 from segkit.images import ImageError, as_rgb, downscale, image_files, load_image
-from segkit.prediction import Prediction
-from segkit.predictor import Predictor
+from segkit.prediction import Prediction, SemanticPrediction
+from segkit.predictor import Predictor, SemanticPredictor
 from segkit.runs import newest_best
-from segkit.visualize import instance_mask_png, overlay, save_png
+from segkit.visualize import mask_png, overlay, save_png
 
 MAX_SIDE = 2048  # larger images are downscaled before inference: the overlay is sent to a browser
 EXAMPLES_DIR = "data/sample/val/images"
 ALPHA = 0.5  # default mask opacity; the API always uses it
 TABLE_COLUMNS = ["id", "class", "score", "x1", "y1", "x2", "y2", "area (px)"]
+CLASS_TABLE_COLUMNS = ["class", "area (px)", "share (%)", "confidence"]  # a semantic model's table
 TRAIN_HELP = """\
 ## No model to serve yet
 
@@ -123,9 +127,16 @@ def predict(image: Image.Image, threshold: float = 0.5, predictor: Predictor | N
     return render(image, predictor(image, score_threshold=threshold), threshold)
 
 
-def render(image: Image.Image, prediction: Prediction, threshold: float, classes: list[str] | None = None,
-           alpha: float = ALPHA) -> tuple[Image.Image, Prediction]:
-    """The instances of ``prediction`` scoring at least ``threshold`` (of ``classes``, when given), drawn on ``image``."""
+def render(image: Image.Image, prediction: Prediction | SemanticPrediction, threshold: float,
+           classes: list[str] | None = None,
+           alpha: float = ALPHA) -> tuple[Image.Image, Prediction | SemanticPrediction]:
+    """The instances of ``prediction`` scoring at least ``threshold`` (of ``classes``, when given), drawn on ``image``.
+
+    A semantic prediction has no scores: all its classes (of ``classes``) are drawn.
+    """
+    if isinstance(prediction, SemanticPrediction):
+        shown = prediction if classes is None else prediction.keep_classes(classes)
+        return overlay(image, shown, alpha=alpha), shown
     keep = prediction.scores >= threshold
     if classes is not None:
         keep &= np.array([c in classes for c in prediction.class_names], dtype=bool)
@@ -133,8 +144,18 @@ def render(image: Image.Image, prediction: Prediction, threshold: float, classes
     return overlay(image, shown, alpha=alpha), shown
 
 
-def detections_table(prediction: Prediction) -> pd.DataFrame:
-    """One row per instance: id (as in the instance PNG), class, score, xyxy box, mask area."""
+def detections_table(prediction: Prediction | SemanticPrediction) -> pd.DataFrame:
+    """One row per instance: id (as in the instance PNG), class, score, xyxy box, mask area.
+
+    For a semantic prediction, one row per class present: its pixels, their share of the image (%) and
+    the model's mean confidence on them, largest first.
+    """
+    if isinstance(prediction, SemanticPrediction):
+        total = prediction.class_map.size
+        rows = sorted([[name, int(area), round(100 * area / total, 2), round(float(score), 3)]
+                       for name, area, score in zip(prediction.class_names, prediction.areas(), prediction.scores)],
+                      key=lambda r: -r[1])
+        return pd.DataFrame(rows, columns=CLASS_TABLE_COLUMNS)
     areas = prediction.areas()
     rows = [[i + 1, name, round(float(score), 3), *(round(float(v), 1) for v in box), int(area)]
             for i, (name, score, box, area) in enumerate(zip(prediction.class_names, prediction.scores,
@@ -142,8 +163,11 @@ def detections_table(prediction: Prediction) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
-def coco_json(prediction: Prediction, classes: list[str], file_name: str) -> dict:
-    """A COCO file for one image, as ``segkit predict`` writes; annotation ``id`` i is pixel value i of the instance PNG."""
+def coco_json(prediction: Prediction | SemanticPrediction, classes: list[str], file_name: str) -> dict:
+    """A COCO file for one image, as ``segkit predict`` writes; annotation ``id`` i is pixel value i of the instance PNG
+    (for a semantic prediction: one annotation per class present)."""
+    if isinstance(prediction, SemanticPrediction):
+        prediction = prediction.as_instances()
     width, height = prediction.image_size
     return predictions_file([image_entry(file_name, width, height, prediction)], classes)
 
@@ -210,7 +234,7 @@ def _friendly(error: ImageError, path: str, name: str) -> str:
 
 def _model_panel(predictor: Predictor) -> str:
     info = predictor.info
-    facts = [f"**{k}**: `{info[k]}`" for k in ("checkpoint", "arch", "mask_head", "img_size", "epoch")
+    facts = [f"**{k}**: `{info[k]}`" for k in ("checkpoint", "task", "arch", "mask_head", "img_size", "epoch")
              if info.get(k) is not None]
     return "  \n".join([*facts, f"**classes** ({len(predictor.classes)}): {', '.join(predictor.classes)}"])
 
@@ -224,6 +248,7 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
         return demo
 
     scratch = _OutputFiles()  # the downloads, and uploads that came as data URLs
+    semantic = isinstance(predictor, SemanticPredictor)
 
     # The model's time does not depend on the threshold (torchvision pastes every mask it keeps), so
     # predict once with no threshold and cache it: redraws for a new threshold, class filter or
@@ -246,7 +271,7 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
         drawn, shown = render(image, prediction, threshold, classes, float(alpha))
         folder, stem = scratch.new_folder(), Path(name).stem or "image"
         files = [save_png(drawn, folder / f"{stem}_overlay.png"),
-                 save_png(instance_mask_png(shown), folder / f"{stem}_instances.png"),
+                 save_png(mask_png(shown), folder / f"{stem}_{'classes' if semantic else 'instances'}.png"),
                  write_json(folder / f"{stem}_coco.json", coco_json(shown, predictor.classes, name))]
         return drawn, detections_table(shown), [str(f) for f in files]
 
@@ -262,14 +287,14 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
     # delete_cache: every hour Gradio deletes the uploads and results it cached over an hour ago, so a
     # long-running server (a Space) does not fill its disk.
     with gr.Blocks(title="segkit", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# segkit: instance segmentation\n"
+        gr.Markdown(f"# segkit: {'semantic' if semantic else 'instance'} segmentation\n"
                     f"Upload, photograph or paste an image. Images over {max_side} px are downscaled. {note}")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
                                  elem_id="image")
                 threshold = gr.Slider(0.0, 1.0, value=predictor.score_threshold, step=0.01,
-                                      label="Score threshold", elem_id="threshold")
+                                      label="Score threshold", elem_id="threshold", visible=not semantic)
                 opacity = gr.Slider(0.0, 1.0, value=ALPHA, step=0.05, label="Mask opacity")
                 with gr.Accordion("Classes to show", open=len(predictor.classes) <= 12):
                     classes = gr.CheckboxGroup(predictor.classes, value=predictor.classes, show_label=False)
@@ -278,8 +303,10 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Examples")
             with gr.Column():
                 drawn = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
-                files = gr.File(label="Downloads: overlay, instance ids (PNG), COCO json", file_count="multiple")
-        table = gr.Dataframe(headers=TABLE_COLUMNS, label="Detections", interactive=False, max_height=400)
+                files = gr.File(label=f"Downloads: overlay, {'class indices' if semantic else 'instance ids'} (PNG), "
+                                      "COCO json", file_count="multiple")
+        table = gr.Dataframe(headers=CLASS_TABLE_COLUMNS if semantic else TABLE_COLUMNS,
+                             label="Classes" if semantic else "Detections", interactive=False, max_height=400)
         with gr.Accordion("Model", open=False):
             gr.Markdown(_model_panel(predictor))
             if predictor.info.get("metrics"):

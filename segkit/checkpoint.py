@@ -23,8 +23,12 @@ class CheckpointError(RuntimeError):
 
 
 def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_size: int,
-                    score_threshold: float = 0.5, frozen_bn: bool = False, **extra: Any) -> dict[str, Any]:
+                    score_threshold: float = 0.5, frozen_bn: bool = False, task: str = "instance",
+                    **extra: Any) -> dict[str, Any]:
     """The checkpoint dict of ``model``: what :func:`model_from_checkpoint` needs to rebuild it.
+
+    ``task`` is ``"instance"`` (Mask R-CNN) or ``"semantic"`` (:mod:`segkit.semantic_model`); a
+    checkpoint without it is an instance model.
 
     ``mask_head`` (``"standard"`` or ``"pointrend"``, with ``mask_resolution``) is read from the model:
     it says which mask head to rebuild, and lets an exporter refuse what its backend cannot run.
@@ -32,7 +36,8 @@ def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_s
     optimizer, scheduler, scaler, ``history``, ``step`` and ``rng``.
     """
     return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
-            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), **mask_head_of(model), **extra}
+            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), "task": task,
+            **(mask_head_of(model) if task == "instance" else {}), **extra}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -75,8 +80,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset).
 
-    Checkpoints from before PointRend have no ``mask_head``: they are ``"standard"``.
+    Checkpoints from before PointRend have no ``mask_head``: they are ``"standard"``; checkpoints
+    without ``task`` are instance models.
     """
+    if task_of(ckpt) == "semantic":
+        from segkit.semantic_model import build_semantic_model
+
+        model = build_semantic_model(ckpt["arch"], len(ckpt["classes"]) + 1, weights=None, img_size=ckpt["img_size"],
+                                     loss=(ckpt.get("config") or {}).get("loss") or "ce+dice")
+        model.load_state_dict(ckpt["model"])
+        return model
     head = {"mask_head": ckpt.get("mask_head", "standard")}
     if "mask_resolution" in ckpt:
         head["mask_resolution"] = int(ckpt["mask_resolution"])
@@ -84,3 +97,8 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
                         img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)), **head)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def task_of(ckpt: dict[str, Any]) -> str:
+    """``"instance"`` or ``"semantic"``: what a loaded checkpoint (or exported model's description) predicts."""
+    return ckpt.get("task") or "instance"

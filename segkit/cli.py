@@ -10,7 +10,7 @@ import segkit
 # command -> help; module segkit.commands.<command> provides add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "check": "validate an export and report what training would use",
-    "train": "fine-tune Mask R-CNN on an export",
+    "train": "fine-tune Mask R-CNN (or a semantic model: --task semantic) on an export",
     "predict": "predict on images, folders or globs; write overlays, masks, COCO and Label Studio json",
     "evaluate": "COCO AP and per-class IoU/Dice of a checkpoint on a dataset",
     "export": "write a checkpoint as an ONNX, OpenVINO or TorchScript model that any --checkpoint runs",

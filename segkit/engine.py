@@ -18,7 +18,7 @@ from segkit.predictor import detect, to_prediction
 
 # torchvision's loss names, shortened for the progress bar
 SHORT = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
-         "loss_rpn_box_reg": "rpn", "loss_mask_point": "point"}
+         "loss_rpn_box_reg": "rpn", "loss_mask_point": "point", "loss_ce": "ce", "loss_dice": "dice"}
 
 
 class NonFiniteLossError(RuntimeError):

@@ -114,6 +114,9 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
     ckpt = load_checkpoint(checkpoint)
     if "export" in ckpt:
         raise ExportError(f"{checkpoint} is already an exported model; export from the segkit checkpoint (.pt)")
+    if ckpt.get("task", "instance") != "instance":
+        raise ExportError(f"{checkpoint} is a {ckpt['task']} segmentation model; export supports Mask R-CNN "
+                          "checkpoints only so far. Run it with the .pt checkpoint instead.")
     mask_head = ckpt.get("mask_head", "standard")
     if mask_head != "standard":
         raise ExportError(f"{checkpoint}: its mask head is {mask_head!r}; only the standard Mask R-CNN mask head "

@@ -58,6 +58,16 @@ class PixelStats:
         self.gt_area, self.pred_area = np.zeros(n, np.int64), np.zeros(n, np.int64)
         self.confusion = np.zeros((n, n), np.int64)
 
+    @classmethod
+    def from_confusion(cls, confusion: np.ndarray) -> PixelStats:
+        """The counts of a (C + 1) x (C + 1) pixel confusion matrix (rows ground truth): a semantic model's."""
+        stats = cls(len(confusion) - 1)
+        stats.confusion = np.asarray(confusion, np.int64).copy()
+        stats.intersection = np.diag(stats.confusion).copy()
+        stats.gt_area, stats.pred_area = stats.confusion.sum(axis=1), stats.confusion.sum(axis=0)
+        stats.union = stats.gt_area + stats.pred_area - stats.intersection
+        return stats
+
     def add(self, gt_masks: list[tuple[int, Crop]], pred_masks: list[tuple[int, Crop]],
             shape: tuple[int, int]) -> None:
         """One image: ``(label, mask crop)`` pairs; ground truth in drawing order, predictions best first."""

@@ -166,15 +166,18 @@ def _read_state_dict(path: Path) -> dict:
     return obj
 
 
-def _load_or_explain(load, weights_enum):
-    """Run ``load``; when the download fails, stop with where to put the file by hand."""
+def _load_or_explain(load, weights_enum, target: str | None = None):
+    """Run ``load``; when the download fails, stop with where to put the file by hand.
+
+    ``weights_enum`` needs only a ``url``; ``target`` says where the file goes when it is not torch's cache.
+    """
     try:
         return load()
     except Exception as e:  # noqa: BLE001 - urllib, ssl and socket errors all mean "not reachable"
         if weights_enum is None:
             raise
         file_name = weights_enum.url.rsplit("/", 1)[-1]
-        target = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        target = target or Path(torch.hub.get_dir()) / "checkpoints" / file_name
         raise WeightsError(
             f"could not download pretrained weights {file_name} ({type(e).__name__}: {e}).\n"
             f"  Download {weights_enum.url} on a machine with internet and put it at {target}\n"

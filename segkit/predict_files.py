@@ -22,10 +22,16 @@ local-files storage rooted at ``/srv`` and images in ``/srv/photos``::
     segkit predict photos/ --image-root-url '/data/local-files/?d=photos/' ...  # -> ?d=photos/sub/a.jpg
 
 Without it, tasks carry the image path as given.
+
+A semantic checkpoint (``task: "semantic"``) writes the same files: ``masks/<name>.png`` holds the class
+index of each pixel (0 background, ``i + 1`` for class ``i``), the overlay shows the class map, and
+the json files have one region per class present (its whole area; score: its mean confidence),
+which Label Studio gets as one brush region per class.
 """
 from __future__ import annotations
 
 import glob
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -79,7 +85,12 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     """
     from segkit.checkpoint import load_checkpoint
 
+    from segkit.checkpoint import task_of
+
     ckpt = load_checkpoint(checkpoint)
+    labelstudio = labelstudio or LabelStudioOptions()
+    if task_of(ckpt) == "semantic":  # a class's area is one region, often in pieces: a brush keeps it whole
+        labelstudio = dataclasses.replace(labelstudio, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if score_threshold is None else score_threshold
     run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold}
     names = unique_names([path for path, _ in images])
@@ -94,7 +105,7 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
         failed = predict_images(predictor, todo, out, threshold, run_key, max(1, batch_size))
     entries = finished_entries(out, images, names, run_key)
     write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(checkpoint), ckpt.get("epoch")),
-                  labelstudio or LabelStudioOptions())
+                  labelstudio)
     return FolderResult(entries, failed, len(images) - len(todo), threshold)
 
 
@@ -125,7 +136,8 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
     The record is written last, so an interrupted run redoes exactly the unfinished images.
     Returns ``(path, error)`` for images that could not be read.
     """
-    from segkit.visualize import instance_mask_png, overlay, save_png
+    from segkit.prediction import SemanticPrediction
+    from segkit.visualize import mask_png, overlay, save_png
 
     failed: list[tuple[Path, str]] = []
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -141,8 +153,9 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
             predictions = predictor.predict_batch([image for _, _, image in ok], threshold) if ok else []
             for (path, name, image), prediction in zip(ok, predictions):
                 save_png(overlay(image, prediction), out / "overlays" / f"{name}.png")
-                save_png(instance_mask_png(prediction), out / "masks" / f"{name}.png")
-                entry = image_entry(str(path), image.width, image.height, prediction)
+                save_png(mask_png(prediction), out / "masks" / f"{name}.png")
+                regions = prediction.as_instances() if isinstance(prediction, SemanticPrediction) else prediction
+                entry = image_entry(str(path), image.width, image.height, regions)
                 write_json(out / "records" / f"{name}.json",
                            {"source": str(path.resolve()), "run": run_key, "entry": entry})
             bar.update(len(batch))

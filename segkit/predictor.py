@@ -16,11 +16,11 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
-from segkit.checkpoint import load_checkpoint, model_from_checkpoint
+from segkit.checkpoint import load_checkpoint, model_from_checkpoint, task_of
 from segkit.export import Runner
 from segkit.images import ImageInput, as_rgb
 from segkit.masks import Crop, InstanceMasks
-from segkit.prediction import Prediction
+from segkit.prediction import Prediction, SemanticPrediction
 
 # Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
 # itself: the same detections, and faster with oneDNN (bench/infer.py, README "Inference backends").
@@ -32,6 +32,8 @@ class Predictor:
 
     ``predictor(image)`` returns a :class:`Prediction`; ``predictor.model`` is the torchvision model.
     """
+
+    task = "instance"  # what its checkpoint says; SemanticPredictor: "semantic"
 
     def __init__(self, model: torch.nn.Module | None, classes: list[str], score_threshold: float = 0.5,
                  device: str | torch.device | None = None, info: dict | None = None,
@@ -70,6 +72,9 @@ class Predictor:
                                channels_last: bool | None = None) -> "Predictor":
         """The same, from a checkpoint already read with :func:`segkit.checkpoint.load_checkpoint`.
 
+        A semantic checkpoint (``task: "semantic"``) gives a :class:`SemanticPredictor`, whose
+        predictions are :class:`segkit.prediction.SemanticPrediction` s.
+
         An exported model (``.onnx``, ``.xml``, ``.torchscript``: what :func:`segkit.checkpoint.load_checkpoint`
         returns for it has an ``export`` entry) runs with its own backend. An eager model on the CPU
         runs in channels-last memory format unless ``channels_last`` is False (see :data:`CPU_CHANNELS_LAST`).
@@ -77,6 +82,9 @@ class Predictor:
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "mask_head": ckpt.get("mask_head", "standard"),
                 "img_size": ckpt["img_size"],
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {})}
+        if task_of(ckpt) == "semantic":
+            return SemanticPredictor(model_from_checkpoint(ckpt), ckpt["classes"], ckpt.get("score_threshold", 0.5),
+                                     device, {**info, "task": "semantic", "mask_head": None})
         if "export" in ckpt:
             from segkit.export import load_runner
 
@@ -131,6 +139,35 @@ class Predictor:
         n = len(scores) if self.max_detections is None else self.max_detections  # sorted by score
         return {"boxes": boxes[:n], "labels": labels[:n].to(torch.int64), "scores": scores[:n],
                 "mask_probs": mask_probs[:n]}
+
+
+class SemanticPredictor(Predictor):
+    """A trained semantic model (:mod:`segkit.semantic_model`): ``predictor(image)`` returns a
+    :class:`SemanticPrediction`, one class per pixel at the image's own size.
+
+    Built by :meth:`Predictor.from_checkpoint` for a semantic checkpoint. The score threshold is
+    accepted for the callers' sake and ignored: every pixel gets its most probable class.
+    """
+
+    task = "semantic"
+
+    def __init__(self, model: torch.nn.Module, classes: list[str], score_threshold: float = 0.5,
+                 device: str | torch.device | None = None, info: dict | None = None,
+                 max_detections: int | None = None):
+        super().__init__(None, classes, score_threshold, device, info)
+        self.model = model.eval().to(self.device)
+
+    @property
+    def score_floor(self) -> float:
+        return 0.0
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[SemanticPrediction]:
+        """Class maps of several images in one forward pass."""
+        from segkit.semantic import predict_maps
+
+        tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255) for im in images]
+        return [SemanticPrediction(m, self.classes, conf) for m, conf in predict_maps(self.model, tensors)]
 
 
 def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -67,6 +67,9 @@ class ImageRecord:
     instances: list[Instance] = field(default_factory=list)
     image_id: Any = None
     split: str | None = None
+    # Regions marked "not an object, do not judge" (labelme's ``__ignore__``), as polygons: no instance
+    # comes from them; a semantic target (``segkit.class_map``) gives their pixels the ignore index.
+    ignore: list[list[float]] = field(default_factory=list)
 
 
 @dataclass

@@ -39,6 +39,8 @@ def _next_free(root: Path, name: str) -> Path:
 def write_history(out: Path, history: list[dict], test: dict | None = None) -> None:
     """metrics.csv (one row per epoch), loss_curves.png (with the test losses, when given) and metrics.png."""
     columns = list(CSV_COLUMNS)
+    if any("train_loss_ce" in row or "train_loss_dice" in row for row in history):  # a semantic run: no AP
+        columns = [c for c in columns if not c.startswith(("val_bbox", "val_segm"))]
     for row in history:
         columns += [k for k in row if k not in columns]
     with atomic_open(out / "metrics.csv", "w", newline="") as f:

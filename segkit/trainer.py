@@ -1,7 +1,8 @@
-"""Fine-tune Mask R-CNN on an export: :class:`TrainConfig` and :func:`train` (``python train.py`` runs them).
+"""Fine-tune Mask R-CNN (or, with ``--task semantic``, a semantic model) on an export: :class:`TrainConfig`
+and :func:`train` (``python train.py`` runs them).
 
 Reads and validates the data, splits it, trains with warm-up and cosine (or step) decay, evaluates
-COCO AP every epoch, writes metrics.csv, curves and best/last checkpoints to ``runs/<name>/``, and
+COCO AP (semantic: mIoU) every epoch, writes metrics.csv, curves and best/last checkpoints to ``runs/<name>/``, and
 resumes exactly from ``last.pt``. Under ``torchrun`` it trains with DistributedDataParallel.
 """
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from segkit import engine, runs
+from segkit import engine, runs, semantic
 from segkit.atomic import write_json
 from segkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from segkit.coco import records_to_coco
 from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, count_parameters,
                           freeze_backbone, is_pretrained, uses_frozen_bn)
 from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS
+from segkit.semantic_model import DEFAULT_SEMANTIC_MODEL, LOSSES, SEMANTIC_ARCHITECTURES, build_semantic_model
 from segkit.splits import SPLITS, SplitError, restore_split, split_records
 from segkit.transforms import PRESETS
 
@@ -41,7 +43,11 @@ class TrainConfig:
     data: str = _opt("data/sample", "export to train on (any format `segkit check` reads)")
     format: str | None = _opt(None, "force the export format instead of detecting it")
     images: str | None = _opt(None, "folder holding the images, when not beside the export")
-    model: str = _opt("maskrcnn_resnet50_fpn", "architecture", choices=list(ARCHITECTURES))
+    task: str = _opt("instance", "instance (Mask R-CNN: objects) or semantic (one class per pixel)",
+                     choices=list(semantic.TASKS))
+    model: str | None = _opt(None, "architecture (default: maskrcnn_resnet50_fpn; with --task semantic "
+                                   f"{DEFAULT_SEMANTIC_MODEL})", choices=[*ARCHITECTURES, *SEMANTIC_ARCHITECTURES])
+    loss: str = _opt("ce+dice", "semantic: cross-entropy plus Dice, or either alone", choices=list(LOSSES))
     weights: str = _opt("coco", "starting weights: coco, none (random init) or a .pt/.pth path")
     mask_head: str = _opt("standard", "standard (torchvision's 28x28 masks) or pointrend (refined at high "
                                       "resolution; its point head starts from random init)", choices=list(MASK_HEADS))
@@ -67,7 +73,7 @@ class TrainConfig:
     test_frac: float = _opt(0.15, "fraction of images for testing when the export has no splits")
     limit: int | None = _opt(None, "use at most this many images per split (quick trials)")
     eval_every: int = _opt(1, "evaluate on val every N epochs (and always after the last)")
-    patience: int = _opt(0, "stop after this many epochs without a better val mask AP (0: never)")
+    patience: int = _opt(0, "stop after this many epochs without a better val mask AP (semantic: mIoU; 0: never)")
     score_threshold: float = _opt(0.5, "default score threshold stored in the checkpoint for predict and demo")
     seed: int = _opt(0, "random seed: runs on CPU with the same seed are identical")
     device: str | None = _opt(None, "cuda, cuda:1, cpu (default: cuda when available)")
@@ -151,7 +157,7 @@ class _Run:
     def checkpoint(self, **extra) -> dict:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
-                               uses_frozen_bn(self.cfg.model, self.cfg.weights), config=dataclasses.asdict(self.cfg),
+                               _frozen_bn(self.cfg), task=self.cfg.task, config=dataclasses.asdict(self.cfg),
                                split=_split_paths(self.splits), data_source=self.data_source, **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
@@ -172,6 +178,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = _resumed_config(cfg, resume)
+    cfg = resolve_model(cfg)
     device = _pick_device(cfg.device, local_rank)
     main = rank == 0
     records = _load_data(cfg, verbose=main, api_key=api_key)
@@ -199,7 +206,8 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    ground_truth = {s: records_to_coco(splits[s], classes) for s in ("val", "test") if main and splits[s]}
+    ground_truth = {s: records_to_coco(splits[s], classes) for s in ("val", "test")
+                    if main and splits[s] and cfg.task == "instance"}
     run = _Run(cfg, out, main, world, device, classes, splits, loaders, model, train_model, optimizer, scheduler,
                scaler, ground_truth, history=[], data_source=records.origin)
     if resume:
@@ -222,19 +230,20 @@ def _train_epochs(run: _Run) -> None:
     """The epoch loop; an interruption or a failure leaves a resumable last.pt and raises TrainingStopped."""
     cfg, out = run.cfg, run.out
     has_val = bool(run.splits["val"])
-    best = max((row.get("val_segm_map", -1.0) for row in run.history), default=-1.0)
+    key = _score_key(cfg)
+    best = max((row.get(key, -1.0) for row in run.history), default=-1.0)
     stale, epoch, run.step = 0, run.start_epoch, run.start_step
     try:
         for epoch in range(run.start_epoch, cfg.epochs):
             evaluated = has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             row = _train_and_evaluate_epoch(run, epoch, evaluated)
             # without a val split the latest model is the best one we know of
-            improved = row.get("val_segm_map", -1.0) > best if has_val else True
+            improved = row.get(key, -1.0) > best if has_val else True
             if run.main:
                 save_checkpoint(run.resumable(epoch + 1, 0), out / "last.pt")
                 run.step = 0  # from here on, an interruption resumes at the next epoch
                 if improved:
-                    best = row.get("val_segm_map", best)
+                    best = row.get(key, best)
                     save_checkpoint(run.checkpoint(epoch=epoch + 1, metrics=row), out / "best.pt")
                 runs.write_history(out, run.history)
                 _print_epoch(row)
@@ -243,7 +252,7 @@ def _train_epochs(run: _Run) -> None:
                 stale = 0 if improved else stale + 1
             if _agree(bool(cfg.patience) and stale >= cfg.patience, run.world):
                 if run.main:
-                    print(f"early stop: no better val mask AP for {cfg.patience} evaluations")
+                    print(f"early stop: no better {key} for {cfg.patience} evaluations")
                 break
             _barrier(run.world)
     except KeyboardInterrupt:
@@ -278,27 +287,65 @@ def _train_and_evaluate_epoch(run: _Run, epoch: int, evaluated: bool) -> dict:
     row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
            "lr": run.optimizer.param_groups[0]["lr"]}
     if run.main and evaluated:
-        val_row, report = engine.evaluate(run.model, run.loaders["val"], run.device, cfg.score_threshold, "val",
-                                          cfg.progress, run.ground_truth["val"])
-        row.update(val_row)
-        row.update({f"val_{t}_ap_{name}": v for t in ("bbox", "segm") for name, v in report[t]["per_class"].items()})
+        row.update(_evaluate(run, "val")[0])
     row["seconds"] = time.perf_counter() - t0
     row = {k: v if k == "epoch" else float(v) for k, v in row.items()}  # checkpoints hold plain numbers
     run.history.append(row)
     return row
 
 
+def _evaluate(run: _Run, split: str) -> tuple[dict, dict]:
+    """(metrics.csv row, full report) of ``split`` for the run's task."""
+    cfg = run.cfg
+    if cfg.task == "semantic":
+        return semantic.evaluate(run.model, run.loaders[split], run.device, split, cfg.progress)
+    row, report = engine.evaluate(run.model, run.loaders[split], run.device, cfg.score_threshold, split,
+                                  cfg.progress, run.ground_truth[split])
+    row.update({f"{split}_{t}_ap_{name}": v for t in ("bbox", "segm") for name, v in report[t]["per_class"].items()})
+    return row, report
+
+
+def _score_key(cfg: TrainConfig) -> str:
+    """The validation number that picks best.pt and drives early stopping."""
+    return semantic.SCORE_KEY if cfg.task == "semantic" else "val_segm_map"
+
+
 def _print_epoch(row: dict) -> None:
     parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
-    if "val_loss" in row:
+    if "val_pixel_accuracy" in row:  # a semantic run (instance rows have val_miou too)
+        parts += [f"val loss {row['val_loss']:.3f}", f"mIoU {row['val_miou']:.3f}",
+                  f"pixel acc {row['val_pixel_accuracy']:.3f}"]
+    elif "val_loss" in row:
         parts += [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
                   f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.0f}s"]
     print(" | ".join(parts), flush=True)
 
 
+def resolve_model(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the task's default model filled in; a model of the other task stops with what would work."""
+    table = SEMANTIC_ARCHITECTURES if cfg.task == "semantic" else ARCHITECTURES
+    if cfg.model is None:
+        return dataclasses.replace(cfg, model=DEFAULT_SEMANTIC_MODEL if cfg.task == "semantic" else
+                                   "maskrcnn_resnet50_fpn")
+    if cfg.model not in table:
+        raise TrainingStopped(f"--model {cfg.model} is not a {cfg.task} model; with --task {cfg.task} choose one "
+                              f"of: {', '.join(table)}", exit_code=2)
+    return cfg
+
+
+def _frozen_bn(cfg: TrainConfig) -> bool:
+    return cfg.task == "instance" and uses_frozen_bn(cfg.model, cfg.weights)
+
+
 def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.Module:
     """The run's model; a resumed run rebuilds the same modules and frozen layers, its weights come from last.pt."""
+    if cfg.task == "semantic":  # every layer trains: --trainable-layers is Mask R-CNN's
+        try:
+            return build_semantic_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.img_size,
+                                        cfg.loss)
+        except WeightsError as e:
+            raise TrainingStopped(str(e), exit_code=2) from None
     try:
         model = build_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.trainable_layers,
                             cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights), mask_head=cfg.mask_head,
@@ -419,17 +466,20 @@ def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int
     from segkit.dataset import SegmentationDataset, collate_fn
     from segkit.transforms import build_transform
 
+    kind = semantic.SemanticDataset if cfg.task == "semantic" else SegmentationDataset
     loaders = {}
     for split, images in splits.items():
         train = split == "train"
-        dataset = SegmentationDataset(images, classes, build_transform(cfg.aug if train else "none", train=train))
+        dataset = kind(images, classes, build_transform(cfg.aug if train else "none", train=train))
+        # a last batch of one image would stop batch norm over 1x1 features (DeepLabV3's image pooling)
+        drop_last = train and cfg.task == "semantic" and len(dataset) > cfg.batch_size * world
         if train:
             sampler = DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else \
                 EpochSampler(len(dataset), cfg.seed)
         else:
             sampler = None  # val/test are evaluated whole, once, by rank 0
         loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False,
-                                    num_workers=cfg.workers, collate_fn=collate_fn, drop_last=False,
+                                    num_workers=cfg.workers, collate_fn=collate_fn, drop_last=drop_last,
                                     generator=torch.Generator(),
                                     persistent_workers=False, pin_memory=torch.cuda.is_available())
     return loaders
@@ -460,7 +510,7 @@ def _batch_describer(dataset):
 
 def _finish(run: _Run) -> dict:
     """Test the best checkpoint, draw previews, print where everything is."""
-    from segkit.predictor import Predictor
+    from segkit.predictor import Predictor, SemanticPredictor
     from segkit.visualize import preview_sheet, save_png
 
     cfg, out = run.cfg, run.out
@@ -469,19 +519,21 @@ def _finish(run: _Run) -> dict:
     run.model.load_state_dict(best["model"])
     test = {}
     if run.splits["test"]:
-        test, report = engine.evaluate(run.model, run.loaders["test"], run.device, cfg.score_threshold, "test",
-                                       cfg.progress, run.ground_truth["test"])
-        write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test, "ap": report}, indent=2)
+        test, report = _evaluate(run, "test")
+        write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test,
+                                               ("semantic" if cfg.task == "semantic" else "ap"): report}, indent=2)
     runs.write_history(out, run.history, test)
     preview = run.splits["val"] or run.splits["train"]
-    predictor = Predictor(run.model, run.classes, cfg.score_threshold, device=run.device)
+    kind = SemanticPredictor if cfg.task == "semantic" else Predictor
+    predictor = kind(run.model, run.classes, cfg.score_threshold, device=run.device)
     sheet = preview_sheet(predictor, preview)
     if sheet is not None:
         save_png(sheet, out / "val_predictions.png")
     summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
                "best_metrics": best.get("metrics", {}), "test": test}
-    print(f"\ndone: best epoch {best['epoch']}, val mask AP {best['metrics'].get('val_segm_map', float('nan')):.3f}"
-          + (f", test mask AP {test['test_segm_map']:.3f}" if test else ""))
+    key, what = (("miou", "mIoU") if cfg.task == "semantic" else ("segm_map", "mask AP"))
+    print(f"\ndone: best epoch {best['epoch']}, val {what} {best['metrics'].get('val_' + key, float('nan')):.3f}"
+          + (f", test {what} {test['test_' + key]:.3f}" if test else ""))
     for name in ("best.pt", "last.pt", "metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png"):
         print(f"  {out / name}")
     print(f"serve it: python demo.py --checkpoint {best_path}")

@@ -127,6 +127,18 @@ class SegmentationTransform:
         chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
         return torch.from_numpy(np.divide(chw, 255, out=chw)), target
 
+    def semantic(self, image: np.ndarray, class_map: np.ndarray, image_id: int = 0) -> tuple[torch.Tensor, dict]:
+        """The same preset on an image and its (H, W) uint8 class map (:mod:`segkit.class_map`), for
+        ``--task semantic``: returns the image as above and the target {"semantic" int64 (H', W'),
+        "image_id" int}. The map moves with the image (nearest neighbour); pixels an affine transform
+        brings in from outside the image are background.
+        """
+        self._reseed_in_worker()
+        out = self.augment(image=image, mask=class_map)
+        chw = np.ascontiguousarray(out["image"].transpose(2, 0, 1), dtype=np.float32)
+        target = {"semantic": torch.from_numpy(np.asarray(out["mask"], dtype=np.int64)), "image_id": int(image_id)}
+        return torch.from_numpy(np.divide(chw, 255, out=chw)), target
+
     def __repr__(self) -> str:
         return (f"SegmentationTransform(preset={self.preset!r}, min_area={self.min_area}, "
                 f"min_visibility={self.min_visibility})")

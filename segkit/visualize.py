@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segkit.atomic import atomic_open
 from segkit.images import ImageInput, as_rgb, load_image
-from segkit.prediction import Prediction
+from segkit.prediction import Prediction, SemanticPrediction
 from segkit.records import ImageRecord
 
 if TYPE_CHECKING:
@@ -67,17 +67,36 @@ def instance_mask_png(prediction: Prediction) -> Image.Image:
     return Image.fromarray(ids)  # mode I;16
 
 
-def overlay(image: ImageInput, prediction: Prediction, alpha: float = 0.5,
+def class_map_png(prediction: SemanticPrediction) -> Image.Image:
+    """A semantic prediction's class map as an 8-bit PNG image: pixel value = class index (0 background)."""
+    return Image.fromarray(prediction.class_map)  # mode L
+
+
+def mask_png(prediction: Prediction | SemanticPrediction) -> Image.Image:
+    """What ``segkit predict`` and the demo save as masks: instance ids, or class indices for a semantic model."""
+    if isinstance(prediction, SemanticPrediction):
+        return class_map_png(prediction)
+    return instance_mask_png(prediction)
+
+
+def overlay(image: ImageInput, prediction: Prediction | SemanticPrediction, alpha: float = 0.5,
             class_filter: Iterable[str] | None = None, draw_boxes: bool = True, draw_labels: bool = True,
             color_by: Literal["class", "instance"] = "class") -> Image.Image:
     """The image (as RGB, same size) with each instance's mask filled, outlined, boxed and labelled.
 
     ``alpha`` is the fill opacity (0..1); ``class_filter`` keeps only instances of those class names
     (None keeps all). Labels read "class score", or just "class" when the score is NaN (ground truth).
+    A :class:`SemanticPrediction` is drawn as its class map: each class filled in its colour and
+    outlined, no boxes or labels (the class table says which colour is which).
     """
     image = as_rgb(image)
     if len(prediction) and prediction.image_size != image.size:
         raise ValueError(f"prediction is for a {prediction.image_size} image, not {image.size}")
+    if isinstance(prediction, SemanticPrediction):
+        shown = prediction if class_filter is None else prediction.keep_classes(list(class_filter))
+        lut = np.zeros((256, 3), np.uint8)
+        lut[1:] = PALETTE[np.arange(255) % len(PALETTE)]  # class k: PALETTE[(k - 1) % 20], as for instances
+        return _blend(image, shown.class_map, lut, alpha)
     if class_filter is not None:
         wanted = set(class_filter)
         prediction = prediction.filter(np.array([name in wanted for name in prediction.class_names], dtype=bool))
@@ -86,7 +105,14 @@ def overlay(image: ImageInput, prediction: Prediction, alpha: float = 0.5,
 
     colors = colors_for(prediction, color_by)
     lut = np.concatenate([np.zeros((1, 3), np.uint8), colors])  # id -> colour, 0 unused
-    ids = instance_id_map(prediction)
+    result = _blend(image, instance_id_map(prediction), lut, alpha)
+    if draw_boxes or draw_labels:
+        _draw_boxes_and_labels(result, prediction, colors, draw_boxes, draw_labels)
+    return result
+
+
+def _blend(image: Image.Image, ids: np.ndarray, lut: np.ndarray, alpha: float) -> Image.Image:
+    """``image`` with every non-zero id filled in its ``lut`` colour at opacity ``alpha`` and outlined."""
     pixels = np.asarray(image, dtype=np.uint16)
     # Integer blend over the whole image, weight 0 on background: (p * (256 - a) + c * a) >> 8.
     # Whole-array arithmetic is faster than gathering and scattering the foreground pixels.
@@ -94,10 +120,7 @@ def overlay(image: ImageInput, prediction: Prediction, alpha: float = 0.5,
     out = ((pixels * (256 - weight) + np.take(lut, ids, axis=0) * weight) >> 8).astype(np.uint8)
     edges = _contours(ids, thickness=max(1, round(max(image.size) / 800)))
     out[edges] = lut[ids[edges]]
-    result = Image.fromarray(out)
-    if draw_boxes or draw_labels:
-        _draw_boxes_and_labels(result, prediction, colors, draw_boxes, draw_labels)
-    return result
+    return Image.fromarray(out)
 
 
 def side_by_side(image: ImageInput, prediction: Prediction, ground_truth: Prediction,
@@ -127,7 +150,8 @@ def preview_sheet(predictor: Predictor, records: Sequence[ImageRecord], n: int =
     panels = []
     for record in records[:n]:
         image = load_image(record.path)
-        panels.append(side_by_side(image, predictor(image), Prediction.from_record(record, predictor.classes)))
+        prediction = predictor(image)
+        panels.append(side_by_side(image, prediction, type(prediction).from_record(record, predictor.classes)))
     if not panels:
         return None
     sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")

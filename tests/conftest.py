@@ -66,3 +66,23 @@ def pointrend_overfit_run(tiny_data, tmp_path_factory) -> dict:
 def trained_checkpoint(overfit_run) -> Path:
     """best.pt of a tiny model overfit on 4 sample images: its predictions match their ground truth."""
     return Path(overfit_run["best"])
+
+
+SEMANTIC_EPOCHS = 40  # x 2 steps of AdamW: U-Net R18 from random init learns the 4 images (mIoU >= 0.8)
+
+
+@pytest.fixture(scope="session")
+def semantic_overfit_run(tiny_data, tmp_path_factory) -> dict:
+    """``--task semantic``: a U-Net (ResNet-18) from random init, overfit on the 4 tiny images at 128 px."""
+    from segkit.trainer import train
+
+    cfg = tiny_config(tiny_data, tmp_path_factory.mktemp("semantic") / "run", task="semantic", model="unet_resnet18",
+                      optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=SEMANTIC_EPOCHS,
+                      eval_every=SEMANTIC_EPOCHS // 2, warmup_iters=5)
+    return {**train(cfg), "arch": cfg.model}
+
+
+@pytest.fixture(scope="session")
+def semantic_checkpoint(semantic_overfit_run) -> Path:
+    """best.pt of the semantic overfit run."""
+    return Path(semantic_overfit_run["best"])

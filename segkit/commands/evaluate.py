@@ -1,6 +1,8 @@
 """``segkit evaluate``: COCO AP, per-class IoU/Dice and Boundary IoU of a checkpoint on a dataset, as a table, JSON and plots.
 
-See :mod:`segkit.metrics` for what each number means and which score threshold it uses.
+See :mod:`segkit.metrics` for what each number means and which score threshold it uses. A semantic
+checkpoint gets per-class IoU and Dice, mIoU, mDice and pixel accuracy under the same ``semantic``
+key of the JSON (:mod:`segkit.semantic`), and its confusion matrix.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.checkpoint import CheckpointError
     from segkit.metrics import BACKGROUND, EvaluateError, evaluate_predictor, format_table
     from segkit.plots import plot_confusion_matrix, plot_pr_curves
-    from segkit.predictor import Predictor
+    from segkit.predictor import Predictor, SemanticPredictor
     from segkit.readers import DataError
     from segkit.splits import SplitError
 
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classes = list(ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
+    if isinstance(predictor, SemanticPredictor):
+        return _run_semantic(args, predictor, records, which)
     threshold = predictor.score_threshold if args.score_threshold is None else args.score_threshold
     evaluator = evaluate_predictor(predictor, records, classes, threshold, max(1, args.batch_size))
     report = evaluator.evaluate()
@@ -68,6 +72,28 @@ def run(args: argparse.Namespace) -> int:
                               f"pixels, masks with score >= {threshold:g}")
         plot_pr_curves(report, out / "pr_curves.png")
         print(f"wrote {out}/confusion_matrix.png, pr_curves.png")
+    return 0
+
+
+def _run_semantic(args: argparse.Namespace, predictor, records: list[ImageRecord], which: str) -> int:
+    """``run`` for a semantic checkpoint: class maps against the annotations' (see :mod:`segkit.class_map`)."""
+    from segkit.atomic import write_json
+    from segkit.metrics import BACKGROUND
+    from segkit.plots import plot_confusion_matrix
+    from segkit.semantic import evaluate_predictor, format_table
+
+    evaluator = evaluate_predictor(predictor, records, predictor.classes, max(1, args.batch_size))
+    report = {"semantic": evaluator.evaluate()}
+    print(f"{len(records)} images: {which}")
+    print("IoU/Dice: every pixel's most probable class against the annotations (crowd regions not judged)")
+    print(format_table(report["semantic"], predictor.classes))
+    if args.json:
+        write_json(args.json, report, indent=2)
+    if args.out:
+        out = Path(args.out)
+        plot_confusion_matrix(evaluator.confusion, [BACKGROUND, *predictor.classes], out / "confusion_matrix.png",
+                              "pixels, semantic model")
+        print(f"wrote {out}/confusion_matrix.png")
     return 0
 
 

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"{result.skipped} of {len(images)} images already done in {out}; skipped them")
     n_instances = sum(len(e["annotations"]) for e in result.entries)
-    print(f"{len(result.entries)} images, {n_instances} instances (score >= {result.score_threshold:g}); "
+    print(f"{len(result.entries)} images, {n_instances} instances or class regions "
+          f"(score >= {result.score_threshold:g}); "
           f"wrote {out}/predictions.json, labelstudio.json, overlays/, masks/")
     for path, error in result.failed:
         print(f"failed: {path}: {error}", file=sys.stderr)

@@ -79,8 +79,10 @@ class ServedModel:
         from segkit.predictor import Predictor  # torch: imported when a model is served
 
         predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
-        if self.cfg.img_size:
+        if self.cfg.img_size and hasattr(predictor.model, "transform"):
             predictor.model.transform.min_size = (self.cfg.img_size,)
+        elif self.cfg.img_size:  # a semantic model resizes itself
+            predictor.model.img_size = self.cfg.img_size
         if self.cfg.score_threshold is not None:
             predictor.score_threshold = self.cfg.score_threshold
         version = model_version(checkpoint)
@@ -120,11 +122,15 @@ class Predictions:
         self.model, self.link, self.cfg = model, link, cfg
         self._targets: dict[tuple[str, tuple[str, ...]], tuple[RegionTarget, dict[str, str]]] = {}
 
-    def target(self, label_config: str, classes: list[str]) -> tuple[RegionTarget, dict[str, str]]:
-        """The tag to fill and class -> label, worked out (and logged) once per config and class list."""
-        key = (label_config, tuple(classes))
+    def target(self, label_config: str, classes: list[str],
+               semantic: bool = False) -> tuple[RegionTarget, dict[str, str]]:
+        """The tag to fill and class -> label, worked out (and logged) once per config and class list.
+
+        A semantic model prefers brushes: a class's area is one region, often in many pieces.
+        """
+        key = (label_config, tuple(classes), semantic)
         if key not in self._targets:
-            prefer = "brush" if self.cfg.regions == "brush" else "polygon"
+            prefer = "brush" if self.cfg.regions == "brush" or semantic else "polygon"
             target = choose_target(label_config, prefer)
             if self.cfg.regions != "auto" and target.kind != self.cfg.regions:
                 log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
@@ -134,7 +140,7 @@ class Predictions:
     def __call__(self, tasks: list[dict], label_config: str, project: str | None) -> list[dict]:
         with self.model.lock:
             predictor, version = self.model.predictor, self.model.version
-            target, labels = self.target(label_config, predictor.classes)
+            target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
             cache = ImageCache(self._cache_folder(project))
             with self.link.client_or_none() as client:
                 try:
@@ -151,6 +157,8 @@ class Predictions:
             log.warning("task %s: no prediction: %s", task.get("id"), e)
             return {"model_version": version, "score": 0.0, "result": []}
         prediction = predictor(image)
+        if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
+            prediction = prediction.as_instances()
         entry = image_entry(ref, image.width, image.height, prediction)
         return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels)
 
@@ -238,6 +246,7 @@ class Retrainer:
         ckpt = load_checkpoint(self.model.checkpoint)
         cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{link.url.rstrip('/')}/projects/{project}",
                "--weights", str(self.model.checkpoint), "--model", ckpt["arch"],
+               "--task", ckpt.get("task") or "instance",
                "--img-size", str(self.cfg.train_img_size or ckpt["img_size"]),
                "--score-threshold", str(ckpt.get("score_threshold", 0.5)),
                "--epochs", str(self.cfg.train_epochs), "--out", str(out), "--no-progress", *self.cfg.train_args]

@@ -64,6 +64,7 @@ def read_labelme(path: Path, data: Any = None, images_dir: Path | None = None) -
         instances = [inst for label, members in groups if (inst := _instance(label, members, width, height, file, ctx))]
         record = image_record(image_path, width, height, instances, len(groups), ctx.what, ctx)
         if record:
+            record.ignore = _ignore_polygons(doc["shapes"])
             images.append(record)
     if not n_files and not problems:
         raise DataError(f"{path}: no labelme JSON files (with 'shapes') found")
@@ -81,6 +82,24 @@ def _group_shapes(shapes: list) -> list[tuple[str, list[tuple[int, dict]]]]:
         key = (s["label"], s["group_id"]) if s.get("group_id") is not None else i
         groups.setdefault(key, (str(s["label"]), []))[1].append((i, s))
     return list(groups.values())
+
+
+def _ignore_polygons(shapes: list) -> list[list[float]]:
+    """The ``__ignore__`` polygons and circles as flat polygons (unreadable ones are skipped: they only ignore)."""
+    polygons = []
+    for s in shapes:
+        if not isinstance(s, dict) or s.get("label") != IGNORE_LABEL:
+            continue
+        try:
+            pts = [(float(x), float(y)) for x, y in s.get("points") or []]
+            kind = s.get("shape_type") or "polygon"
+            if kind == "polygon" and len(pts) >= 3:
+                polygons.append([c for p in pts for c in p])
+            elif kind == "circle":
+                polygons.append(_circle(*pts[:2]))
+        except (TypeError, ValueError):
+            continue
+    return polygons
 
 
 def _instance(label: str, members: list, width: int, height: int, file: Path, ctx: Context) -> Instance | None:

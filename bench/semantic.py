@@ -1,0 +1,143 @@
+"""Semantic models beside Mask R-CNN: training images/s and inference latency at the same image size.
+
+Every model starts from random init (same seed) and runs on the sample's training images: training
+through segkit's own loop (``engine.train_one_epoch``, batch 2, no augmentation), inference through
+``Predictor`` on one val image (PIL in, prediction out, masks pasted / class map made). Each
+(model, phase) runs in a fresh process, so peak RSS is that phase's own; the phases alternate
+between models run by run, and the best run of each is kept.
+
+    python bench/semantic.py [--img-size 320] [--steps 4] [--runs 3] [--repeat 1] [--models ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+MODELS = ["maskrcnn_resnet50_fpn", "unet_resnet34", "unet_resnet18", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large"]
+
+
+def _is_semantic(arch: str) -> bool:
+    from segkit.semantic_model import SEMANTIC_ARCHITECTURES
+
+    return arch in SEMANTIC_ARCHITECTURES
+
+
+def _model(arch: str, num_classes: int, img_size: int) -> torch.nn.Module:
+    from segkit.model import build_model
+    from segkit.semantic_model import build_semantic_model
+
+    torch.manual_seed(0)
+    if _is_semantic(arch):
+        return build_semantic_model(arch, num_classes, weights=None, img_size=img_size)
+    model = build_model(arch, num_classes, weights=None, img_size=img_size)
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = 128  # what CPU training is advised to use
+    return model
+
+
+def time_training(arch: str, img_size: int, steps: int) -> dict:
+    """Images/s over ``steps`` batches of 2, after one warm-up batch."""
+    from segkit import engine
+    from segkit.dataset import SegmentationDataset, collate_fn
+    from segkit.readers import load_dataset
+    from segkit.semantic import SemanticDataset
+    from segkit.transforms import build_transform
+
+    records = load_dataset(SAMPLE / "train")
+    images = [im for im in records.images if im.instances]
+    kind = SemanticDataset if _is_semantic(arch) else SegmentationDataset
+    dataset = kind(images, records.classes, build_transform("none", train=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=False, num_workers=0, collate_fn=collate_fn)
+    model = _model(arch, len(records.classes) + 1, img_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    device = torch.device("cpu")
+    batches = iter(loader)
+    engine.train_one_epoch(model, optimizer, islice(batches, 1), device, show_progress=False)
+    start = time.perf_counter()
+    engine.train_one_epoch(model, optimizer, islice(batches, steps), device, show_progress=False)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": 2 * steps / seconds}
+
+
+def time_inference(arch: str, img_size: int, runs: int) -> dict:
+    """Median seconds of ``predictor(image)`` on one val image, through a saved checkpoint as users run it."""
+    from segkit.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.images import load_image
+    from segkit.predictor import Predictor
+
+    classes = ["leaf", "pebble", "shell"]
+    model = _model(arch, len(classes) + 1, img_size)
+    task = "semantic" if _is_semantic(arch) else "instance"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        save_checkpoint(make_checkpoint(model, arch, classes, img_size, 0.05, task=task), path)
+        predictor = Predictor.from_checkpoint(path)
+    image = load_image(sorted((SAMPLE / "val" / "images").iterdir())[0])
+    predictor(image)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predictor(image)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "image": f"{image.width}x{image.height}"}
+
+
+def run_one(args) -> dict:
+    result = time_training(args.model, args.img_size, args.steps) if args.phase == "train" else \
+        time_inference(args.model, args.img_size, args.runs)
+    return {**result, "model": args.model, "phase": args.phase,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--img-size", type=int, default=320)
+    parser.add_argument("--steps", type=int, default=4, help="training batches (of 2) to time")
+    parser.add_argument("--runs", type=int, default=3, help="timed predictions per inference run (median)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each (model, phase), alternating")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["train", "infer"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(run_one(args)))
+        return
+    results = []
+    for i in range(args.repeat):
+        for phase in ("train", "infer"):
+            for model in (args.models if i % 2 == 0 else args.models[::-1]):
+                cmd = [sys.executable, __file__, "--model", model, "--phase", phase, "--img-size", str(args.img_size),
+                       "--steps", str(args.steps), "--runs", str(args.runs)]
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO).stdout
+                results.append(json.loads(out.splitlines()[-1]))
+    print(f"random init, {args.img_size} px, CPU ({torch.get_num_threads()} threads), training: batch 2, "
+          f"{args.steps} steps; inference: median of {args.runs}; best of {args.repeat} run(s) each")
+    print(f"{'model':<28}{'train img/s':>12}{'train RSS MB':>14}{'infer ms':>10}{'vs Mask R-CNN':>15}{'infer RSS MB':>14}")
+    best = {}
+    for r in results:
+        key = (r["model"], r["phase"])
+        better = (lambda a, b: a["images_per_s"] > b["images_per_s"]) if r["phase"] == "train" else \
+            (lambda a, b: a["median_s"] < b["median_s"])
+        if key not in best or better(r, best[key]):
+            best[key] = r
+    base = best.get(("maskrcnn_resnet50_fpn", "infer"), {}).get("median_s")
+    for model in args.models:
+        train, infer = best[(model, "train")], best[(model, "infer")]
+        ratio = f"{infer['median_s'] / base:.2f}x" if base else "-"
+        print(f"{model:<28}{train['images_per_s']:>12.2f}{train['peak_mb']:>14.0f}{infer['median_s'] * 1000:>10.0f}"
+              f"{ratio:>15}{infer['peak_mb']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
