@@ -1,9 +1,11 @@
-"""INT8 OpenVINO models: NNCF post-training quantization calibrated on the user's training images.
+"""INT8 OpenVINO models: NNCF post-training quantization calibrated on the user's training images;
+and what bf16 costs in AP.
 
 ``segkit export --format openvino --int8 --data DATASET`` calls :func:`export_int8`: the f32 model is
 exported, NNCF collects activation ranges on training images (as the model sees them at inference),
 and box and mask AP on the val split are measured before and after. Both are recorded in the
-artifact (``export.int8``), so whoever runs it can see what quantization cost.
+artifact (``export.int8``), so whoever runs it can see what quantization cost. ``--bf16 --data`` does the
+same for bfloat16 inference (:func:`report_bf16`, ``export.bf16_ap``).
 """
 from __future__ import annotations
 
@@ -49,12 +51,37 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         if val and measure_ap:
             info["export"]["int8"]["before"] = _ap(f32_path, val, ckpt["classes"], show_progress)
             info["export"]["int8"]["after"] = _ap(out, val, ckpt["classes"], show_progress)
-            model = ov.Core().read_model(str(out))
-            model.set_rt_info(json.dumps(info), [META_KEY])
-            ov.save_model(model, str(out) + ".tmp.xml", compress_to_fp16=False)
-            os.replace(str(out) + ".tmp.xml", out)
-            os.replace(str(out) + ".tmp.bin", out.with_suffix(".bin"))
+            _rewrite_info(out, info)
     return out
+
+
+def report_bf16(artifact: str | os.PathLike, data: str | os.PathLike, show_progress: bool = True) -> dict[str, Any]:
+    """Box and mask AP of a bf16 OpenVINO ``artifact`` on ``data``'s val split, run in f32 and in bf16.
+
+    Records ``{"val_images", "before", "after"}`` in the artifact (``export.bf16_ap``) and returns it.
+    On a CPU without bf16, OpenVINO runs f32 for both and the figures are equal.
+    """
+    from segkit.checkpoint import load_checkpoint
+
+    info = artifact_info(artifact)
+    _, val = _splits(info, Path(data))
+    if not val:
+        raise ExportError(f"{data}: no val images to measure bf16 against f32 on")
+    f32 = {**info, "export": {**info["export"], "bf16": False}}
+    report = {"val_images": len(val), "before": _ap(Path(artifact), val, info["classes"], show_progress, f32),
+              "after": _ap(Path(artifact), val, info["classes"], show_progress, load_checkpoint(artifact))}
+    _rewrite_info(Path(artifact), {**info, "export": {**info["export"], "bf16_ap": report}})
+    return report
+
+
+def _rewrite_info(path: Path, info: dict[str, Any]) -> None:
+    """Replace an OpenVINO artifact's self-description, atomically (weights unchanged)."""
+    ov = require_package("openvino")
+    model = ov.Core().read_model(str(path))
+    model.set_rt_info(json.dumps(info), [META_KEY])
+    ov.save_model(model, str(path) + ".tmp.xml", compress_to_fp16=False)
+    os.replace(str(path) + ".tmp.xml", path)
+    os.replace(str(path) + ".tmp.bin", path.with_suffix(".bin"))
 
 
 def _splits(ckpt: dict[str, Any], data: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
@@ -83,11 +110,14 @@ def _model_input(record: ImageRecord):
     return np.asarray(load_image(record.path), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-def _ap(path: Path, records: list[ImageRecord], classes: list[str], show_progress: bool) -> dict[str, float]:
+def _ap(path: Path, records: list[ImageRecord], classes: list[str], show_progress: bool,
+        info: dict[str, Any] | None = None) -> dict[str, float]:
+    """Box and mask AP of the artifact at ``path`` (run as ``info`` says, default its own description)."""
+    from segkit.checkpoint import load_checkpoint
     from segkit.metrics import evaluate_predictor
     from segkit.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(path)
+    predictor = Predictor.from_loaded_checkpoint(info or load_checkpoint(path), path)
     report = evaluate_predictor(predictor, records, classes, predictor.score_threshold,
                                 show_progress=show_progress).evaluate()
     return {"box_ap": report["bbox"]["AP"], "mask_ap": report["segm"]["AP"]}
