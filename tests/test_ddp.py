@@ -35,3 +35,11 @@ def test_torchrun_trains_pointrend(tiny_data, tmp_path):
     _torchrun(tiny_data, tmp_path, "--epochs", "2", "--eval-every", "2", "--mask-head", "pointrend")
     rows = list(csv.DictReader(open(tmp_path / "runs" / "ddp" / "metrics.csv")))
     assert len(rows) == 2 and float(rows[-1]["train_loss_mask_point"]) > 0
+
+
+def test_torchrun_trains_a_semantic_model(tiny_data, tmp_path):
+    """The semantic task through the same DDP path: one run folder, both epochs, val mIoU measured."""
+    done = _torchrun(tiny_data, tmp_path, "--epochs", "2", "--task", "semantic", "--model", "unet_resnet18")
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "ddp" / "metrics.csv")))
+    assert len(rows) == 2 and float(rows[-1]["train_loss"]) > 0 and 0 <= float(rows[-1]["val_miou"]) <= 1
+    assert done.stdout.count("epoch 2 |") == 1  # only rank 0 reports and writes
