@@ -117,8 +117,7 @@ class Predictor:
     def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[Prediction]:
         """Predict several images: in one forward pass (eager), or one by one (exported models)."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
-        tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255)
-                   for im in images]
+        tensors = image_tensors(images, self.device)
         if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
             outputs = [self._run_exported(t) for t in tensors]
             return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
@@ -163,11 +162,16 @@ class SemanticPredictor(Predictor):
 
     @torch.inference_mode()
     def predict_batch(self, images: list[ImageInput], score_threshold: float | None = None) -> list[SemanticPrediction]:
-        """Class maps of several images in one forward pass."""
+        """Class maps of several images, each from its own forward (see ``SemanticSegmenter.forward``)."""
         from segkit.semantic import predict_maps
 
-        tensors = [pil_to_tensor(as_rgb(im)).to(self.device, non_blocking=True).float().div_(255) for im in images]
-        return [SemanticPrediction(m, self.classes, conf) for m, conf in predict_maps(self.model, tensors)]
+        maps = predict_maps(self.model, image_tensors(images, self.device))
+        return [SemanticPrediction(m, self.classes, conf) for m, conf in maps]
+
+
+def image_tensors(images: list[ImageInput], device: torch.device) -> list[torch.Tensor]:
+    """Images as the models take them: float (3, H, W) in 0..1 on ``device``."""
+    return [pil_to_tensor(as_rgb(im)).to(device, non_blocking=True).float().div_(255) for im in images]
 
 
 def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
