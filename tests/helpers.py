@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,9 @@ def tiny_config(data: Path, out: Path, **overrides):
     return TrainConfig(**{**settings, **overrides})
 
 
-def chrome():
-    """Debian's headless Chromium through selenium; skips the test when either is missing."""
+def chrome(profile: Path):
+    """Debian's headless Chromium through selenium, its profile in ``profile`` (a test's tmp_path, so
+    pytest cleans it up); skips the test when either is missing."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -57,7 +57,7 @@ def chrome():
     options.binary_location = binary
     for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1400", f"--user-data-dir={tempfile.mkdtemp(prefix='segkit-chrome-')}"]:
+                 "--window-size=1280,1400", f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 

@@ -291,12 +291,12 @@ def test_failed_share_link_is_explained_and_the_app_keeps_serving(server, client
         assert r.status == 200
 
 
-def test_browser_example_then_segment_shows_the_overlay(server):
+def test_browser_example_then_segment_shows_the_overlay(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = server.ready()
-    browser = chrome()
+    browser = chrome(tmp_path / "chrome")
     try:
         browser.get(url)
         wait = WebDriverWait(browser, 60)

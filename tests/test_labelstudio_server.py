@@ -283,11 +283,11 @@ def project_files(api, project_id: int) -> str:
     return storages[0]["path"]
 
 
-def test_labeling_page_shows_segkits_preannotations(server, api, project, connected):
+def test_labeling_page_shows_segkits_preannotations(server, api, project, connected, tmp_path):
     pid = project[0]
     tasks = _ok(api.get("/api/tasks", params={"project": pid, "page_size": 100}))["tasks"]
     todo = next(t["id"] for t in tasks if not t.get("total_annotations"))
-    browser = chrome()
+    browser = chrome(tmp_path / "chrome")
     try:
         browser.get(f"{server.url}/user/login/")
         from selenium.webdriver.common.by import By
