@@ -73,13 +73,31 @@ def _labels(im: ImageRecord) -> set[str]:
     return {inst.label for inst in im.instances}
 
 
-def restore_split(images: list[ImageRecord], saved: dict[str, list[str]]) -> dict[str, list[ImageRecord]]:
-    """The split a run saved (image paths per split), rebuilt from freshly read records, for resuming."""
-    by_path = {str(im.path): im for im in images}
-    missing = [p for paths in saved.values() for p in paths if p not in by_path]
+def split_paths(splits: dict[str, list[ImageRecord]], data: str | Path) -> dict[str, list[str]]:
+    """The split as image paths, as checkpoints and split.json save it: relative to the dataset folder
+    ``data`` where the image is inside it, so a dataset moved or copied elsewhere keeps its split."""
+    root = _root(Path(data)).resolve()
+
+    def name(im: ImageRecord) -> str:
+        path = Path(im.path).resolve()
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(im.path)
+
+    return {k: [name(im) for im in v] for k, v in splits.items()}
+
+
+def restore_split(images: list[ImageRecord], saved: dict[str, list[str]],
+                  data: str | Path) -> dict[str, list[ImageRecord]]:
+    """The split a run saved (:func:`split_paths`), rebuilt from freshly read records, for resuming."""
+    by_key = {key: im for im in images for key in _record_keys(im, Path(data))}
+    out, missing = {}, []
+    for split, paths in saved.items():
+        out[split] = []
+        for p in paths:
+            im = next((by_key[k] for k in _path_keys([p], Path(data)) if k in by_key), None)
+            out[split].append(im) if im is not None else missing.append(p)
     if missing:
-        raise SplitError(f"{len(missing)} image(s) of the saved split are gone, e.g. {missing[0]}")
-    return {k: [by_path[p] for p in v] for k, v in saved.items()}
+        raise SplitError(f"{len(missing)} image(s) of the saved split are not in {data}, e.g. {missing[0]}")
+    return out
 
 
 def select_split(images: list[ImageRecord], saved: dict[str, list] | None, split: str,
@@ -113,8 +131,13 @@ def select_split(images: list[ImageRecord], saved: dict[str, list] | None, split
     return images, "all images (neither the checkpoint nor the dataset has splits)"
 
 
+def _root(data: Path) -> Path:
+    """The folder relative split paths start from: the dataset folder, or the folder of a dataset file."""
+    return data if data.is_dir() else data.parent
+
+
 def _path_keys(items: list, data: Path) -> set[str]:
-    root = data if data.is_dir() else data.parent
+    root = _root(data)
     keys = set()
     for item in items:
         keys.add(str(item))
@@ -126,7 +149,7 @@ def _path_keys(items: list, data: Path) -> set[str]:
 
 
 def _record_keys(im: ImageRecord, data: Path) -> set[str]:
-    root = data if data.is_dir() else data.parent
+    root = _root(data)
     path = Path(im.path).resolve()
     keys = {str(path), str(im.path)}
     if path.is_relative_to(root.resolve()):

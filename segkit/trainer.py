@@ -28,7 +28,7 @@ from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError,
                           freeze_backbone, is_pretrained, uses_frozen_bn)
 from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS
 from segkit.semantic_model import DEFAULT_SEMANTIC_MODEL, LOSSES, SEMANTIC_ARCHITECTURES, build_semantic_model
-from segkit.splits import SPLITS, SplitError, restore_split, split_records
+from segkit.splits import SPLITS, SplitError, restore_split, split_paths, split_records
 from segkit.transforms import PRESETS
 
 
@@ -158,7 +158,7 @@ class _Run:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
                                _frozen_bn(self.cfg), task=self.cfg.task, config=dataclasses.asdict(self.cfg),
-                               split=_split_paths(self.splits), data_source=self.data_source, **extra)
+                               split=split_paths(self.splits, self.cfg.data), data_source=self.data_source, **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
         """last.pt: the checkpoint plus everything needed to continue exactly where training is."""
@@ -166,11 +166,6 @@ class _Run:
                                scaler=self.scaler.state_dict(), epoch=epoch_done, step=step,
                                history=self.history[:epoch_done], rng=_rng_state(),
                                metrics=self.history[-1] if self.history else {})
-
-
-def _split_paths(splits: dict[str, list]) -> dict[str, list[str]]:
-    """The split as image paths: what split.json and checkpoints save and :func:`restore_split` reads."""
-    return {k: [str(im.path) for im in v] for k, v in splits.items()}
 
 
 def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: str | None = None) -> _Run:
@@ -184,7 +179,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
     records = _load_data(cfg, verbose=main, api_key=api_key)
     classes = resume["classes"] if resume else records.classes
     try:
-        splits = restore_split(records.images, resume["split"]) if resume else split_records(
+        splits = restore_split(records.images, resume["split"], cfg.data) if resume else split_records(
             records.images, cfg.val_frac, cfg.test_frac, cfg.seed)
     except SplitError as e:
         raise TrainingStopped(f"cannot resume: {e}") from None
@@ -215,7 +210,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
         run.resume_rng = resume.get("rng")
     if main:
         write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
-        write_json(out / "split.json", _split_paths(splits), indent=2)
+        write_json(out / "split.json", split_paths(splits, cfg.data), indent=2)
         if records.origin:
             write_json(out / "data_source.json", records.origin, indent=2)
         trainable, total = count_parameters(model)
@@ -421,9 +416,10 @@ def _pick_device(name: str | None, local_rank: int) -> torch.device:
 
 
 def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
-    """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress."""
+    """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress,
+    and where the data is now (``--data``/``--images`` of a dataset that moved: the split is saved relative to it)."""
     saved = {f.name: ckpt["config"].get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
-    keep = ("epochs", "patience", "device", "workers", "progress", "resume")
+    keep = ("epochs", "patience", "device", "workers", "progress", "resume", "data", "images")
     defaults = TrainConfig()
     changed = {k: getattr(cli, k) for k in keep if getattr(cli, k) != getattr(defaults, k)}
     return TrainConfig(**{**saved, "resume": cli.resume, **changed})

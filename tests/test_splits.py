@@ -6,19 +6,20 @@ from pathlib import Path
 import pytest
 
 from segkit.records import ImageRecord, Instance
-from segkit.splits import SPLITS, SplitError, restore_split, split_records
+from segkit.splits import SPLITS, SplitError, restore_split, split_paths, split_records
 
 
-def _image(name: str, *labels: str, split: str | None = None) -> ImageRecord:
+def _image(name: str, *labels: str, split: str | None = None, root: Path = Path("/data")) -> ImageRecord:
     instances = [Instance(label, [[0, 0, 4, 0, 4, 4]], (0, 0, 4, 4)) for label in labels]
-    return ImageRecord(Path(f"/data/{name}.jpg"), 8, 8, instances, image_id=name, split=split)
+    return ImageRecord(root / "images" / f"{name}.jpg", 8, 8, instances, image_id=name, split=split)
 
 
-def _dataset() -> list[ImageRecord]:
+def _dataset(root: Path = Path("/data")) -> list[ImageRecord]:
     """13 images: "common" in 11, "few" in 3, "once" in a single image (twice there), 2 negatives."""
-    images = [_image(f"c{i}", "common") for i in range(7)]
-    images += [_image(f"f{i}", "common", "few") for i in range(3)]
-    images += [_image("o", "common", "once", "once"), _image("neg0"), _image("neg1")]
+    images = [_image(f"c{i}", "common", root=root) for i in range(7)]
+    images += [_image(f"f{i}", "common", "few", root=root) for i in range(3)]
+    images += [_image("o", "common", "once", "once", root=root), _image("neg0", root=root),
+               _image("neg1", root=root)]
     return images
 
 
@@ -66,13 +67,19 @@ def test_an_export_with_its_own_splits_is_used_as_is():
         {"train": ["a", "c"], "val": ["b"], "test": ["d"]}  # an image without a split trains
 
 
-def test_a_saved_split_is_restored_and_a_missing_image_is_named():
-    images = _dataset()
-    splits = split_records(images, 0.2, 0.2, seed=0)
-    saved = {s: [str(im.path) for im in v] for s, v in splits.items()}
-    restored = restore_split(_dataset(), saved)  # records read again: equal paths, new objects
-    assert {s: [im.image_id for im in v] for s, v in restored.items()} == \
-        {s: [im.image_id for im in v] for s, v in splits.items()}
-    gone = [im for im in _dataset() if str(im.path) != saved["val"][0]]
+def test_a_saved_split_is_restored_and_a_missing_image_is_named(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    splits = split_records(_dataset(data), 0.2, 0.2, seed=0)
+    saved = split_paths(splits, data)
+    assert saved["val"][0].startswith("images/")  # relative to the dataset: it can move
+    for root in (data, tmp_path / "moved"):  # records read again (new objects), in place and after a move
+        root.mkdir(exist_ok=True)
+        restored = restore_split(_dataset(root), saved, root)
+        assert {s: [im.path.name for im in v] for s, v in restored.items()} == \
+            {s: [im.path.name for im in v] for s, v in splits.items()}
+    gone = [im for im in _dataset(data) if im.path.name != Path(saved["val"][0]).name]
     with pytest.raises(SplitError, match=saved["val"][0]):
-        restore_split(gone, saved)
+        restore_split(gone, saved, data)
+    absolute = {s: [str(im.path) for im in v] for s, v in splits.items()}  # what checkpoints saved before
+    assert restore_split(_dataset(data), absolute, data).keys() == set(SPLITS)

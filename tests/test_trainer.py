@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -38,7 +39,9 @@ def test_two_epochs_write_every_output_and_resume_appends_a_row(tiny_data, tmp_p
     assert config["epochs"] == 2 and config["weights"] == "none"
     assert summary["best"] == str(out / "best.pt")
 
-    train(tiny_config(tiny_data, tmp_path / "ignored", epochs=3, resume=str(out / "last.pt")))
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")  # the split is saved relative to the dataset
+    assert json.loads((out / "split.json").read_text())["train"][0].startswith("train/images/")
+    train(tiny_config(moved, tmp_path / "ignored", epochs=3, resume=str(out / "last.pt")))
     resumed = _rows(out / "metrics.csv")
     assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
     assert resumed[:2] == rows  # history continues, untouched
