@@ -153,16 +153,14 @@ def test_train_from_the_project_url_records_where_the_data_came_from(project, tm
         assert TOKEN.encode() not in path.read_bytes(), path
 
 
-@pytest.fixture(scope="module")
-def backend(server, trained_checkpoint, tmp_path_factory):
-    """``segkit ml-backend`` serving the tiny overfit model, retraining quickly (1 epoch at 64 px)."""
-    tmp = tmp_path_factory.mktemp("backend")
+def _start_backend(server, checkpoint: Path, tmp: Path):
+    """``segkit ml-backend`` serving ``checkpoint``, retraining quickly (1 epoch at 64 px); (url, process)."""
     port = free_port()
     env = {**_env(tmp), "LABEL_STUDIO_URL": server.url}
     log = tmp / "backend.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "segkit", "ml-backend", "--checkpoint", str(trained_checkpoint), "--port", str(port),
+            [sys.executable, "-m", "segkit", "ml-backend", "--checkpoint", str(checkpoint), "--port", str(port),
              "--train-epochs", "1", "--train-img-size", "64", "--runs-dir", str(tmp / "runs"),
              "--train-args", "--limit 2 --workers 0 --roi-batch-size 64"],
             env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
@@ -172,10 +170,16 @@ def backend(server, trained_checkpoint, tmp_path_factory):
         assert proc.poll() is None, log.read_text()
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return url, proc
         except httpx.TransportError:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def backend(server, trained_checkpoint, tmp_path_factory):
+    """The ML backend serving the tiny overfit model."""
+    url, proc = _start_backend(server, trained_checkpoint, tmp_path_factory.mktemp("backend"))
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -249,18 +253,44 @@ def test_brush_only_project_gets_brushes_and_only_the_configs_labels(api, server
     assert labels == {"leaf", "PEBBLE"}  # matched ignoring case; shell left out
 
 
-def test_start_training_serves_a_new_model_version(api, project, backend, connected):
-    pid = project[0]
-    before = httpx.get(f"{backend}/versions").json()["model_version"]
-    _ok(api.post(f"/api/ml/{connected}/train"))
+def _train_and_wait(api, ml_id: int, backend: str) -> dict:
+    """Press "Start training" (through Label Studio) and wait for the backend to finish; its /versions."""
+    _ok(api.post(f"/api/ml/{ml_id}/train"))
     deadline = time.monotonic() + 300
     while (status := httpx.get(f"{backend}/versions").json())["training"]["state"] in ("idle", "running"):
         assert time.monotonic() < deadline, status
         time.sleep(2)
     assert status["training"]["state"] == "done", status["training"]
+    return status
+
+
+def test_start_training_serves_a_new_model_version(api, project, backend, connected):
+    pid = project[0]
+    before = httpx.get(f"{backend}/versions").json()["model_version"]
+    status = _train_and_wait(api, connected, backend)
     assert status["model_version"] != before and status["versions"] == [before, status["model_version"]]
     versions = {p["model_version"] for ps in _predictions(api, pid).values() for p in ps}
     assert status["model_version"] in versions  # Label Studio asked the new model
+
+
+def test_a_semantic_model_retrains_as_a_semantic_model(api, server, semantic_checkpoint, tiny_data, tmp_path):
+    import torch
+
+    pid = _new_project(api, server, "segkit semantic", CONFIG, sorted((tiny_data / "train" / "images").iterdir()))
+    _ok(api.post(f"/api/projects/{pid}/import", json=_sample_tasks(tiny_data)))
+    url, proc = _start_backend(server, semantic_checkpoint, tmp_path)
+    try:
+        status = _train_and_wait(api, _connect(api, pid, url), url)
+        ckpt = torch.load(Path(status["training"]["run"]) / "best.pt", map_location="cpu", weights_only=False)
+        assert (ckpt["task"], ckpt["arch"]) == ("semantic", torch.load(semantic_checkpoint, map_location="cpu",
+                                                                      weights_only=False)["arch"])
+        by_task = _predictions(api, pid)  # the new model answers with brushes (one per class)
+        latest = [max(ps, key=lambda p: p["id"]) for ps in by_task.values() if ps]
+        assert latest and all(p["model_version"] == status["model_version"] for p in latest)
+        assert {(r["type"], r["from_name"]) for p in latest for r in p["result"]} == {("brushlabels", "paint")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_label_studios_own_exports_read_back_with_the_same_counts(api, project, tmp_path):
