@@ -175,7 +175,7 @@ def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
 
 
 def evaluate_predictor(predictor, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
-                       batch_size: int = 2, show_progress: bool = True) -> SegmentationEvaluator:
+                       batch_size: int = 1, show_progress: bool = True) -> SegmentationEvaluator:
     """Run a :class:`segkit.predictor.Predictor` over ``records`` in batches, feeding every detection
     (score threshold 0, for COCO AP) to a new evaluator; call ``.evaluate()`` on the result."""
     from tqdm import tqdm

@@ -117,7 +117,7 @@ def metrics_row(report: dict[str, Any], prefix: str) -> dict[str, float]:
     return row
 
 
-def evaluate_predictor(predictor, records: Sequence[ImageRecord], classes: Sequence[str], batch_size: int = 2,
+def evaluate_predictor(predictor, records: Sequence[ImageRecord], classes: Sequence[str], batch_size: int = 1,
                        show_progress: bool = True) -> SemanticEvaluator:
     """Run a semantic :class:`segkit.predictor.Predictor` over ``records`` against their class maps."""
     evaluator = SemanticEvaluator(classes)

@@ -474,7 +474,10 @@ def _make_loaders(cfg: TrainConfig, splits: dict, classes: list[str], world: int
                 EpochSampler(len(dataset), cfg.seed)
         else:
             sampler = None  # val/test are evaluated whole, once, by rank 0
-        loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False,
+        # Instance val/test go one image per forward, as torchvision's references evaluate: padding a batch
+        # to a common size moves detections, and evaluate, predict and the demo see each image alone.
+        batch_size = cfg.batch_size if train or cfg.task == "semantic" else 1
+        loaders[split] = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                                     num_workers=cfg.workers, collate_fn=collate_fn, drop_last=drop_last,
                                     generator=torch.Generator(),
                                     persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-threshold", type=float, default=None,
                    help="masks at least this confident count for IoU/Dice and the confusion matrix "
                         "(default: the checkpoint's); COCO AP always uses all detections")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (default 1: more is faster on a GPU, but images padded to a common size "
+                   "get slightly different outputs than alone)")
     p.add_argument("--max-detections", type=int, default=100,
                    help="most instances per image (COCO AP counts up to 100)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")

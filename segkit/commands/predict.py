@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder; a re-run into it skips images already done")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="keep instances scoring at least this (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward pass (default 1: more is faster on a GPU, but images padded to a common size "
+                   "get slightly different outputs than alone)")
     p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     p.add_argument("--from-name", default=DEFAULT_FROM_NAME,
                    help="Label Studio: name of the PolygonLabels/BrushLabels tag in the labeling config")
