@@ -109,6 +109,20 @@ def test_overfit_learns_the_four_images(overfit_run, tiny_data):
     assert np.mean(best_ious) >= 0.75, best_ious
 
 
+def test_evaluate_reports_the_val_ap_that_training_recorded(overfit_run, tiny_data, tmp_path):
+    """Training's validation and ``segkit evaluate`` see each image alone, so they agree on the same split."""
+    from segkit.cli import main
+
+    report = tmp_path / "metrics.json"
+    assert main(["evaluate", "--checkpoint", overfit_run["best"], "--data", str(tiny_data), "--split", "val",
+                 "--json", str(report)]) == 0
+    measured = json.loads(report.read_text())
+    recorded = overfit_run["best_metrics"]
+    assert measured["bbox"]["AP"] == pytest.approx(recorded["val_bbox_map"], abs=2e-3)
+    assert measured["segm"]["AP"] == pytest.approx(recorded["val_segm_map"], abs=2e-3)
+    assert measured["segm"]["AP50"] == pytest.approx(recorded["val_segm_map50"], abs=2e-3)
+
+
 def test_best_checkpoint_reloads_to_identical_predictions(trained_checkpoint, tiny_data):
     image = next((tiny_data / "val" / "images").iterdir())
     first = Predictor.from_checkpoint(trained_checkpoint)(image)
