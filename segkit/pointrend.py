@@ -198,7 +198,8 @@ class PointRendRoIHeads(RoIHeads):
         labels = torch.cat(gt_labels)
         rois = torch.arange(len(labels), device=labels.device)
         with torch.no_grad():  # where to look is chosen, not learned
-            points = self._training_points(coarse[rois, labels][:, None])
+            points = uncertain_points(coarse[rois, labels][:, None], self.train_points, self.oversample,
+                                      self.importance)
         point_logits = self._point_logits(features, boxes, points, coarse, image_shapes)[rois, labels]
         full = [t.get("masks_full", t["masks"]) for t in targets]
         point_targets = point_labels(full, boxes, matched, points, image_shapes)
@@ -207,16 +208,6 @@ class PointRendRoIHeads(RoIHeads):
         else:
             loss_point = F.binary_cross_entropy_with_logits(point_logits.float(), point_targets)
         return {"loss_mask": loss_mask, "loss_mask_point": loss_point}
-
-    def _training_points(self, coarse: Tensor) -> Tensor:
-        """:func:`uncertain_points` drawn in a fork of the random state, seeded from it: as random and as
-        reproducible (resume included) as any draw, while the draws after it (the next step's proposal
-        sampling) stay those a standard head's run makes, so a seed gives both heads the same detector
-        training except for what the point loss teaches it."""
-        devices = [coarse.device] if coarse.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), device=coarse.device)))  # the stream in use there
-            return uncertain_points(coarse, self.train_points, self.oversample, self.importance)
 
     def _point_logits(self, features, boxes, points, coarse, image_shapes) -> Tensor:
         """Point head logits (R, num_classes, P) at box-relative ``points`` (R, P, 2)."""
