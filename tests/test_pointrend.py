@@ -164,6 +164,45 @@ def test_inference_renders_the_chosen_resolution_and_pastes_into_the_image(model
     assert all(len(o["masks"]) == len(o["boxes"]) for o in out)
 
 
+def _gear(x: torch.Tensor, y: torch.Tensor, teeth: int = 24) -> torch.Tensor:
+    """A cog filling a box (coordinates in [0, 1]): teeth about 2.6 cells of a 28 x 28 grid apart."""
+    dx, dy = x - 0.5, y - 0.5
+    return torch.sqrt(dx * dx + dy * dy) < 0.33 + 0.08 * torch.sign(torch.sin(teeth * torch.atan2(dy, dx)))
+
+
+def test_subdivision_renders_detail_a_28_grid_cannot_hold():
+    """With exact predictions at any point the mask comes out as sharp as its 224 x 224 grid; the best a
+    28 x 28 head can say (each cell's share of the cog) stretched to the same grid rounds the teeth off.
+    Checks where the points land and which get refined, without training anything."""
+    torch.manual_seed(0)
+    heads = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=64, mask_head="pointrend",
+                        mask_resolution=224).roi_heads
+    cls, fine = 2, (torch.arange(224) + 0.5) / 224
+    ys, xs = torch.meshgrid(fine, fine, indexing="ij")
+    truth = _gear(xs, ys)
+    share = torch.nn.functional.avg_pool2d(truth.float()[None, None], 8)[0, 0].clamp(1e-4, 1 - 1e-4)
+    coarse = torch.full((1, 4, 28, 28), -10.0)
+    coarse[0, cls] = torch.log(share / (1 - share))
+
+    def exact(features, boxes, points, coarse_logits, image_shapes):
+        out = torch.full((points.shape[0], 4, points.shape[1]), -10.0)
+        out[:, cls] = torch.where(_gear(points[..., 0], points[..., 1]), 10.0, -10.0)
+        return out
+
+    heads._coarse_logits = lambda features, boxes, image_shapes: coarse
+    heads._point_logits = exact
+    rendered = heads._render_masks({}, [torch.tensor([[0.0, 0, 224, 224]])], [torch.tensor([cls])], [(224, 224)])
+    pointrend = rendered[0][0, 0] > 0.5
+    standard = torch.nn.functional.interpolate(coarse[:, cls:cls + 1], size=(224, 224), mode="bilinear",
+                                               align_corners=False)[0, 0] > 0  # what the paste does
+
+    def iou(mask):
+        return float((mask & truth).sum() / (mask | truth).sum())
+
+    # measured: 0.958 (784 points per step do not reach every boundary cell of the cog) against 0.889
+    assert iou(pointrend) >= 0.95 and iou(standard) <= 0.9, (iou(pointrend), iou(standard))
+
+
 def test_checkpoint_records_the_head_and_rebuilds_it(model, tmp_path):
     path = tmp_path / "pr.pt"
     save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", ["a", "b", "c"], 64), path)
