@@ -328,10 +328,14 @@ def test_labeling_page_shows_segkits_preannotations(server, api, project, connec
         browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
         WebDriverWait(browser, 60).until(lambda b: "/user/login" not in b.current_url)
         browser.get(f"{server.url}/projects/{pid}/data?task={todo}")
-        items = WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".lsf-outliner-item"))
+        def regions(b) -> str:  # read in one script: the outliner re-renders as predictions arrive
+            return b.execute_script("return [...document.querySelectorAll('.lsf-outliner-item')]"
+                                    ".map(e => e.innerText).join(' ')")
+
+        WebDriverWait(browser, 120).until(lambda b: any(label in regions(b) for label in LABELS.values()))
         WebDriverWait(browser, 30).until(
             lambda b: b.execute_script("return [...document.images].every(i => i.complete)"))
-        assert any(label in " ".join(i.text for i in items) for label in LABELS.values())
+        assert any(label in regions(browser) for label in LABELS.values()), regions(browser)
     finally:
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "labelstudio.png"))
