@@ -94,7 +94,10 @@ def restore_split(images: list[ImageRecord], saved: dict[str, list[str]],
         out[split] = []
         for p in paths:
             im = next((by_key[k] for k in _path_keys([p], Path(data)) if k in by_key), None)
-            out[split].append(im) if im is not None else missing.append(p)
+            if im is None:
+                missing.append(p)
+            else:
+                out[split].append(im)
     if missing:
         raise SplitError(f"{len(missing)} image(s) of the saved split are not in {data}, e.g. {missing[0]}")
     return out
