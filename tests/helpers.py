@@ -62,14 +62,12 @@ def chrome(profile: Path):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def instance_scores(checkpoint: Path, split: Path) -> list[tuple[float, float]]:
+def instance_scores(predictor, split: Path) -> list[tuple[float, float]]:
     """(mask IoU, Boundary IoU) of each ground-truth instance in ``split`` with its best-overlapping
-    prediction of the same class (0, 0 when there is none), at the checkpoint's score threshold."""
+    prediction of the same class (0, 0 when there is none), at the predictor's score threshold."""
     from segkit.boundary import boundary_iou
-    from segkit.predictor import Predictor
     from segkit.readers import load_dataset
 
-    predictor = Predictor.from_checkpoint(checkpoint)
     scores = []
     for record in load_dataset(split).images:
         prediction = predictor(record.path)
