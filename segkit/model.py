@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import ResNet101_Weights, resnet50, resnet101
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
@@ -75,11 +75,14 @@ def uses_frozen_bn(arch: str, weights: str | os.PathLike | None) -> bool:
 def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None = "coco",
                 trainable_layers: int | None = None, img_size: int = 800,
                 frozen_bn: bool | None = None, mask_head: str = "standard",
-                mask_resolution: int = DEFAULT_RESOLUTION) -> MaskRCNN:
+                mask_resolution: int = DEFAULT_RESOLUTION, classes: list[str] | None = None) -> MaskRCNN:
     """Mask R-CNN for ``num_classes`` classes plus background.
 
     ``weights``: ``"coco"`` (torchvision's COCO weights, downloaded to torch's cache), ``None`` or
     ``"none"`` (random init), or a path to a torchvision-format state dict or a segkit checkpoint.
+    From a segkit checkpoint, given the new ``classes`` (names, without the background), each class
+    the checkpoint knows keeps its trained head rows, matched by name whatever its position; new
+    classes start from random init. A plain state dict keeps its heads only for the same class count.
     ``trainable_layers`` (0..5) freezes the earliest ResNet stages as torchvision does; from random
     init everything trains. ``frozen_bn`` overrides the batch-norm choice (used when reloading).
     ``mask_head``: ``"standard"`` (torchvision's 28 x 28 masks) or ``"pointrend"`` (masks refined up to
@@ -97,14 +100,24 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
     norm = misc_nn_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
     imagenet = pretrained and str(weights).lower() == "coco" and coco_weights is None
     model = builder(norm, imagenet, **image_size_kwargs(img_size))
+    file_classes = None
     if pretrained:
-        _load_starting_weights(model, arch, weights, coco_weights)
+        file_classes = _load_starting_weights(model, arch, weights, coco_weights)
         freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if trainable_layers is None else trainable_layers)
-    # A checkpoint of the same classes (retraining a served model on more annotations) keeps its
-    # trained heads; COCO's 91 slots, or another class count, get new ones.
-    same_classes = str(weights).lower() != "coco" and model.roi_heads.box_predictor.cls_score.out_features == num_classes
-    if not (pretrained and same_classes):
+    if file_classes is not None and classes is not None:
+        # Retraining a served model on its project: a label added, removed or reordered in Label
+        # Studio must not hand one class's trained head to another.
+        predictors = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(PREDICTORS)}
         replace_heads(model, num_classes)
+        shared = {k: v for k, v in predictors.items() if k not in CLASS_ROWS}  # e.g. the mask deconvolution
+        model.load_state_dict({**shared, **match_class_rows(predictors, model.state_dict(), CLASS_ROWS,
+                                                            file_classes, classes)}, strict=False)
+    else:
+        # A state dict of the same class count keeps its heads; COCO's 91 slots, or another count, get new ones.
+        same_classes = str(weights).lower() != "coco" and \
+            model.roi_heads.box_predictor.cls_score.out_features == num_classes
+        if not (pretrained and same_classes):
+            replace_heads(model, num_classes)
     if mask_head == "pointrend":
         model.roi_heads = PointRendRoIHeads.from_roi_heads(model.roi_heads, num_classes, mask_resolution)
         model.transform = FullResolutionTransform.from_transform(model.transform)  # point labels at full resolution
@@ -123,6 +136,28 @@ def freeze_backbone(model: MaskRCNN, trainable_layers: int) -> None:
             parameter.requires_grad_(False)
 
 
+PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")  # what replace_heads makes anew
+# The predictors' per-class tensors and how many rows each class has in them (index 0 is the background).
+CLASS_ROWS = {"roi_heads.box_predictor.cls_score.weight": 1, "roi_heads.box_predictor.cls_score.bias": 1,
+              "roi_heads.box_predictor.bbox_pred.weight": 4, "roi_heads.box_predictor.bbox_pred.bias": 4,
+              "roi_heads.mask_predictor.mask_fcn_logits.weight": 1, "roi_heads.mask_predictor.mask_fcn_logits.bias": 1}
+
+
+def match_class_rows(trained: dict[str, Tensor], fresh: dict[str, Tensor], rows: dict[str, int],
+                     trained_classes: list[str], classes: list[str]) -> dict[str, Tensor]:
+    """``fresh``'s per-class tensors (keys of ``rows``) with the rows of the background and of every
+    class ``trained`` knows copied from ``trained``, matched by class name; the others stay fresh."""
+    where = {name: i for i, name in enumerate(trained_classes, start=1)}
+    pairs = [(0, 0)] + [(j, where[name]) for j, name in enumerate(classes, start=1) if name in where]
+    out = {}
+    for key, n in rows.items():
+        tensor = fresh[key].clone()
+        for new, old in pairs:
+            tensor[new * n:(new + 1) * n] = trained[key][old * n:(old + 1) * n]
+        out[key] = tensor
+    return out
+
+
 def replace_heads(model: MaskRCNN, num_classes: int) -> None:
     """New box and mask predictors for ``num_classes`` (background included)."""
     box_in = model.roi_heads.box_predictor.cls_score.in_features
@@ -131,13 +166,15 @@ def replace_heads(model: MaskRCNN, num_classes: int) -> None:
     model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, num_classes)
 
 
-def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) -> None:
+def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) -> list[str] | None:
+    """Load ``weights`` (heads sized as in the file); the class names a segkit checkpoint records, else None."""
+    classes = None
     if str(weights).lower() == "coco":
         if coco_weights is None:
-            return  # the builder loaded the ImageNet backbone
+            return None  # the builder loaded the ImageNet backbone
         state = _load_or_explain(lambda: coco_weights.get_state_dict(progress=True, check_hash=True), coco_weights)
     else:
-        state = _read_state_dict(Path(weights))
+        state, classes = read_weights(Path(weights))
         # a PointRend checkpoint as starting weights: its point head is per class, and starts anew like the predictors
         state = {k: v for k, v in state.items() if not k.startswith("roi_heads.point_head.")}
     num_in_file = state["roi_heads.box_predictor.cls_score.weight"].shape[0] if \
@@ -150,20 +187,24 @@ def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) ->
                            f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
     if coco_weights is tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
         overwrite_eps(model, 0.0)  # as torchvision does for these weights: they were trained with eps=0
+    return classes
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_weights(path: Path) -> tuple[dict, list[str] | None]:
+    """A weights file's state dict, and its class names when it is a segkit checkpoint (else None)."""
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file (use --weights coco, none, or a .pt/.pth path)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors come in many types; all mean the same to a user
         raise WeightsError(f"{path}: cannot be loaded as weights ({type(e).__name__}: {e})") from e
+    classes = None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # a segkit (or torchvision references) checkpoint
+        classes = obj.get("classes")  # a segkit checkpoint names them; torchvision's references do not
+        obj = obj["model"]
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj
+    return obj, (list(classes) if isinstance(classes, (list, tuple)) else None)
 
 
 def _load_or_explain(load, weights_enum, target: str | None = None):

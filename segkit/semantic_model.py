@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.class_map import IGNORE_INDEX
-from segkit.model import WeightsError, _load_or_explain, _read_state_dict, is_pretrained
+from segkit.model import WeightsError, _load_or_explain, is_pretrained, match_class_rows, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,13 +97,15 @@ def _load_torchvision(model: nn.Module, weights) -> None:
 
 
 def build_semantic_model(arch: str, num_classes: int, weights: str | os.PathLike | None = "coco",
-                         img_size: int = 512, loss: str = "ce+dice") -> SemanticSegmenter:
+                         img_size: int = 512, loss: str = "ce+dice",
+                         classes: list[str] | None = None) -> SemanticSegmenter:
     """A semantic model for ``num_classes`` classes plus background (index 0), wrapped in :class:`SemanticSegmenter`.
 
     ``weights``: ``"coco"`` (pretrained as the module docstring says; offline, a
     :class:`segkit.model.WeightsError` says where to put the file), ``None``/``"none"`` (random init),
-    or a path to a segkit checkpoint or state dict of the same architecture (its per-class head is
-    kept when the class count matches, else started anew).
+    or a path to a segkit checkpoint or state dict of the same architecture. Its per-class head is
+    kept row by row for the classes a checkpoint shares with ``classes`` (names, without the
+    background), matched by name; without names, whole when the class count matches; else started anew.
     """
     if arch not in SEMANTIC_ARCHITECTURES:
         raise ValueError(f"unknown semantic model {arch!r}; choose one of: {', '.join(SEMANTIC_ARCHITECTURES)}")
@@ -113,13 +115,13 @@ def build_semantic_model(arch: str, num_classes: int, weights: str | os.PathLike
     word = is_pretrained(weights) and str(weights).lower() == "coco"
     net = builder(num_classes, word)
     if is_pretrained(weights) and not word:
-        _load_path(net, arch, Path(weights), head)
+        _load_path(net, arch, Path(weights), head, classes)
     return SemanticSegmenter(net, num_classes, img_size, loss)
 
 
-def _load_path(net: nn.Module, arch: str, path: Path, head: tuple[str, ...]) -> None:
+def _load_path(net: nn.Module, arch: str, path: Path, head: tuple[str, ...], classes: list[str] | None) -> None:
     """Weights from a file: everything must fit except the per-class head, which may have another class count."""
-    state = _read_state_dict(path)
+    state, file_classes = read_weights(path)
     state = {k.removeprefix("net."): v for k, v in state.items()}  # a segkit checkpoint wraps the network
     own = net.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -127,6 +129,10 @@ def _load_path(net: nn.Module, arch: str, path: Path, head: tuple[str, ...]) -> 
     if missing:
         raise WeightsError(f"{path}: not a {arch} state dict ({len(missing)} of its tensors missing or of "
                            f"another shape, e.g. {missing[:3]})")
+    if file_classes is not None and classes is not None:  # one row per class (0: background), matched by name
+        per_class = {k: 1 for k, v in state.items() if k.startswith(head) and k in own and v.dim()
+                     and v.shape[0] == len(file_classes) + 1 and own[k].shape[0] == len(classes) + 1}
+        fitting.update(match_class_rows(state, own, per_class, file_classes, classes))
     net.load_state_dict(fitting, strict=False)
 
 

@@ -192,7 +192,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
 
     _seed_everything(cfg.seed)
     loaders = _make_loaders(cfg, splits, classes, world, rank)
-    model = _make_model(cfg, len(classes) + 1, resumed=resume is not None).to(device)
+    model = _make_model(cfg, classes, resumed=resume is not None).to(device)
     optimizer, scheduler, scaler = _make_optimization(cfg, model, len(loaders["train"]), device)
     if resume:
         for part, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -333,18 +333,19 @@ def _frozen_bn(cfg: TrainConfig) -> bool:
     return cfg.task == "instance" and uses_frozen_bn(cfg.model, cfg.weights)
 
 
-def _make_model(cfg: TrainConfig, num_classes: int, resumed: bool) -> torch.nn.Module:
+def _make_model(cfg: TrainConfig, classes: list[str], resumed: bool) -> torch.nn.Module:
     """The run's model; a resumed run rebuilds the same modules and frozen layers, its weights come from last.pt."""
+    num_classes = len(classes) + 1
     if cfg.task == "semantic":  # every layer trains: --trainable-layers is Mask R-CNN's
         try:
             return build_semantic_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.img_size,
-                                        cfg.loss)
+                                        cfg.loss, classes=classes)
         except WeightsError as e:
             raise TrainingStopped(str(e), exit_code=2) from None
     try:
         model = build_model(cfg.model, num_classes, None if resumed else cfg.weights, cfg.trainable_layers,
                             cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights), mask_head=cfg.mask_head,
-                            mask_resolution=cfg.mask_resolution)
+                            mask_resolution=cfg.mask_resolution, classes=classes)
     except (WeightsError, ValueError) as e:  # ValueError: a mask resolution PointRend cannot render
         raise TrainingStopped(str(e), exit_code=2) from None
     if resumed and is_pretrained(cfg.weights):

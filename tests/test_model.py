@@ -6,7 +6,7 @@ import torch
 from torchvision.models import _api as torchvision_api
 
 from segkit import model as model_lib
-from segkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segkit.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from segkit.model import WeightsError, build_model
 
 
@@ -99,3 +99,44 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint({"model": {}, "arch": "a", "classes": [], "img_size": 1, "epoch": 2}, path)
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+# --- retraining a checkpoint on a project whose labels changed -----------------------------------
+
+def test_checkpoint_heads_follow_their_class_names(tmp_path):
+    """Labels reordered, one renamed: each known class keeps its own trained rows, the new one starts fresh."""
+    torch.manual_seed(0)
+    old = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=128)
+    path = tmp_path / "served.pt"
+    save_checkpoint(make_checkpoint(old, "maskrcnn_resnet50_fpn", ["leaf", "pebble", "shell"], img_size=128), path)
+    new = build_model("maskrcnn_resnet50_fpn", 4, weights=path, img_size=128, classes=["shell", "leaf", "stone"])
+    before, after = old.state_dict(), new.state_dict()
+    for key, rows in model_lib.CLASS_ROWS.items():
+        def row(state, i, key=key, rows=rows):
+            return state[key][i * rows:(i + 1) * rows]
+        for new_index, old_index in ((0, 0), (1, 3), (2, 1)):  # background, shell, leaf
+            assert torch.equal(row(after, new_index), row(before, old_index)), key
+        assert not any(torch.equal(row(after, 3), row(before, i)) for i in range(4)), key  # "stone" is new
+    for key in ("roi_heads.mask_head.0.0.weight", "roi_heads.mask_predictor.conv5_mask.weight"):  # not per class
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_reordered_labels_detect_the_same_objects_under_their_own_names(trained_checkpoint, sample_dir):
+    from PIL import Image
+
+    from segkit.predictor import detect, image_tensors
+
+    ckpt = load_checkpoint(trained_checkpoint)
+    served = model_from_checkpoint(ckpt).eval()
+    reordered = ["shell", "leaf", "pebble"]
+    retrained = build_model(ckpt["arch"], 4, weights=trained_checkpoint, img_size=ckpt["img_size"],
+                            frozen_bn=False, classes=reordered).eval()
+    image = image_tensors([Image.open(next((sample_dir / "val" / "images").iterdir()))], torch.device("cpu"))
+    with torch.no_grad():
+        a, b = detect(served, image)[0], detect(retrained, image)[0]
+    assert len(a["scores"]) > 0
+    torch.testing.assert_close(b["boxes"], a["boxes"])
+    torch.testing.assert_close(b["scores"], a["scores"])
+    torch.testing.assert_close(b["mask_probs"], a["mask_probs"])
+    names = ckpt["classes"]
+    assert [reordered[i - 1] for i in b["labels"]] == [names[i - 1] for i in a["labels"]]

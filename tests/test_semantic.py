@@ -173,6 +173,15 @@ def test_weights_from_a_checkpoint_of_other_classes_keep_the_body(semantic_check
     assert own["net.segmentation_head.0.weight"].shape[0] == 2
 
 
+def test_weights_from_a_checkpoint_keep_each_class_row_by_name(semantic_checkpoint):
+    ckpt = torch.load(semantic_checkpoint, weights_only=True)
+    assert ckpt["classes"] == ["leaf", "pebble", "shell"]
+    model = build_semantic_model(ckpt["arch"], 3, weights=semantic_checkpoint, img_size=64, classes=["shell", "leaf"])
+    for key in ("net.segmentation_head.0.weight", "net.segmentation_head.0.bias"):
+        trained, own = ckpt["model"][key], model.state_dict()[key]
+        assert torch.equal(own, trained[[0, 3, 1]]), key  # background, shell, leaf
+
+
 # --- training, and the checkpoint everywhere ----------------------------------------------------
 
 def test_overfit_reaches_miou_and_writes_semantic_metrics(semantic_overfit_run):
