@@ -190,6 +190,16 @@ def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) ->
     return classes
 
 
+def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
+    """The class names a segkit checkpoint at ``path`` records, read without loading its tensors; else None."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a (zip-format) checkpoint: no names to read
+        return None
+    classes = obj.get("classes") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
+    return list(classes) if isinstance(classes, (list, tuple)) else None
+
+
 def read_weights(path: Path) -> tuple[dict, list[str] | None]:
     """A weights file's state dict, and its class names when it is a segkit checkpoint (else None)."""
     if not path.is_file():

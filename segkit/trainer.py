@@ -24,8 +24,8 @@ from segkit import engine, runs, semantic
 from segkit.atomic import write_json
 from segkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from segkit.coco import records_to_coco
-from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, count_parameters,
-                          freeze_backbone, is_pretrained, uses_frozen_bn)
+from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, checkpoint_classes,
+                          count_parameters, freeze_backbone, is_pretrained, uses_frozen_bn)
 from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS
 from segkit.semantic_model import DEFAULT_SEMANTIC_MODEL, LOSSES, SEMANTIC_ARCHITECTURES, build_semantic_model
 from segkit.splits import SPLITS, SplitError, restore_split, split_paths, split_records
@@ -213,6 +213,8 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
         write_json(out / "split.json", split_paths(splits, cfg.data), indent=2)
         if records.origin:
             write_json(out / "data_source.json", records.origin, indent=2)
+        if not resume and (carried := _carried_heads(cfg.weights, classes)):
+            print(carried)
         trainable, total = count_parameters(model)
         print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
               f"{len(classes)} classes {classes}, images train/val/test = "
@@ -331,6 +333,20 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
 
 def _frozen_bn(cfg: TrainConfig) -> bool:
     return cfg.task == "instance" and uses_frozen_bn(cfg.model, cfg.weights)
+
+
+def _carried_heads(weights: str | None, classes: list[str]) -> str | None:
+    """What a start from a segkit checkpoint of other classes keeps (matched by name), said so that a
+    renamed label's fresh start is no surprise; None when there is nothing to say."""
+    if not is_pretrained(weights) or str(weights).lower() == "coco":
+        return None
+    known = checkpoint_classes(weights)
+    if known is None or known == classes:
+        return None
+    kept, new = [c for c in classes if c in known], [c for c in classes if c not in known]
+    dropped = [c for c in known if c not in classes]
+    return (f"starting from {weights}: trained heads kept for {', '.join(kept) or 'no class'}; "
+            f"new for {', '.join(new) or 'no class'}" + (f"; not in this data: {', '.join(dropped)}" if dropped else ""))
 
 
 def _make_model(cfg: TrainConfig, classes: list[str], resumed: bool) -> torch.nn.Module:

@@ -176,3 +176,23 @@ def test_fine_tune_from_torchvision_format_weights_then_resume(tiny_data, tmp_pa
     train(tiny_config(tiny_data, tmp_path / "x", epochs=2, resume=str(out / "last.pt")))
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
     assert torch.equal(load_checkpoint(out / "last.pt")["model"]["backbone.body.layer1.0.conv1.weight"], frozen)
+
+
+def test_retraining_on_relabelled_data_keeps_each_class_head_by_name(untrained_checkpoint, tiny_data, tmp_path,
+                                                                     capsys):
+    """A served model retrained after a label was renamed: the others keep their heads, and the run says so."""
+    data = tmp_path / "relabelled"
+    shutil.copytree(tiny_data, data)
+    for split in ("train", "val"):
+        coco = json.loads((data / split / "result.json").read_text())
+        coco["categories"] = [{**c, "name": "stone" if c["name"] == "pebble" else c["name"]} for c in coco["categories"]]
+        (data / split / "result.json").write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    train(tiny_config(data, out, weights=str(untrained_checkpoint), epochs=1, limit=2, lr=0.0))  # lr 0: rows as loaded
+    said = capsys.readouterr().out
+    assert "trained heads kept for leaf, shell; new for stone; not in this data: pebble" in said, said
+    served, retrained = load_checkpoint(untrained_checkpoint), load_checkpoint(out / "last.pt")
+    key = "roi_heads.box_predictor.cls_score.weight"
+    for name in ("leaf", "shell"):
+        old, new = served["classes"].index(name) + 1, retrained["classes"].index(name) + 1
+        assert torch.equal(retrained["model"][key][new], served["model"][key][old]), name
