@@ -193,11 +193,16 @@ def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) ->
 def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
     """The class names a segkit checkpoint at ``path`` records, read without loading its tensors; else None."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _named_classes(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # noqa: BLE001 - not a (zip-format) checkpoint: no names to read
         return None
-    classes = obj.get("classes") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
-    return list(classes) if isinstance(classes, (list, tuple)) else None
+
+
+def _named_classes(obj) -> list[str] | None:
+    """A segkit checkpoint's class names; None for a state dict or torchvision references' checkpoint."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("classes"), (list, tuple)):
+        return list(obj["classes"])
+    return None
 
 
 def read_weights(path: Path) -> tuple[dict, list[str] | None]:
@@ -208,13 +213,12 @@ def read_weights(path: Path) -> tuple[dict, list[str] | None]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle errors come in many types; all mean the same to a user
         raise WeightsError(f"{path}: cannot be loaded as weights ({type(e).__name__}: {e})") from e
-    classes = None
+    classes = _named_classes(obj)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        classes = obj.get("classes")  # a segkit checkpoint names them; torchvision's references do not
-        obj = obj["model"]
+        obj = obj["model"]  # a segkit (or torchvision references) checkpoint
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj, (list(classes) if isinstance(classes, (list, tuple)) else None)
+    return obj, classes
 
 
 def _load_or_explain(load, weights_enum, target: str | None = None):
