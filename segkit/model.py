@@ -24,6 +24,7 @@ from torchvision.ops import misc as misc_nn_ops
 
 from segkit.pointrend import (DEFAULT_RESOLUTION, MASK_HEADS, FullResolutionTransform, PointRendRoIHeads,
                               check_resolution)
+from segkit.records import class_key
 
 COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
 
@@ -146,9 +147,11 @@ CLASS_ROWS = {"roi_heads.box_predictor.cls_score.weight": 1, "roi_heads.box_pred
 def match_class_rows(trained: dict[str, Tensor], fresh: dict[str, Tensor], rows: dict[str, int],
                      trained_classes: list[str], classes: list[str]) -> dict[str, Tensor]:
     """``fresh``'s per-class tensors (keys of ``rows``) with the rows of the background and of every
-    class ``trained`` knows copied from ``trained``, matched by class name; the others stay fresh."""
-    where = {name: i for i, name in enumerate(trained_classes, start=1)}
-    pairs = [(0, 0)] + [(j, where[name]) for j, name in enumerate(classes, start=1) if name in where]
+    class ``trained`` knows copied from ``trained``, matched by class name (:func:`class_key`, as the
+    Label Studio backend matches labels); the others stay fresh."""
+    where = {class_key(name): i for i, name in enumerate(trained_classes, start=1)}
+    pairs = [(0, 0)] + [(j, where[class_key(name)]) for j, name in enumerate(classes, start=1)
+                        if class_key(name) in where]
     out = {}
     for key, n in rows.items():
         tensor = fresh[key].clone()

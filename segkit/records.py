@@ -93,6 +93,11 @@ def label_map(classes: Sequence[str]) -> dict[str, int]:
     return {name: i + 1 for i, name in enumerate(classes)}
 
 
+def class_key(name: str) -> str:
+    """What makes two class names one class: case does not count, as Label Studio's "Shell" is a model's "shell"."""
+    return name.casefold()
+
+
 def restrict_to_classes(records: Sequence[ImageRecord],
                         classes: Sequence[str]) -> tuple[list[ImageRecord], dict[str, int]]:
     """Records keeping only instances of ``classes``, and how many instances of each other class went."""

@@ -27,6 +27,7 @@ from segkit.coco import records_to_coco
 from segkit.model import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, WeightsError, build_model, checkpoint_classes,
                           count_parameters, freeze_backbone, is_pretrained, uses_frozen_bn)
 from segkit.pointrend import DEFAULT_RESOLUTION, MASK_HEADS
+from segkit.records import class_key
 from segkit.semantic_model import DEFAULT_SEMANTIC_MODEL, LOSSES, SEMANTIC_ARCHITECTURES, build_semantic_model
 from segkit.splits import SPLITS, SplitError, restore_split, split_paths, split_records
 from segkit.transforms import PRESETS
@@ -343,8 +344,10 @@ def _carried_heads(weights: str | None, classes: list[str]) -> str | None:
     known = checkpoint_classes(weights)
     if known is None or known == classes:
         return None
-    kept, new = [c for c in classes if c in known], [c for c in classes if c not in known]
-    dropped = [c for c in known if c not in classes]
+    known_keys, keys = {class_key(c) for c in known}, {class_key(c) for c in classes}
+    kept = [c for c in classes if class_key(c) in known_keys]
+    new = [c for c in classes if class_key(c) not in known_keys]
+    dropped = [c for c in known if class_key(c) not in keys]
     return (f"starting from {weights}: trained heads kept for {', '.join(kept) or 'no class'}; "
             f"new for {', '.join(new) or 'no class'}" + (f"; not in this data: {', '.join(dropped)}" if dropped else ""))
 

@@ -109,7 +109,8 @@ def test_checkpoint_heads_follow_their_class_names(tmp_path):
     old = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=128)
     path = tmp_path / "served.pt"
     save_checkpoint(make_checkpoint(old, "maskrcnn_resnet50_fpn", ["leaf", "pebble", "shell"], img_size=128), path)
-    new = build_model("maskrcnn_resnet50_fpn", 4, weights=path, img_size=128, classes=["shell", "leaf", "stone"])
+    new = build_model("maskrcnn_resnet50_fpn", 4, weights=path, img_size=128,
+                      classes=["Shell", "leaf", "stone"])  # case does not count, as in a Label Studio config
     before, after = old.state_dict(), new.state_dict()
     for key, rows in model_lib.CLASS_ROWS.items():
         def row(state, i, key=key, rows=rows):

@@ -9,6 +9,8 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from segkit.records import class_key
+
 log = logging.getLogger("segkit.labelstudio")
 
 KINDS = {"polygonlabels": "polygon", "brushlabels": "brush"}  # config tag (lower case) -> region kind
@@ -64,8 +66,8 @@ def match_labels(classes: list[str], target: RegionTarget) -> dict[str, str]:
     """
     if not target.labels:
         return {c: c for c in classes}
-    by_lower = {label.lower(): label for label in target.labels}
-    matched = {c: by_lower[c.lower()] for c in classes if c.lower() in by_lower}
+    by_key = {class_key(label): label for label in target.labels}
+    matched = {c: by_key[class_key(c)] for c in classes if class_key(c) in by_key}
     missing = [c for c in classes if c not in matched]
     if missing:
         log.warning("classes %s are not labels of <%s name=%r> (%s); their predictions are left out",
