@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from segkit.boundary import boundary_iou  # noqa: E402
 from segkit.model import image_size_kwargs  # noqa: E402
+from segkit.pointrend import point_sample  # noqa: E402
 from segkit.readers import load_dataset  # noqa: E402
 
 
@@ -41,13 +42,13 @@ def through_grid(mask: np.ndarray, size: int) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     (x0, y0), (x1, y1) = (xs.min(), ys.min()), (xs.max() + 1, ys.max() + 1)
     box = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32)
-    # aligned: pixel i covers [i, i + 1), as grid_sample's align_corners=False below
+    # aligned: pixel i covers [i, i + 1), as in point_sample below
     cells = roi_align(torch.from_numpy(mask)[None, None].float(), [box], (size, size), 1.0, sampling_ratio=2,
                       aligned=True)
-    gx = (torch.arange(mask.shape[1]) + 0.5 - x0) / (x1 - x0) * 2 - 1  # pixel centres in the box's [-1, 1]
-    gy = (torch.arange(mask.shape[0]) + 0.5 - y0) / (y1 - y0) * 2 - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
-    return (F.grid_sample(cells, grid, align_corners=False)[0, 0] > 0.5).numpy()
+    px = (torch.arange(mask.shape[1]) + 0.5 - x0) / (x1 - x0)  # pixel centres, box-relative
+    py = (torch.arange(mask.shape[0]) + 0.5 - y0) / (y1 - y0)
+    points = torch.stack(torch.meshgrid(py, px, indexing="ij")[::-1], dim=-1).reshape(1, -1, 2)
+    return (point_sample(cells, points) > 0.5).reshape(mask.shape).numpy()
 
 
 def through_input(mask: np.ndarray, img_size: int) -> np.ndarray:
