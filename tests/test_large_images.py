@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from segkit.coco import image_entry
-from segkit.images import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_size, load_image,
-                           load_scaled)
+from segkit.images import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_size,
+                           load_image, load_scaled)
 from segkit.masks import InstanceMasks
 from segkit.preannotations import mask_to_ls_rle, prediction_result
 from segkit.prediction import Prediction
