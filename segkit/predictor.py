@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.roi_heads import RoIHeads, expand_boxes, expand_masks, maskrcnn_inference
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -20,6 +20,7 @@ from segkit.checkpoint import load_checkpoint, model_from_checkpoint, task_of
 from segkit.export import Runner
 from segkit.images import ImageInput, as_rgb
 from segkit.masks import Crop, InstanceMasks
+from segkit.pointrend import PointRendRoIHeads
 from segkit.prediction import Prediction, SemanticPrediction
 
 # Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
@@ -121,16 +122,9 @@ class Predictor:
         if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
             outputs = [self._run_exported(t) for t in tensors]
             return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
-        # torchvision runs the mask head on every detection above its own floor (0.05). Raising the
-        # floor to our threshold skips the masks we would discard; the detections kept are the same,
-        # since one below the threshold only suppresses (in NMS) others below it.
-        heads = self.model.roi_heads
-        floor = heads.score_thresh
-        heads.score_thresh = max(floor, threshold)
-        try:
-            outputs = detect(self.model, tensors)
-        finally:
-            heads.score_thresh = floor
+        # The threshold goes with the call, not on the model: the demo and the ML backend share one
+        # Predictor across threads. Detections under it get no mask computed.
+        outputs = detect(self.model, tensors, threshold)
         return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
 
     def _run_exported(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -174,13 +168,17 @@ def image_tensors(images: list[ImageInput], device: torch.device) -> list[torch.
     return [pil_to_tensor(as_rgb(im)).to(device, non_blocking=True).float().div_(255) for im in images]
 
 
-def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def detect(model: torch.nn.Module, images: list[torch.Tensor],
+           score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
     """A torchvision Mask R-CNN in eval mode, stopped before it pastes masks into full-size images.
 
     Per image: ``boxes`` (N, 4) in the input image's pixels, ``labels``, ``scores`` and
-    ``mask_probs`` (N, 1, 28, 28), the mask head's probabilities over each box. The same steps as
-    ``model(images)`` (transform, backbone, RPN, heads, boxes scaled back), less the paste, whose
-    float image per detection is what makes a large photo cost gigabytes.
+    ``mask_probs`` (N, 1, M, M), the mask head's probabilities over each box (M: 28, or PointRend's
+    resolution). The same steps as ``model(images)`` (transform, backbone, RPN, heads, boxes scaled
+    back), less the paste, whose float image per detection is what makes a large photo cost gigabytes.
+
+    ``score_threshold`` drops the detections scoring under it before the mask head runs (None: keep
+    all that pass the model's own floor). Nothing on the model is changed, so threads can share it.
     """
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     batch, _ = model.transform(images)
@@ -188,11 +186,40 @@ def detect(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str,
     if isinstance(features, torch.Tensor):
         features = OrderedDict([("0", features)])
     proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
-    for det, size, original in zip(detections, batch.image_sizes, original_sizes):
-        det["boxes"] = resize_boxes(det["boxes"], size, original)
-        det["mask_probs"] = det.pop("masks")
-    return detections
+    heads = model.roi_heads
+    boxes, scores, labels = box_detections(heads, features, proposals, batch.image_sizes, score_threshold)
+    masks = mask_probs(heads, features, boxes, labels, batch.image_sizes)
+    return [{"boxes": resize_boxes(b, size, original), "labels": c, "scores": s, "mask_probs": m}
+            for b, c, s, m, size, original in zip(boxes, labels, scores, masks, batch.image_sizes, original_sizes)]
+
+
+def box_detections(heads: RoIHeads, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                   image_sizes: list[tuple[int, int]], score_threshold: float | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Boxes, scores and labels per image, as ``heads`` (eval mode) finds them, less those scoring
+    under ``score_threshold``.
+
+    The same detections as torchvision's with its floor raised to the threshold: NMS keeps them sorted
+    by score, and one below the threshold only suppresses others below it, so cutting afterwards
+    drops the same ones without writing the threshold on the shared model.
+    """
+    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_features)
+    found = heads.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+    if score_threshold is None:
+        return found
+    keep = [scores >= score_threshold for scores in found[1]]
+    return tuple([t[k] for t, k in zip(per_image, keep)] for per_image in found)
+
+
+def mask_probs(heads: RoIHeads, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+               labels: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each detection's mask probabilities over its box, per image: PointRend's rendered masks, or
+    torchvision's 28 x 28 ones for the detection's class."""
+    if isinstance(heads, PointRendRoIHeads):
+        return heads._render_masks(features, boxes, labels, image_sizes)
+    logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes)))
+    return maskrcnn_inference(logits, labels)
 
 
 def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> InstanceMasks:

@@ -87,3 +87,80 @@ def test_channels_last_is_the_cpu_default_and_finds_the_same_instances(untrained
     np.testing.assert_array_equal(want.labels, got.labels)
     np.testing.assert_allclose(want.boxes, got.boxes, atol=0.05)
     assert (want.masks != got.masks).mean() < 1e-4
+
+
+# --- Thresholds are per call (issue #18, rule 7): the demo and the Label Studio backend share one Predictor.
+
+def _small_predictor(mask_head: str = "standard") -> Predictor:
+    """A random-init model at 64 px, its scores spread above torchvision's 0.05 floor; cheap on a CPU."""
+    import torch
+
+    from segkit.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=64, mask_head=mask_head,
+                        mask_resolution=112)
+    model.rpn._post_nms_top_n["testing"] = 100  # the box head's cost is per proposal: 1000 take seconds
+    return Predictor(model, ["leaf", "pebble", "shell"], 0.5, device="cpu", max_detections=10)
+
+
+def _small_image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def small_predictor() -> Predictor:
+    return _small_predictor()
+
+
+def test_a_call_never_changes_the_floor_another_call_sees(small_predictor):
+    """What a second thread would read mid-forward: the model's own floor, whatever this call's threshold."""
+    heads = small_predictor.model.roi_heads
+    seen = []
+    hook = heads.box_predictor.register_forward_hook(lambda *_: seen.append(heads.score_thresh))
+    try:
+        small_predictor(_small_image(), 0.9)
+        small_predictor(_small_image(), 0.0)
+    finally:
+        hook.remove()
+    assert seen == [0.05, 0.05]
+    assert heads.score_thresh == 0.05
+
+
+def test_threads_with_different_thresholds_get_what_each_would_get_alone(small_predictor):
+    """The demo's slider and the ML backend calling one predictor at once: no call sees the other's threshold."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = _small_image()
+    everything = small_predictor(image, 0.0)
+    cut = float(np.median(everything.scores))
+    alone = {0.0: everything, cut: small_predictor(image, cut)}
+    assert len(alone[0.0]) > len(alone[cut]) > 0
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda t: (t, len(small_predictor(image, t))), [0.0, cut] * 4))
+    assert small_predictor.model.roi_heads.score_thresh == 0.05
+    assert results == [(t, len(alone[t])) for t, _ in results]
+    np.testing.assert_array_equal(small_predictor(image, 0.0).scores, alone[0.0].scores)
+
+
+@pytest.mark.parametrize("mask_head", ["standard", "pointrend"])
+def test_a_threshold_gives_what_the_model_gives_with_that_floor(mask_head):
+    """Boxes, scores and masks of ``predictor(image, t)`` are torchvision's own with ``score_thresh = t``:
+    the detections under ``t`` are dropped before the mask head, and the ones kept are unchanged."""
+    import copy
+
+    import torch
+
+    predictor = _small_predictor(mask_head)
+    image = _small_image(1)
+    cut = float(np.median(predictor(image, 0.0).scores))
+    reference_model = copy.deepcopy(predictor.model)
+    reference_model.roi_heads.score_thresh = cut
+    with torch.inference_mode():
+        reference = reference_model([torch.from_numpy(image).permute(2, 0, 1).float().div_(255)])[0]
+    prediction = predictor(image, cut)
+    assert 0 < len(prediction) == len(reference["scores"]) < 10
+    np.testing.assert_array_equal(prediction.scores, reference["scores"].numpy())
+    np.testing.assert_array_equal(prediction.boxes, reference["boxes"].numpy())
+    np.testing.assert_array_equal(prediction.labels, reference["labels"].numpy())
+    np.testing.assert_array_equal(prediction.masks, (reference["masks"][:, 0] > 0.5).numpy())
