@@ -29,6 +29,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
 import segkit
+from segkit.atomic import atomic_export
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
 SUFFIXES = {suffix: fmt for fmt, suffix in FORMATS.items()}
@@ -129,10 +130,22 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
         model.roi_heads.detections_per_img = max_detections
     info = _info(ckpt, Path(checkpoint), fmt, model)
     info["export"]["bf16"] = bf16
-    out.parent.mkdir(parents=True, exist_ok=True)
-    {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}[fmt](
-        Detector(model).eval(), out, info)
-    return out
+    write = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}[fmt]
+    detector = Detector(model).eval()
+    # Written beside ``out`` and renamed over it: a re-export that fails leaves the previous one whole.
+    return atomic_export(out, lambda tmp: write(detector, tmp, info), companions(out))
+
+
+def companions(path: str | os.PathLike) -> list[Path]:
+    """The files an artifact at ``path`` needs beside it: an OpenVINO model's weights (.bin)."""
+    path = Path(path)
+    return [path.with_suffix(".bin")] if path.suffix.lower() == FORMATS["openvino"] else []
+
+
+def save_openvino(model: Any, out: str | os.PathLike) -> Path:
+    """Write an OpenVINO ``model`` as ``out`` (.xml) and its weights beside it (.bin), atomically; returns ``out``."""
+    ov = require_package("openvino")
+    return atomic_export(out, lambda tmp: ov.save_model(model, str(tmp), compress_to_fp16=False), companions(out))
 
 
 def _info(ckpt: dict, path: Path, fmt: str, model: nn.Module) -> dict[str, Any]:
@@ -160,6 +173,8 @@ def _example(info: dict) -> Tensor:
     return torch.rand(3, size, size * 4 // 3)
 
 
+# The writers below get a temporary path from atomic_export, with the artifact's own name.
+
 def _write_onnx(detector: Detector, out: Path, info: dict) -> None:
     onnx = require_package("onnx")
     with torch.no_grad():
@@ -182,7 +197,7 @@ def _write_torchscript(detector: Detector, out: Path, info: dict) -> None:
 def _write_openvino(detector: Detector, out: Path, info: dict) -> None:
     ov = require_package("openvino")
     # Through ONNX: OpenVINO's ONNX frontend takes torchvision's exported graph with dynamic sizes.
-    onnx_path = out.with_suffix(".tmp.onnx")
+    onnx_path = out.with_suffix(".onnx")  # in atomic_export's temporary folder, removed with it
     try:
         _write_onnx(detector, onnx_path, info)
         model = ov.convert_model(str(onnx_path))

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from segkit.export import META_KEY, ExportError, artifact_info, export, require_package
+from segkit.export import META_KEY, ExportError, artifact_info, export, require_package, save_openvino
 from segkit.records import ImageRecord
 
 DEFAULT_CALIBRATION_IMAGES = 50  # NNCF's statistics settle within tens of images; each costs one forward
@@ -46,8 +46,7 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         info["export"]["int8"] = {"calibration_images": min(calibration_images, len(train)),
                                   "calibration_split": "train", "val_images": len(val)}
         quantized.set_rt_info(json.dumps(info), [META_KEY])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(quantized, str(out), compress_to_fp16=False)
+        save_openvino(quantized, out)
         if val and measure_ap:
             info["export"]["int8"]["before"] = _ap(f32_path, val, ckpt["classes"], show_progress)
             info["export"]["int8"]["after"] = _ap(out, val, ckpt["classes"], show_progress)
@@ -76,12 +75,9 @@ def report_bf16(artifact: str | os.PathLike, data: str | os.PathLike, show_progr
 
 def _rewrite_info(path: Path, info: dict[str, Any]) -> None:
     """Replace an OpenVINO artifact's self-description, atomically (weights unchanged)."""
-    ov = require_package("openvino")
-    model = ov.Core().read_model(str(path))
+    model = require_package("openvino").Core().read_model(str(path))
     model.set_rt_info(json.dumps(info), [META_KEY])
-    ov.save_model(model, str(path) + ".tmp.xml", compress_to_fp16=False)
-    os.replace(str(path) + ".tmp.xml", path)
-    os.replace(str(path) + ".tmp.bin", path.with_suffix(".bin"))
+    save_openvino(model, path)
 
 
 def _splits(ckpt: dict[str, Any], data: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
