@@ -1,6 +1,7 @@
 """segkit export: each artifact describes itself, runs through the one Predictor, and agrees with eager."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import numpy as np
@@ -16,12 +17,13 @@ from segkit.predictor import Predictor
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
 MAX_DETECTIONS = 10  # a random model fills every slot; 10 keep the mask head and the export cheap
+BF16_MAX_AP_LOSS = 0.03  # README: bf16 moved mask AP by 0.015 on the overfit model; by how much varies with the CPU
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def artifact(request, untrained_checkpoint, tmp_path_factory):
-    for package in BACKENDS[request.param]:
-        pytest.importorskip(package)
+    for package in BACKENDS[request.param]:  # in requirements-test.txt: a broken install fails, never skips
+        importlib.import_module(package)
     out = tmp_path_factory.mktemp("export") / f"model{SUFFIX[request.param]}"
     assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", request.param,
                  "--out", str(out), "--max-detections", str(MAX_DETECTIONS)]) == 0
@@ -80,8 +82,6 @@ def test_unreadable_artifact_is_a_checkpoint_error(tmp_path):
 
 
 def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoint, tiny_data, tmp_path):
-    pytest.importorskip("nncf")
-    pytest.importorskip("openvino")
     out = tmp_path / "int8.xml"
     assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "openvino", "--int8",
                  "--data", str(tiny_data), "--calibration-images", "2", "--max-detections", str(MAX_DETECTIONS),
@@ -94,17 +94,19 @@ def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoi
     assert len(Predictor.from_checkpoint(out)(image, 0.0)) > 0  # runs like any checkpoint
 
 
-def test_bf16_reports_ap_against_f32_on_the_val_split(trained_checkpoint, tiny_data, tmp_path, capsys):
-    pytest.importorskip("openvino")
+def test_bf16_reports_ap_against_f32_on_the_val_split(overfit_run, trained_checkpoint, tiny_data, tmp_path, capsys):
     out = tmp_path / "bf16.xml"
     assert main(["export", "--checkpoint", str(trained_checkpoint), "--format", "openvino", "--bf16",
                  "--data", str(tiny_data), "--out", str(out)]) == 0
     info = load_checkpoint(out)["export"]
     report = info["bf16_ap"]
+    before, after = report["before"], report["after"]
     assert info["bf16"] is True and report["val_images"] == 4  # still runs in bf16 after the report
-    assert report["before"]["mask_ap"] > 0.4  # the f32 run is the trained model's (mask AP ~0.58 in training)
-    assert set(report["after"]) == {"box_ap", "mask_ap"}
-    assert f"mask AP {report['before']['mask_ap']:.3f} -> {report['after']['mask_ap']:.3f}" in capsys.readouterr().out
+    # In f32 the artifact is the trained model, on the images training validated it on: the same AP
+    assert before["mask_ap"] == pytest.approx(overfit_run["best_metrics"]["val_segm_map"], abs=0.01)
+    # bf16 rounds activations and may move a few detections; what the README promises is the bound
+    assert abs(after["mask_ap"] - before["mask_ap"]) <= BF16_MAX_AP_LOSS, report
+    assert f"mask AP {before['mask_ap']:.3f} -> {after['mask_ap']:.3f}" in capsys.readouterr().out
 
 
 def test_int8_needs_openvino_format(untrained_checkpoint, tmp_path, capsys):

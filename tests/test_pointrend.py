@@ -2,12 +2,9 @@
 the chosen resolution, and checkpoints rebuild the right head."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from tests.helpers import SAMPLE, instance_scores, write_subset
+from tests.helpers import SAMPLE, write_subset
 
 from segkit.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from segkit.model import build_model
@@ -15,16 +12,10 @@ from segkit.pointrend import (FullResolutionTransform, PointRendRoIHeads, check_
                               point_labels, point_sample, uncertain_points)
 from segkit.predictor import Predictor
 
-# Measured on this repository's 2-core CPU (2026-12-01, standalone runs with the fixtures' exact settings):
-# standard mean IoU 0.781, Boundary IoU 0.621, 12 of 13 instances at IoU >= 0.5; PointRend 0.780, 0.665, 12 of 13.
-# On the 11 instances both heads find PointRend is better on 10 and equal on 1 (mean IoU +0.041, Boundary IoU
-# +0.078); it finds the thin leaf the standard head misses (0.35 -> 0.61) but misses the lone pebble (0.72 -> 0).
-# These runs are deterministic on one machine, so the margins below pin this run against regressions; they are
-# not a proof of PointRend's gain: seed 1 moves the standard head's mean IoU from 0.781 to 0.647, more than the
-# heads differ (README, "Sharper masks: PointRend"). What the rendering can do is tested without training below.
-MIN_BOUNDARY_GAIN = 0.03  # measured +0.045 over all 13 instances
-MIN_SHARED_IOU_GAIN = 0.03  # measured +0.041 over the 11 instances both heads find
-MAX_IOU_LOSS = 0.01  # measured -0.001 over all 13: the +0.05 aimed for is not reached
+# Whether PointRend beats the standard head after training depends on the run (seed, CPU kernels, threads):
+# on the tests' 4 images the heads differ by less than training noise (README, "Sharper masks: PointRend").
+# That comparison is a measurement, in bench/pointrend_quality.py; the tests here pin what the head does
+# on constructed cases whose answer is known.
 
 
 @pytest.fixture(scope="module")
@@ -219,42 +210,6 @@ def test_checkpoint_records_the_head_and_rebuilds_it(model, tmp_path):
     old = make_checkpoint(standard, "maskrcnn_resnet50_fpn", ["a", "b", "c"], 64)
     assert old.pop("mask_head") == "standard" and "mask_resolution" not in old
     assert not isinstance(model_from_checkpoint(old).roi_heads, PointRendRoIHeads)  # pre-PointRend checkpoints
-
-
-def test_pointrend_overfits_sharper_than_the_standard_head(overfit_run, pointrend_overfit_run, tiny_data):
-    """Same 4 images, 128 px, epochs, seed and settings as the standard head's overfit test; each ground-truth
-    instance scored against its best same-class prediction, at the original image resolution."""
-    standard = np.array(instance_scores(Predictor.from_checkpoint(Path(overfit_run["best"])), tiny_data / "val"))
-    pointrend = np.array(instance_scores(Predictor.from_checkpoint(Path(pointrend_overfit_run["best"])),
-                                         tiny_data / "val"))
-    found_s, found_p = standard[:, 0] >= 0.5, pointrend[:, 0] >= 0.5  # matched, as AP50 counts a match
-    both = found_s & found_p
-    gain_iou = pointrend[:, 0].mean() - standard[:, 0].mean()
-    gain_shared = pointrend[both, 0].mean() - standard[both, 0].mean()
-    gain_boundary = pointrend[:, 1].mean() - standard[:, 1].mean()
-    report = (f"standard: {standard.round(3).tolist()}\npointrend: {pointrend.round(3).tolist()}\n"
-              f"mean IoU gain {gain_iou:+.3f} (on instances both find {gain_shared:+.3f}), "
-              f"mean Boundary IoU gain {gain_boundary:+.3f}")
-    assert found_p.sum() >= found_s.sum(), report  # as many instances found (not always the same ones)
-    assert gain_boundary >= MIN_BOUNDARY_GAIN, report
-    assert gain_shared >= MIN_SHARED_IOU_GAIN, report
-    assert gain_iou >= -MAX_IOU_LOSS, report
-
-
-def test_subdivision_sharpens_the_coarse_masks_of_the_same_model(pointrend_overfit_run, tiny_data):
-    """The trained PointRend model's 224 x 224 renders against its own 28 x 28 coarse masks, on the same
-    detections: what the point head adds, apart from which instances a training run happens to find."""
-    predictor = Predictor.from_checkpoint(Path(pointrend_overfit_run["best"]))
-    rendered = np.array(instance_scores(predictor, tiny_data / "val"))
-    predictor.model.roi_heads.steps = 0  # no subdivision: the coarse mask, pasted as the standard head's is
-    coarse = np.array(instance_scores(predictor, tiny_data / "val"))
-    found = (rendered[:, 0] >= 0.5) & (coarse[:, 0] >= 0.5)
-    gain_iou, gain_boundary = (rendered[found] - coarse[found]).mean(0)
-    report = f"coarse: {coarse.round(3).tolist()}\nrendered: {rendered.round(3).tolist()}"
-    # Measured +0.015 mean IoU and +0.023 Boundary IoU (seed 0); runs from other seeds and from a trained
-    # detector gave +0.007 to +0.016 and 0.000 to +0.031 (README, "Sharper masks: PointRend").
-    assert found.sum() == (coarse[:, 0] >= 0.5).sum(), report  # subdivision loses no instance
-    assert gain_iou >= 0.01 and gain_boundary >= 0.015, report
 
 
 def test_predict_and_evaluate_take_a_pointrend_checkpoint_without_options(tmp_path):

@@ -8,12 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.helpers import tiny_config
+from tests.helpers import instance_scores, tiny_config
 
 from segkit import engine
 from segkit.checkpoint import load_checkpoint
 from segkit.predictor import Predictor
-from segkit.readers import load_dataset
 from segkit.trainer import TrainingStopped, train
 
 REQUIRED_COLUMNS = {"epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr",
@@ -88,25 +87,19 @@ def test_bad_data_stops_before_training_naming_the_file(tmp_path):
 
 
 def test_overfit_learns_the_four_images(overfit_run, tiny_data):
-    """End-to-end proof that classes, masks and predictions line up."""
-    assert overfit_run["best_metrics"]["val_segm_map50"] >= 0.9
-    predictor = Predictor.from_checkpoint(overfit_run["best"])
-    records = load_dataset(tiny_data / "val")
-    best_ious = []
-    for record in records.images:
-        prediction = predictor(record.path)
-        for inst in record.instances:
-            gt = inst.mask(record.height, record.width).astype(bool)
-            same_class = [m for m, name in zip(prediction.masks, prediction.class_names) if name == inst.label]
-            ious = [(m & gt).sum() / (m | gt).sum() for m in same_class]
-            best_ious.append(max(ious, default=0.0))
-    # Found with its class, as AP50 counts a match: all but one instance. The model sees 128 px copies
-    # of ~400 px images through a 28 x 28 mask head, which bounds how tight its masks can be; how far
-    # depends on the CPU's arithmetic: one machine matched all 13 (smallest leaf 0.66), this one matches
-    # 12 and one thin leaf reaches IoU 0.35 at 50 epochs as at 38 (mean 0.78).
-    missed = [round(float(iou), 3) for iou in best_ious if iou < 0.5]
-    assert len(best_ious) == 13 and len(missed) <= 1, best_ious
-    assert np.mean(best_ious) >= 0.75, best_ious
+    """End-to-end proof that classes, masks and predictions line up: the checkpoint, reloaded by the
+    Predictor, outlines each object of the images it learned with the right class.
+
+    The fixture trained until training's own validation said so (``learned_instances``); this checks the
+    same through the path users take, instance by instance, at the images' own size.
+    """
+    assert overfit_run["best_metrics"]["val_segm_map50"] >= 0.95
+    scores = instance_scores(Predictor.from_checkpoint(overfit_run["best"]), tiny_data / "val")
+    ious = [round(iou, 3) for iou, _ in scores]
+    # The model sees 128 px copies of ~400 px images through a 28 x 28 mask head, which bounds how
+    # tight its masks can be; AP50 >= 0.95 leaves room for one instance below IoU 0.5.
+    assert len(ious) == 18 and sum(iou < 0.5 for iou in ious) <= 1, ious
+    assert np.mean(ious) >= 0.7, ious
 
 
 def test_evaluate_reports_the_val_ap_that_training_recorded(overfit_run, tiny_data, tmp_path):
