@@ -38,7 +38,7 @@ from PIL import Image
 from segkit.atomic import write_json
 from segkit.checkpoint import CheckpointError
 from segkit.coco import image_entry, predictions_file
-from segkit.images import ImageError, as_rgb, downscale, image_files, load_image
+from segkit.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_files, load_image
 from segkit.prediction import Prediction, SemanticPrediction
 from segkit.predictor import Predictor, SemanticPredictor
 from segkit.runs import newest_best
@@ -113,17 +113,18 @@ def default_predictor() -> tuple[Predictor | None, str]:
 
 
 def predict(image: Image.Image, threshold: float = 0.5, predictor: Predictor | None = None,
-            max_side: int = MAX_SIDE) -> tuple[Image.Image, Prediction]:
+            max_side: int = MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, Prediction]:
     """The instances in ``image`` scoring at least ``threshold``, and the image with them drawn.
 
     ``predictor`` defaults to :func:`default_predictor`; a ValueError says why when there is no model.
     Images over ``max_side`` are downscaled first, as in the app; the overlay has the downscaled size.
+    Images over ``max_pixels`` are refused (ImageTooLargeError), as in the app.
     """
     if predictor is None:
         predictor, note = default_predictor()
         if predictor is None:
             raise ValueError(note)
-    image = downscale(as_rgb(image), max_side)
+    image = downscale(as_rgb(image, max_pixels), max_side)
     return render(image, predictor(image, score_threshold=threshold), threshold)
 
 
@@ -226,9 +227,8 @@ def _threshold(value) -> float:
 
 def _friendly(error: ImageError, path: str, name: str) -> str:
     reason = str(error).replace(f"{path}: ", "").replace(path, name)
-    if isinstance(error.__cause__, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        limit = Image.MAX_IMAGE_PIXELS / 1e6
-        return f"{name} is too large: over {limit:.0f} megapixels. Downscale it and try again."
+    if isinstance(error, ImageTooLargeError):
+        return f"{name} is too large: {reason}. Downscale it and try again."
     return f"Could not read {name}: {reason}."
 
 
@@ -240,7 +240,7 @@ def _model_panel(predictor: Predictor) -> str:
 
 
 def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
-               max_side: int = MAX_SIDE) -> gr.Blocks:
+               max_side: int = MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> gr.Blocks:
     """The app: an image in, its instances out; without a predictor, a page on how to train one."""
     if predictor is None:
         with gr.Blocks(title="segkit") as demo:
@@ -255,7 +255,7 @@ def build_demo(predictor: Predictor | None, examples: list[str], note: str = "",
     # opacity are then instant. Two entries: masks are kept at their boxes' size, the images dominate.
     @functools.lru_cache(maxsize=2)
     def predict_all(path: str, stamp: tuple[int, int]) -> tuple[Image.Image, Prediction]:
-        image = load_image(path, max_side)
+        image = load_image(path, max_side, max_pixels=max_pixels)
         return image, predictor(image, score_threshold=0.0)
 
     def segment(payload, threshold, classes=None, alpha=ALPHA):
@@ -338,7 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     parser.add_argument("--ls-backend", action="store_true", default=_env_flag("SEGKIT_LS_BACKEND"),
                         help="also serve Label Studio's ML-backend routes (/health, /setup, /predict, /webhook, "
-                             "/versions) on the same server; default $SEGKIT_LS_BACKEND")
+                             "/versions) on the same server; default $SEGKIT_LS_BACKEND. Beyond 127.0.0.1 they need "
+                             "BASIC_AUTH_USER and BASIC_AUTH_PASS, or --no-auth")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="--ls-backend beyond 127.0.0.1 without basic auth: only on a network you trust")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse larger images (a guard against decompression bombs)")
     return parser.parse_args(argv)
 
 
@@ -357,7 +362,8 @@ def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predicto
     predictor, note = load_predictor(spec, args.max_detections)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
-    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side), predictor
+    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side,
+                      max_pixels=args.max_pixels), predictor
 
 
 def _share_failure_reason() -> str:
@@ -372,31 +378,46 @@ def _share_failure_reason() -> str:
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, predictor: Predictor | None = None) -> None:
-    """Serve until interrupted; a failed --share leaves the local server running and says why."""
+    """Serve until interrupted; a failed --share leaves the local server running and says why.
+
+    With ``--ls-backend``, settings that would open the backend to strangers stop it before anything listens.
+    """
+    backend = ls_backend_config(args, predictor) if args.ls_backend else None
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
-    if args.ls_backend:
-        add_ls_backend(demo, predictor, args.max_detections)
+    if backend is not None:
+        add_ls_backend(demo, predictor, backend)
     if args.share and not demo.share_url:
         print(f"segkit demo: no public link: {_share_failure_reason()}. Still serving on {demo.local_url}",
               flush=True)
     demo.block_thread()
 
 
-def add_ls_backend(demo: gr.Blocks, predictor: Predictor | None, max_detections: int = 100) -> None:
-    """Serve the Label Studio ML-backend routes beside the launched app (one Space: demo and backend).
-
-    The backend starts with the demo's predictor; a retraining it runs is served by the backend
-    routes (the demo keeps its model until restarted). Settings come from the environment as for
-    ``segkit ml-backend``: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/BASIC_AUTH_PASS.
-    """
-    from segkit.commands.ml_backend import backend_config
-    from segkit.labelstudio.backend import add_routes, create_backend
+def ls_backend_config(args: argparse.Namespace, predictor: Predictor | None):
+    """The ML backend's settings for ``--ls-backend`` (from the environment, as for ``segkit ml-backend``);
+    None when there is no checkpoint to serve. Exits when the backend would be open to strangers."""
+    from segkit.labelstudio.backend import ExposureError, backend_config, check_settings
 
     if predictor is None or "checkpoint" not in predictor.info or not Path(predictor.info["checkpoint"]).is_file():
         print("segkit demo: --ls-backend needs a segkit checkpoint; the backend routes are not served",
               file=sys.stderr, flush=True)
-        return
-    cfg = backend_config(Path(predictor.info["checkpoint"]), os.environ, max_detections=max_detections)
+        return None
+    try:
+        cfg = backend_config(Path(predictor.info["checkpoint"]), os.environ, max_detections=args.max_detections,
+                             max_pixels=args.max_pixels)
+        check_settings(cfg, args.host, args.no_auth)
+    except ExposureError as e:
+        sys.exit(f"segkit demo: {e}")
+    return cfg
+
+
+def add_ls_backend(demo: gr.Blocks, predictor: Predictor, cfg) -> None:
+    """Serve the Label Studio ML-backend routes beside the launched app (one Space: demo and backend).
+
+    The backend starts with the demo's predictor; a retraining it runs is served by the backend
+    routes (the demo keeps its model until restarted).
+    """
+    from segkit.labelstudio.backend import add_routes, create_backend
+
     add_routes(demo.app, create_backend(cfg, predictor), cfg.basic_auth)
     print(f"segkit demo: Label Studio ML backend at {demo.local_url.rstrip('/')} (/health, /predict, ...)", flush=True)
 

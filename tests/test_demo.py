@@ -51,7 +51,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("inputs")
     scene = _scene()
     files = {"good": d / "scene.png", "gray": d / "gray.png", "rgba": d / "rgba.png", "16bit": d / "deep.png",
-             "cmyk": d / "print.jpg", "corrupt": d / "corrupt.png", "text": d / "notes.png", "huge": d / "huge.png"}
+             "cmyk": d / "print.jpg", "corrupt": d / "corrupt.png", "text": d / "notes.png", "huge": d / "huge.png",
+             "bomb": d / "bomb.png"}
     scene.save(files["good"])
     scene.convert("L").save(files["gray"])
     rgba = scene.convert("RGBA")
@@ -61,8 +62,10 @@ def images(tmp_path_factory) -> dict[str, Path]:
     scene.convert("CMYK").save(files["cmyk"], quality=95)
     files["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     files["text"].write_text("this is not an image\n")
-    # 144 megapixels: over Pillow's warning limit, under its hard one. Uniform, so the PNG is ~170 kB.
-    Image.new("L", (12000, 12000), 128).save(files["huge"])
+    # 96 megapixels: over Pillow's warning limit, under segkit's (100 MP). Uniform, so the PNG is ~110 kB.
+    Image.new("L", (12000, 8000), 128).save(files["huge"])
+    # 144 megapixels in ~170 kB: refused from its header, as a decompression bomb would be
+    Image.new("L", (12000, 12000), 128).save(files["bomb"])
     return files
 
 
@@ -259,6 +262,7 @@ def test_odd_but_valid_images_get_a_correct_overlay(client, images, kind):
 
 @pytest.mark.parametrize("kind, message", [("corrupt", "Could not read corrupt.png"),
                                            ("text", "Could not read notes.png: not an image"),
+                                           ("bomb", "bomb.png is too large: 12000x12000 pixels"),
                                            (None, "No image")])
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, images, kind, message):
     from gradio_client import handle_file
@@ -273,7 +277,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(client, image
 
 def test_huge_image_is_downscaled_for_inference(client, images):
     overlay_path, table, files = segment(client, images["huge"], threshold=0.99)
-    assert Image.open(overlay_path).size == (512, 512)  # --max-side 512
+    assert Image.open(overlay_path).size == (512, 341)  # --max-side 512
     if not table["data"]:  # the usual case at 0.99: the image itself, downscaled
         assert (np.asarray(Image.open(overlay_path)) == 128).all()
     assert_correct_overlay(segment(client, images["good"]), images["good"])

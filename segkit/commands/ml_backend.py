@@ -2,7 +2,8 @@
 
 In the project's Settings > Model, connect ``http://HOST:PORT``. Settings that Label Studio's own
 backends read from the environment are read here too: ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``
-(to fetch task images and to retrain), ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``.
+(to fetch task images and to retrain), ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``. It refuses to start
+where strangers could use it or learn the key (see ``segkit.labelstudio.backend.check_settings``).
 """
 from __future__ import annotations
 
@@ -11,16 +12,28 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit ml-backend``."""
     p.add_argument("--checkpoint", default=None, help="segkit checkpoint to serve (default: newest runs/*/best.pt)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, which "
+                                                        "needs BASIC_AUTH_USER/BASIC_AUTH_PASS or --no-auth)")
     p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--no-auth", action="store_true",
+                   help="listen beyond 127.0.0.1 without basic auth: only on a network you trust")
+    p.add_argument("--ls-token", default=None, help="Label Studio API key (default $LABEL_STUDIO_API_KEY); "
+                                                    "sent only to $LABEL_STUDIO_URL, which it needs")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a private or local host task images may come from besides Label Studio (repeatable); "
+                        "public hosts are always allowed")
+    p.add_argument("--max-download-mb", type=float, default=50, help="largest image download")
+    p.add_argument("--cache-mb", type=float, default=2048, help="image cache size; least recently used go first")
+    p.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="refuse larger images, from their header (a guard against decompression bombs)")
+    p.add_argument("--fetch-timeout", type=float, default=60,
+                   help="seconds for one request's downloads (Label Studio waits 100 s for an answer)")
     p.add_argument("--score-threshold", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--max-detections", type=int, default=100, help="most regions per image")
     p.add_argument("--img-size", type=int, default=None, help="shorter side inside the model (default: the checkpoint's)")
@@ -41,29 +54,28 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
 
-    from segkit.labelstudio.backend import create_app
+    from segkit.labelstudio.backend import ExposureError, backend_config, check_settings, create_app
     from segkit.runs import newest_best
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpx logs every request's full URL at INFO: a signed storage link's query is a credential
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     checkpoint = Path(args.checkpoint) if args.checkpoint else newest_best(Path("runs"))
     if checkpoint is None or not checkpoint.is_file():
         print(f"error: no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in runs/'}; pass --checkpoint",
               file=sys.stderr)
         return 2
-    cfg = backend_config(
-        checkpoint, os.environ, score_threshold=args.score_threshold, max_detections=args.max_detections,
-        img_size=args.img_size, regions=args.regions, device=args.device, train_every=args.train_every,
-        train_epochs=args.train_epochs, train_img_size=args.train_img_size, train_args=shlex.split(args.train_args),
-        runs_dir=Path(args.runs_dir))
+    try:
+        cfg = backend_config(
+            checkpoint, os.environ, api_key=args.ls_token, score_threshold=args.score_threshold,
+            max_detections=args.max_detections, img_size=args.img_size, regions=args.regions, device=args.device,
+            train_every=args.train_every, train_epochs=args.train_epochs, train_img_size=args.train_img_size,
+            train_args=shlex.split(args.train_args), runs_dir=Path(args.runs_dir), allow_hosts=args.allow_host,
+            max_download=int(args.max_download_mb * 2**20), cache_bytes=int(args.cache_mb * 2**20),
+            fetch_timeout=args.fetch_timeout, max_pixels=args.max_pixels)
+        check_settings(cfg, args.host, args.no_auth)
+    except ExposureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
-
-
-def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any):
-    """The backend's settings: ``options`` (BackendConfig fields) plus Label Studio's variables from ``env``."""
-    from segkit.labelstudio.backend import BackendConfig
-
-    user, password = env.get("BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS")
-    return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
-                         api_key=env.get("LABEL_STUDIO_API_KEY") or None,
-                         basic_auth=(user, password) if user and password else None, **options)

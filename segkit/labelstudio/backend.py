@@ -12,26 +12,33 @@ says why.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from segkit.coco import image_entry
-from segkit.images import load_image
-from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError
+from segkit.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_scaled
+from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
-from segkit.labelstudio.project import ImageCache, cache_folder, image_url
+from segkit.labelstudio.egress import EgressPolicy
+from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
 from segkit.preannotations import prediction_result
 from segkit.readers.labelstudio import image_reference
 
@@ -57,6 +64,64 @@ class BackendConfig:
     train_args: list[str] = field(default_factory=list)  # more `segkit train` options
     runs_dir: Path = Path("runs/labelstudio")
     cache_dir: Path | None = None
+    allow_hosts: list[str] = field(default_factory=list)  # private hosts images may come from, besides Label Studio
+    max_download: int = DEFAULT_MAX_DOWNLOAD  # bytes of one image download
+    cache_bytes: int | None = 2 * 2**30  # the image cache's cap (least recently used go first; None: no cap)
+    fetch_timeout: float = 60.0  # seconds for all of one request's downloads: Label Studio gives up at 100
+    fetch_workers: int = 4  # downloads at once per request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
+
+
+class ExposureError(ValueError):
+    """The backend would be reachable by strangers, or would send a key where the user did not send it."""
+
+
+def check_settings(cfg: BackendConfig, host: str, no_auth: bool = False) -> None:
+    """Refuse to start a backend that others could use, or that could hand the key to them.
+
+    A key from the environment or ``--ls-token`` is only ever sent to ``LABEL_STUDIO_URL``, so it
+    needs one; and anything but loopback needs basic auth (or ``--no-auth``, said on purpose, for a
+    trusted network): whoever reaches the port can otherwise retrain, swap the model and make the
+    backend fetch addresses on its network.
+    """
+    if cfg.api_key and not cfg.label_studio_url:
+        raise ExposureError(f"{API_KEY_ENV} is set but LABEL_STUDIO_URL is not: set LABEL_STUDIO_URL to your Label "
+                            f"Studio's address (e.g. http://localhost:8080), the only place the key is sent")
+    if not cfg.basic_auth and not no_auth and not is_loopback(host):
+        raise ExposureError(f"refusing to listen on {host} without credentials: anyone who reaches the port could "
+                            f"retrain and replace the model. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same "
+                            f"in Label Studio's model settings), listen on 127.0.0.1, or pass --no-auth on a "
+                            f"trusted network")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the port to this machine."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def basic_auth_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(BASIC_AUTH_USER, BASIC_AUTH_PASS)``, None when neither is set; one without the other is refused,
+    since silently serving without auth is what the user tried to prevent."""
+    user, password = env.get("BASIC_AUTH_USER") or "", env.get("BASIC_AUTH_PASS") or ""
+    if bool(user) != bool(password):
+        missing = "BASIC_AUTH_PASS" if user else "BASIC_AUTH_USER"
+        raise ExposureError(f"{missing} is not set: basic auth needs both BASIC_AUTH_USER and BASIC_AUTH_PASS")
+    return (user, password) if user else None
+
+
+def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any) -> BackendConfig:
+    """The backend's settings: ``options`` (BackendConfig fields) plus Label Studio's variables from ``env``
+    (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``)."""
+    return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
+                         api_key=options.pop("api_key", None) or env.get(API_KEY_ENV) or None,
+                         basic_auth=basic_auth_from_env(env), **options)
 
 
 def model_version(checkpoint: Path) -> str:
@@ -71,6 +136,7 @@ class ServedModel:
     def __init__(self, cfg: BackendConfig, predictor=None):
         self.cfg = cfg
         self.lock = threading.Lock()  # one forward at a time: torch already uses every core
+        self._swap = threading.Lock()  # predictor and version change together (not held during a forward)
         self.versions: list[str] = []
         self.load(cfg.checkpoint, predictor)
 
@@ -86,41 +152,79 @@ class ServedModel:
         if self.cfg.score_threshold is not None:
             predictor.score_threshold = self.cfg.score_threshold
         version = model_version(checkpoint)
-        with self.lock:
+        with self._swap:
             self.predictor, self.checkpoint, self.version = predictor, checkpoint, version
         self.versions.append(version)
         log.info("serving %s as model_version %s", checkpoint, version)
 
+    def current(self) -> tuple[Any, str]:
+        """(predictor, version), read together: a retraining may swap both at any moment."""
+        with self._swap:
+            return self.predictor, self.version
+
 
 @dataclass
 class LabelStudioLink:
-    """Where Label Studio is and the key to use: explicit settings first, then what ``/setup`` sent."""
+    """Where Label Studio is and which key to send there: each key only ever goes with the URL it came with.
+
+    The user's settings (``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY`` or ``--ls-token``) come first and
+    cannot be changed by a request. Without them, ``/setup`` brings a (hostname, access_token) pair per
+    project, kept together: a later ``/setup`` naming another host cannot take a key sent by an earlier one.
+    """
 
     url: str | None = None
     api_key: str | None = None
+    allow_hosts: list[str] = field(default_factory=list)
+    timeout: float = 60.0
     schemas: dict[str, str] = field(default_factory=dict)  # project id -> labeling config
+    setups: dict[str, tuple[str, str]] = field(default_factory=dict)  # project id -> (hostname, key) from /setup
 
-    @property
-    def usable(self) -> bool:
-        return bool(self.url and self.api_key)
+    def setup(self, project: str, hostname: Any, key: Any) -> None:
+        """Take a ``/setup`` request's server and key, as a pair, unless the user's settings decide."""
+        if not (isinstance(hostname, str) and hostname.startswith(("http://", "https://")) and isinstance(key, str)
+                and key):
+            return
+        if self.url and (self.api_key or origin(hostname) != origin(self.url)):
+            return  # the user named the server: a request names neither it nor the key sent there
+        self.setups[project] = (hostname.rstrip("/"), key)
 
-    def client(self) -> Client:
-        if not self.usable:
+    def server(self, project: str | None) -> tuple[str, str] | None:
+        """(URL, key) of Label Studio for ``project``, or None when the backend does not know both."""
+        if self.url and self.api_key:
+            return self.url.rstrip("/"), self.api_key
+        return self.setups.get(str(project)) if project else None
+
+    def client(self, project: str | None) -> Client:
+        """A client of the project's Label Studio; raises saying what to set when it is unknown."""
+        found = self.server(project)
+        if found is None:
             raise LabelStudioError(f"the backend does not know Label Studio's URL and key: set LABEL_STUDIO_URL "
                                    f"and {API_KEY_ENV} where it runs")
-        return Client(self.url, self.api_key)
+        url, key = found
+        return Client(url, key, timeout=self.timeout,
+                      request_hook=EgressPolicy.create(url, self.allow_hosts).hook)
 
-    def client_or_none(self) -> Client:
+    def client_or_none(self, project: str | None) -> Client:
         """A client of Label Studio, or, when it is unknown, one for absolute image URLs only (no key sent)."""
-        return self.client() if self.usable else Client("http://label-studio.invalid", "-")
+        if self.server(project):
+            return self.client(project)
+        return Client("http://label-studio.invalid", "-", timeout=self.timeout,
+                      request_hook=EgressPolicy.create(None, self.allow_hosts).hook)
 
 
 class Predictions:
-    """Tasks -> Label Studio predictions with the served model, in the config's tag names and labels."""
+    """Tasks -> Label Studio predictions with the served model, in the config's tag names and labels.
+
+    A request's images are downloaded concurrently and outside the model's lock, within a deadline, so a
+    slow image server delays only its own request; any failure of one task (its image, its decoding, its
+    prediction) gives that task an empty result, logged with the reason, and the others are answered.
+    """
 
     def __init__(self, model: ServedModel, link: LabelStudioLink, cfg: BackendConfig):
         self.model, self.link, self.cfg = model, link, cfg
-        self._targets: dict[tuple[str, tuple[str, ...]], tuple[RegionTarget, dict[str, str]]] = {}
+        self._targets: dict[tuple[str, tuple[str, ...], bool], tuple[RegionTarget, dict[str, str]]] = {}
+        self._caches: dict[Path, ImageCache] = {}
+        self._lock = threading.Lock()
 
     def target(self, label_config: str, classes: list[str],
                semantic: bool = False) -> tuple[RegionTarget, dict[str, str]]:
@@ -137,65 +241,125 @@ class Predictions:
             self._targets[key] = target, match_labels(classes, target)
         return self._targets[key]
 
-    def __call__(self, tasks: list[dict], label_config: str, project: str | None) -> list[dict]:
-        with self.model.lock:
-            predictor, version = self.model.predictor, self.model.version
-            target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
-            cache = ImageCache(self._cache_folder(project))
-            with self.link.client_or_none() as client:
-                try:
-                    return [self._one(task, predictor, version, target, labels, client, cache) for task in tasks]
-                finally:
-                    cache.save()
-
-    def _one(self, task, predictor, version, target, labels, client, cache) -> dict:
-        ref = image_reference(task.get("data"))
+    def __call__(self, tasks: list, label_config: str, project: str | None) -> list[dict]:
+        predictor, version = self.model.current()
+        target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
+        cache = self._cache(project)
         try:
-            path = cache.folder / cache.fetch(client, self._url(ref, task.get("id"), client), ref)
-            image = load_image(path)
-        except (LabelStudioError, ValueError, OSError) as e:
-            log.warning("task %s: no prediction: %s", task.get("id"), e)
-            return {"model_version": version, "score": 0.0, "result": []}
-        prediction = predictor(image)
-        if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
-            prediction = prediction.as_instances()
-        entry = image_entry(ref, image.width, image.height, prediction)
-        return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels)
+            with self.link.client_or_none(project) as client:
+                images = self._fetch_all(tasks, client, cache, _max_side(predictor))
+        finally:
+            cache.save()
+        return [self._one(task, image, predictor, version, target, labels) for task, image in zip(tasks, images)]
 
-    def _url(self, ref: str | None, task_id: Any, client: Client) -> str:
-        if not ref:
+    def _fetch_all(self, tasks: list, client: Client, cache: ImageCache, max_side: int | None) -> list:
+        """Each task's (image, original size), or the exception that kept it; all within ``cfg.fetch_timeout``."""
+        deadline = time.monotonic() + self.cfg.fetch_timeout
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.cfg.fetch_workers, len(tasks))),
+                                  thread_name_prefix="segkit-fetch")
+        futures = [pool.submit(self._image, task, client, cache, max_side) for task in tasks]
+        images = []
+        for future in futures:
+            try:
+                images.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FuturesTimeout:
+                images.append(TimeoutError(f"no image within {self.cfg.fetch_timeout:.0f} s"))
+            except Exception as e:  # noqa: BLE001 - one task's image, whatever broke, is that task's failure
+                images.append(e)
+        pool.shutdown(wait=False, cancel_futures=True)  # a download past the deadline ends at its own timeout
+        return images
+
+    def _image(self, task: Any, client: Client, cache: ImageCache, max_side: int | None):
+        """The task's image, downloaded through the cache and decoded no larger than the model needs, with
+        the original's size; a copy that does not decode is fetched again."""
+        ref = image_reference(task.get("data")) if isinstance(task, dict) else None
+        url = self._url(ref, task.get("id") if isinstance(task, dict) else None, client)
+        path = cache.folder / cache.fetch(client, url, ref)
+        try:
+            return load_scaled(path, max_side, self.cfg.max_pixels)
+        except ImageTooLargeError:
+            raise  # not broken: fetching it again changes nothing
+        except ImageError:
+            cache.forget(url)  # a truncated copy, or the server's file was broken when we fetched it
+            return load_scaled(cache.folder / cache.fetch(client, url, ref), max_side, self.cfg.max_pixels)
+
+    def _one(self, task, loaded, predictor, version, target, labels) -> dict:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            if isinstance(loaded, BaseException):
+                raise loaded
+            image, original_size = loaded
+            with self.model.lock:  # one forward at a time: torch already uses every core
+                prediction = predictor(image)
+            if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
+                prediction = prediction.as_instances()
+            entry = image_entry(image_reference(task.get("data")), image.width, image.height, prediction)
+            return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels,
+                                     original_size=original_size)
+        except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
+            log.warning("task %s: no prediction: %s", task_id, _loggable(e))
+            return {"model_version": version, "score": 0.0, "result": []}
+
+    def _url(self, ref: Any, task_id: Any, client: Client) -> str:
+        if not isinstance(ref, str) or not ref:
             raise LabelStudioError("the task's data names no image")
         if ref.startswith(("http://", "https://")):
             return ref
-        if not self.link.usable:
-            raise LabelStudioError(f"{ref}: served by Label Studio, and the backend does not know its URL and "
-                                   f"key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
+        if client.server.endswith(".invalid"):
+            raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
+                                   f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
         return image_url(client, ref, task_id)
 
-    def _cache_folder(self, project: str | None) -> Path:
+    def _cache(self, project: str | None) -> ImageCache:
         # The same folder as the project's training data: an image fetched once serves both.
-        return cache_folder(self.link.url or "external", str(project or "unknown").split(".")[0], self.cfg.cache_dir)
+        server = self.link.server(project)
+        folder = cache_folder(server[0] if server else "external", project or "unknown", self.cfg.cache_dir)
+        with self._lock:
+            if folder not in self._caches:
+                self._caches[folder] = ImageCache(folder, self.cfg.cache_bytes, self.cfg.max_download)
+            return self._caches[folder]
+
+
+def _max_side(predictor) -> int | None:
+    """The longest side the model looks at (torchvision's ``max_size``): decoding more only costs memory."""
+    transform = getattr(predictor.model, "transform", None)
+    return int(transform.max_size) if transform is not None and hasattr(transform, "max_size") else None
+
+
+def _loggable(error: BaseException) -> str:
+    """An error as one log line, any URL in it cut before its query (signed links are credentials)."""
+    import re
+
+    text = f"{type(error).__name__}: {error}" if not isinstance(error, (LabelStudioError, ImageError)) else str(error)
+    return re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?...", text)
 
 
 class Retrainer:
-    """One background ``segkit train`` at a time; requests that come during one are merged into one more."""
+    """One background ``segkit train`` at a time; each project asking meanwhile keeps its place in the queue.
+
+    The training runs in a process group of its own, which :meth:`stop` ends (the backend calls it when it
+    shuts down): a training left running would hold the GPU and later write into a run nobody serves.
+    """
 
     def __init__(self, model: ServedModel, link: LabelStudioLink, cfg: BackendConfig):
         self.model, self.link, self.cfg = model, link, cfg
-        self.status: dict[str, Any] = {"state": "idle", "trainings": 0}
+        self.status: dict[str, Any] = {"state": "idle", "trainings": 0, "queued": []}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pending: str | None = None
+        self._pending: list[str] = []  # projects waiting, in the order they asked, each once
         self._changes: dict[str, int] = {}  # new/updated annotations per project since its last training
+        self._process: subprocess.Popen | None = None
+        self._stopped = False
 
     def request(self, project: str) -> str:
-        """Start a training on ``project`` now, or once the running one ends; returns "started" or "queued"."""
+        """Start a training on ``project`` now, or once those before it end; returns "started" or "queued"."""
         with self._lock:
-            if self._thread and self._thread.is_alive():
-                self._pending = project
-                self.status["queued"] = True
-                return "queued"
             self._changes[project] = 0
+            if self._thread and self._thread.is_alive():
+                if project not in self._pending:
+                    self._pending.append(project)
+                self.status["queued"] = list(self._pending)
+                return "queued"
             self._thread = threading.Thread(target=self._loop, args=(project,), name="segkit-train", daemon=True)
             self._thread.start()
             return "started"
@@ -209,12 +373,28 @@ class Retrainer:
             due = self._changes[project] >= self.cfg.train_every
         return self.request(project) if due else None
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the running training's whole process group (SIGTERM, then SIGKILL) and drop the queue."""
+        with self._lock:
+            self._stopped, self._pending, process = True, [], self._process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.info("stopped the training of project %s", self.status.get("project"))
+
     def _loop(self, project: str | None) -> None:
-        while project:
+        while project and not self._stopped:
             self._train(project)
             with self._lock:
-                project, self._pending = self._pending, None
-                self.status["queued"] = False
+                project = self._pending.pop(0) if self._pending else None
+                self.status["queued"] = list(self._pending)
 
     def _train(self, project: str) -> None:
         started = time.time()
@@ -240,11 +420,12 @@ class Retrainer:
         """``segkit train`` from the served checkpoint on the project; the key goes by environment, not argv."""
         from segkit.checkpoint import load_checkpoint
 
-        link = self.link
-        if not link.usable:
-            link.client()  # raises, saying what to set
+        server = self.link.server(project)
+        if server is None:
+            self.link.client(project)  # raises, saying what to set
+        url, key = server
         ckpt = load_checkpoint(self.model.checkpoint)
-        cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{link.url.rstrip('/')}/projects/{project}",
+        cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{url}/projects/{project}",
                "--weights", str(self.model.checkpoint), "--model", ckpt["arch"],
                "--task", ckpt.get("task") or "instance",
                "--img-size", str(self.cfg.train_img_size or ckpt["img_size"]),
@@ -253,8 +434,13 @@ class Retrainer:
         out.mkdir(parents=True, exist_ok=True)
         log.info("training on project %s -> %s", project, out)
         with open(out / "train.log", "wb") as log_file:
-            rc = subprocess.run(cmd, env={**os.environ, API_KEY_ENV: link.api_key}, stdout=log_file,
-                                stderr=subprocess.STDOUT).returncode
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError("the backend is shutting down")
+                self._process = subprocess.Popen(cmd, env={**os.environ, API_KEY_ENV: key}, stdout=log_file,
+                                                 stderr=subprocess.STDOUT, start_new_session=True)
+                self.status["pid"] = self._process.pid
+            rc = self._process.wait()
         if rc != 0:
             tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"segkit train exited with {rc}: {' | '.join(tail)} (log: {out / 'train.log'})")
@@ -278,20 +464,33 @@ class Backend:
 
 def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
     """Load the checkpoint (unless its ``predictor`` is given) and wire the parts; no server is started."""
+    if cfg.api_key and not cfg.label_studio_url:
+        check_settings(cfg, "127.0.0.1")  # raises: a key with nowhere it may go
     model = ServedModel(cfg, predictor)
-    link = LabelStudioLink(cfg.label_studio_url, cfg.api_key)
+    link = LabelStudioLink(cfg.label_studio_url, cfg.api_key, list(cfg.allow_hosts), cfg.fetch_timeout)
     return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
 
 
 def create_app(cfg: BackendConfig) -> FastAPI:
-    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``)."""
-    app = FastAPI(title="segkit ML backend")
-    add_routes(app, create_backend(cfg), cfg.basic_auth)
+    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training."""
+    backend = create_backend(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        backend.retrainer.stop()
+
+    app = FastAPI(title="segkit ML backend", lifespan=lifespan)
+    add_routes(app, backend, cfg.basic_auth)
     return app
 
 
 def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | None = None) -> None:
     """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles)."""
+    import atexit
+
+    atexit.register(backend.retrainer.stop)  # the demo's app has a lifespan of Gradio's: end a training anyway
+
     def authorized(request: Request) -> None:
         if basic_auth and not _basic_auth_ok(request.headers.get("authorization", ""), basic_auth):
             raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
@@ -305,22 +504,25 @@ def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | Non
     async def setup(request: Request) -> dict:
         authorized(request)
         body = await _json_body(request)
-        project = str(body.get("project") or "").split(".")[0]
-        if body.get("schema"):
+        project = _project_id(body.get("project")) or ""
+        if isinstance(body.get("schema"), str):
             backend.link.schemas[project] = body["schema"]
-        backend.link.url = backend.link.url or body.get("hostname") or None
-        backend.link.api_key = backend.link.api_key or body.get("access_token") or None
+        backend.link.setup(project, body.get("hostname"), body.get("access_token"))
         return {"model_version": backend.model.version}
 
     @app.post("/predict")
-    def predict(request: Request, body: dict) -> JSONResponse:  # sync: runs in the thread pool
+    async def predict(request: Request) -> JSONResponse:
         authorized(request)
-        project = str(body.get("project") or "").split(".")[0]
-        label_config = body.get("label_config") or backend.link.schemas.get(project)
-        if not label_config:
+        body = await _json_body(request)
+        tasks = body.get("tasks") or []
+        if not isinstance(tasks, list):
+            raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
+        project = _project_id(body.get("project"))
+        label_config = body.get("label_config") or backend.link.schemas.get(project or "")
+        if not isinstance(label_config, str) or not label_config:
             raise HTTPException(400, "no label_config in the request and no /setup for this project")
-        try:
-            results = backend.predictions(body.get("tasks") or [], label_config, project)
+        try:  # in a worker thread: downloads and the forward must not block the event loop
+            results = await run_in_threadpool(backend.predictions, tasks, label_config, project)
         except LabelConfigError as e:
             raise HTTPException(400, str(e)) from None
         return JSONResponse({"results": results, "model_version": backend.model.version})
@@ -348,15 +550,22 @@ def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | Non
 async def _json_body(request: Request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except ValueError:  # also bytes that are not UTF-8
         raise HTTPException(400, "the body is not JSON") from None
-    return body if isinstance(body, dict) else {}
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
 
 
 def _project_id(project: Any) -> str | None:
+    """Label Studio's project field (``3``, ``"3.1712345"`` or ``{"id": 3}``) as ``"3"``; None when absent
+    or not a number (it names folders: ``"../.."`` must not)."""
     if isinstance(project, dict):
         project = project.get("id")
-    return str(project).split(".")[0] if project not in (None, "") else None
+    if isinstance(project, bool) or not isinstance(project, (int, str)):
+        return None
+    head = str(project).split(".")[0]
+    return head if head.isdigit() else None
 
 
 def _basic_auth_ok(header: str, expected: tuple[str, str]) -> bool:

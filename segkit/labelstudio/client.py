@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
@@ -93,14 +93,35 @@ def unauthorized_message(server: str, kind: str, status: int = 401) -> str:
     return f"Label Studio at {server} refused the API key (HTTP {status}), tried as a {kind}: {other}"
 
 
-class Client:
-    """A session with one Label Studio server: JSON calls and file downloads with the key attached."""
+def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, default ports filled in: what decides where a key may go."""
+    url = httpx.URL(str(url))
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host.lower(), url.port or default
 
-    def __init__(self, server: str, api_key: str, timeout: float = 60.0, transport: httpx.BaseTransport | None = None):
+
+def redact(url: str | httpx.URL) -> str:
+    """``url`` without its query and fragment, for logs and messages: a signed storage link's query is a
+    credential (``X-Amz-Signature``, ``sig``) that must not end up in a log file."""
+    text = str(url)
+    cut = min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
+    return text[:cut] + ("?..." if cut < len(text) else "")
+
+
+class Client:
+    """A session with one Label Studio server: JSON calls and file downloads with the key attached.
+
+    The key goes to the server's own origin alone (scheme, host and port: never to ``http://`` for an
+    ``https://`` server); httpx drops it from redirects to other origins. ``request_hook`` runs before
+    every request, redirects included (the backend's :class:`~segkit.labelstudio.egress.EgressPolicy`).
+    """
+
+    def __init__(self, server: str, api_key: str, timeout: float = 60.0, transport: httpx.BaseTransport | None = None,
+                 request_hook: Callable[[httpx.Request], None] | None = None):
         self.server = server.rstrip("/")
         self.auth = ApiKeyAuth(self.server, api_key)
         self.http = httpx.Client(base_url=self.server, auth=self.auth, timeout=timeout, transport=transport,
-                                 follow_redirects=True)
+                                 follow_redirects=True, event_hooks={"request": [request_hook] if request_hook else []})
 
     def __enter__(self) -> "Client":
         return self
@@ -126,15 +147,45 @@ class Client:
         except httpx.TransportError as e:
             raise LabelStudioError(f"cannot reach Label Studio at {self.server} ({type(e).__name__}: {e}); "
                                    f"is it running, and is the URL right?") from e
+        except (httpx.HTTPError, httpx.InvalidURL) as e:  # too many redirects, a malformed URL
+            raise LabelStudioError(f"{redact(url)}: {type(e).__name__}: {e}") from e
+        self._raise_for_status(response)
+        return response
+
+    def download(self, url: str, max_bytes: int, **kw: Any) -> httpx.Response:
+        """GET ``url`` into memory, stopping (LabelStudioError) as soon as the body passes ``max_bytes``:
+        an image is never read whole before its size is known to be sane. A 304 comes back empty."""
+        try:
+            with self.http.stream("GET", url, **kw) as response:
+                self._raise_for_status(response, detail=False)  # an error body is not read either
+                declared = int(response.headers.get("content-length") or 0)
+                if declared > max_bytes:
+                    raise LabelStudioError(f"{redact(url)}: {declared / 2**20:.1f} MB, over the download limit "
+                                           f"of {max_bytes / 2**20:.0f} MB (--max-download-mb)")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise LabelStudioError(f"{redact(url)}: over the download limit of "
+                                               f"{max_bytes / 2**20:.0f} MB (--max-download-mb); stopped reading")
+                return httpx.Response(response.status_code, headers=response.headers, content=bytes(body),
+                                      request=response.request)
+        except httpx.TransportError as e:
+            raise LabelStudioError(f"cannot fetch {redact(url)} ({type(e).__name__}: {e})") from e
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise LabelStudioError(f"{redact(url)}: {type(e).__name__}: {e}") from e
+
+    def _raise_for_status(self, response: httpx.Response, detail: bool = True) -> None:
         if response.status_code == 401:
             raise LabelStudioError(unauthorized_message(self.server, self.auth.kind))
         if response.status_code >= 400 and response.status_code != 304:
-            raise LabelStudioError(f"{response.request.url}: HTTP {response.status_code} {_detail(response)}")
-        return response
+            raise LabelStudioError(f"{redact(response.request.url)}: HTTP {response.status_code}"
+                                   + (f" {_detail(response)}" if detail else ""))
 
     def same_server(self, url: str) -> bool:
-        """Whether an absolute URL points at this server (only then may the key go with it)."""
-        return httpx.URL(url).netloc == httpx.URL(self.server).netloc
+        """Whether an absolute URL has this server's origin (scheme, host, port): only then may the key go
+        with it. ``http://`` to an ``https://`` server is another origin: the key would travel in clear."""
+        return origin(url) == origin(self.server)
 
 
 def _json_or_empty(response: httpx.Response) -> dict:

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -111,36 +113,78 @@ def image_url(client: Client, ref: str, task_id: Any) -> str:
     raise LabelStudioError(f"{ref!r} is not a URL Label Studio can serve")
 
 
-class ImageCache:
-    """Downloaded images by URL, with their validators, under ``folder/images``; ``save`` writes the index."""
+DEFAULT_MAX_DOWNLOAD = 50 * 2**20  # bytes of one image; a phone's 50 MP JPEG is 15-25 MB
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+
+class ImageCache:
+    """Downloaded images by URL, with their validators, under ``folder/images``; ``save`` writes the index.
+
+    ``max_bytes`` caps what the cache keeps (the least recently used images go first; None: no cap);
+    ``max_download`` caps one download, which stops there without reading the rest. Safe to share
+    between threads.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int | None = None, max_download: int = DEFAULT_MAX_DOWNLOAD):
+        self.folder, self.max_bytes, self.max_download = folder, max_bytes, max_download
         self.index_file = folder / "images.json"
         self.index: dict[str, dict] = json.loads(self.index_file.read_text()) if self.index_file.is_file() else {}
         self.downloaded = self.reused = 0
+        self._lock = threading.Lock()
 
     def fetch(self, client: Client, url: str, ref: str) -> str:
-        """Path of the cached image, relative to the folder; downloads it when new or changed."""
-        entry = self.index.get(url)
-        if entry and not (self.folder / entry["file"]).is_file():
-            entry = None
-        headers = _conditional_headers(entry)
+        """Path of the cached image, relative to the folder; downloads it when new, changed or broken."""
+        with self._lock:
+            entry = self._intact(url)
         absolute = url.startswith(("http://", "https://"))
         auth = {} if not absolute or client.same_server(url) else {"auth": None}  # the key stays home
-        response = client.request("GET", url, headers=headers, **auth)
+        response = client.download(url, self.max_download, headers=_conditional_headers(entry), **auth)
         if response.status_code == 304 and entry:
-            self.reused += 1
+            with self._lock:
+                entry["used"] = time.time()
+                self.reused += 1
             return entry["file"]
         rel = f"images/{hashlib.sha1(url.encode()).hexdigest()[:12]}-{_file_name(ref)}"
         atomic_write(self.folder / rel, response.content)
-        self.index[url] = {"file": rel, "etag": response.headers.get("etag"),
-                           "last_modified": response.headers.get("last-modified")}
-        self.downloaded += 1
+        with self._lock:
+            self.index[url] = {"file": rel, "etag": response.headers.get("etag"), "size": len(response.content),
+                               "last_modified": response.headers.get("last-modified"), "used": time.time()}
+            self.downloaded += 1
+            self._evict(keep=url)
         return rel
 
+    def forget(self, url: str) -> None:
+        """Drop ``url``'s copy (it would not decode): the next fetch downloads it whole, unconditionally."""
+        with self._lock:
+            entry = self.index.pop(url, None)
+            if entry:
+                (self.folder / entry["file"]).unlink(missing_ok=True)
+
     def save(self) -> None:
-        write_json(self.index_file, self.index, indent=1)
+        with self._lock:
+            write_json(self.index_file, self.index, indent=1)
+
+    def _intact(self, url: str) -> dict | None:
+        """The entry of ``url`` if its file is there at the size it was downloaded at. A truncated or
+        missing copy must not be revalidated: the server would answer 304 and the broken file live on."""
+        entry = self.index.get(url)
+        if not entry:
+            return None
+        path = self.folder / entry["file"]
+        if not path.is_file() or ("size" in entry and path.stat().st_size != entry["size"]):
+            return None
+        return entry
+
+    def _evict(self, keep: str) -> None:
+        if self.max_bytes is None:
+            return
+        total = sum(e.get("size", 0) for e in self.index.values())
+        for url in sorted(self.index, key=lambda u: self.index[u].get("used", 0)):
+            if total <= self.max_bytes:
+                break
+            if url != keep:
+                entry = self.index.pop(url)
+                (self.folder / entry["file"]).unlink(missing_ok=True)
+                total -= entry.get("size", 0)
 
 
 def _conditional_headers(entry: dict | None) -> dict[str, str]:
