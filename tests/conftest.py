@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MORE_EPOCHS, SAMPLE, SHARED, TINY_IMAGES, overfit_config, tiny_config, write_subset
+from tests.helpers import MORE_EPOCHS, REPO, SAMPLE, SHARED, TINY_IMAGES, overfit_config, tiny_config, write_subset
 
 SEMANTIC_EPOCHS = 40  # x 2 steps of AdamW: U-Net R18 from random init learns the 4 images
 MAX_CHUNKS = 4  # extensions of a fixture's training before it gives up
+ARTIFACTS = REPO / "test-artifacts"
 
 
 def train_until(cfg, reached: Callable[[dict], bool], more: int = MORE_EPOCHS, chunks: int = MAX_CHUNKS) -> dict:
@@ -35,6 +36,20 @@ def train_until(cfg, reached: Callable[[dict], bool], more: int = MORE_EPOCHS, c
         pytest.fail(f"the fixture's training did not reach its target in {cfg.epochs} epochs (seed {cfg.seed}); "
                     f"best val metrics: {summary['best_metrics']}")
     return {**summary, "epochs": cfg.epochs}
+
+
+def record_fixture(name: str, summary: dict, seed: int) -> dict:
+    """Append what a fixture's training reached to test-artifacts/fixtures.jsonl: the spread over seeds,
+    thread counts and machines is read from there (README, Tests)."""
+    import json
+    import os
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    row = {"fixture": name, "seed": seed, "threads": os.environ.get("OMP_NUM_THREADS"), "epochs": summary["epochs"],
+           **{k: round(v, 4) for k, v in summary["best_metrics"].items() if k.startswith("val_") and "loss" not in k}}
+    with open(ARTIFACTS / "fixtures.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return summary
 
 
 def learned_instances(metrics: dict) -> bool:
@@ -86,7 +101,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
     """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 cores)."""
-    return train_until(overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run"), learned_instances)
+    cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
+    return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +117,9 @@ def semantic_overfit_run(tiny_data, tmp_path_factory) -> dict:
     cfg = tiny_config(tiny_data, tmp_path_factory.mktemp("semantic") / "run", task="semantic", model="unet_resnet18",
                       optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=SEMANTIC_EPOCHS,
                       eval_every=SEMANTIC_EPOCHS // 2, warmup_iters=5)
-    return {**train_until(cfg, learned_pixels, more=SEMANTIC_EPOCHS // 2), "arch": cfg.model}
+    summary = record_fixture("semantic_overfit_run", train_until(cfg, learned_pixels, more=SEMANTIC_EPOCHS // 2),
+                             cfg.seed)
+    return {**summary, "arch": cfg.model}
 
 
 @pytest.fixture(scope="session")
