@@ -196,8 +196,13 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
     model = _make_model(cfg, classes, resumed=resume is not None).to(device)
     optimizer, scheduler, scaler = _make_optimization(cfg, model, len(loaders["train"]), device)
     if resume:
-        for part, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        for part, obj in (("model", model), ("optimizer", optimizer), ("scaler", scaler)):
             obj.load_state_dict(resume[part])
+        # The step count is restored, the schedule's shape is this run's: resuming with more --epochs stretches
+        # the decay over them, where the saved shape would train on at its end (a learning rate of 0 for cosine)
+        scheduler.load_state_dict({**resume["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)  # what the saved step would use (the same, unstretched)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
