@@ -23,6 +23,7 @@ import collections
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -383,6 +384,8 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, predictor: Predictor | Non
     With ``--ls-backend``, settings that would open the backend to strangers stop it before anything listens.
     """
     backend = ls_backend_config(args, predictor) if args.ls_backend else None
+    if backend is not None:  # SIGTERM (docker stop, a Space's restart) must end a running training too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True)
     if backend is not None:
         add_ls_backend(demo, predictor, backend)
@@ -404,7 +407,7 @@ def ls_backend_config(args: argparse.Namespace, predictor: Predictor | None):
     try:
         cfg = backend_config(Path(predictor.info["checkpoint"]), os.environ, max_detections=args.max_detections,
                              max_pixels=args.max_pixels)
-        check_settings(cfg, args.host, args.no_auth)
+        check_settings(cfg, "0.0.0.0" if args.share else args.host, args.no_auth)  # a share link is public
     except ExposureError as e:
         sys.exit(f"segkit demo: {e}")
     return cfg

@@ -173,11 +173,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _new_file_mode() -> int:
-    """What open() would give a new file: 0666 less the process's umask (which can only be read by setting it)."""
-    umask = os.umask(0o022)
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # it can only be read by setting it: once, at import, not under other threads
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def _new_file_mode() -> int:
+    """What open() would give a new file: 0666 less the process's umask (as it was when segkit was imported)."""
+    return 0o666 & ~_UMASK
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

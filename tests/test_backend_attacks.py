@@ -7,8 +7,10 @@ records who sent which key, a storage server that Label Studio redirects to (ori
 from __future__ import annotations
 
 import base64
+import gzip
 import http.server
 import io
+import json
 import os
 import signal
 import struct
@@ -64,7 +66,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_response(status)
             for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                self.send_header(k, v)
+                if v is not None:  # None: leave the header out (a body that ends when the connection closes)
+                    self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the backend hung up, as it should on a too-big image
@@ -87,6 +90,12 @@ def _bomb() -> bytes:
     png[16:24] = struct.pack(">II", 13000, 13000)  # IHDR's width and height, then its CRC
     png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
     return bytes(png)
+
+
+def _annotated_task(task_id: int, image: str) -> dict:
+    region = {"type": "polygonlabels", "from_name": "outline", "to_name": "photo", "original_width": 100,
+              "original_height": 100, "value": {"points": [[10, 10], [60, 10], [60, 60]], "polygonlabels": ["leaf"]}}
+    return {"id": task_id, "data": {"img": image}, "annotations": [{"id": task_id, "result": [region]}]}
 
 
 def _static(body: bytes, etag: str | None = None):
@@ -124,8 +133,13 @@ def servers():
         "/data/upload/1/loop.jpg": _redirect("/data/upload/1/loop.jpg"),
         "/data/upload/1/slow.jpg": _slow,
         "/data/upload/1/big.jpg": _static(b"\xff\xd8" + os.urandom(3 * 2**20)),
+        "/data/upload/1/unsized.jpg": lambda h: (200, {"Content-Length": None}, b"\xff\xd8" + os.urandom(3 * 2**20)),
+        "/data/upload/1/gzip.jpg": lambda h: (200, {"Content-Encoding": "gzip"}, gzip.compress(bytes(20 * 2**20))),
         "/data/upload/1/bomb.png": _static(bomb),
         "/api/projects/9": _hang,  # a retraining's first call: it waits here until the test ends
+        "/api/projects/5": lambda h: (200, {"Content-Type": "application/json"}, b'{"title": "p5"}'),
+        "/api/projects/5/export": lambda h: (200, {"Content-Type": "application/json"}, json.dumps(
+            [_annotated_task(1, "/data/upload/1/c0.jpg"), _annotated_task(2, f"{stranger.url}/inside.jpg")]).encode()),
     })
     yield {"ls": ls, "storage": storage, "stranger": stranger}
     for server in (ls, storage, stranger):
@@ -214,6 +228,8 @@ def test_demo_ls_backend_beyond_loopback_without_credentials_is_refused(untraine
     predictor = Predictor.from_checkpoint(untrained_checkpoint)
     with pytest.raises(SystemExit, match="--no-auth"):
         demo.ls_backend_config(demo.parse_args(["--host", "0.0.0.0"]), predictor)
+    with pytest.raises(SystemExit, match="--no-auth"):  # a share link is public whatever --host says
+        demo.ls_backend_config(demo.parse_args(["--share"]), predictor)
     assert demo.ls_backend_config(demo.parse_args(["--host", "0.0.0.0", "--no-auth"]), predictor) is not None
     monkeypatch.setenv("BASIC_AUTH_USER", "ann")
     monkeypatch.setenv("BASIC_AUTH_PASS", "s3cret")
@@ -257,6 +273,28 @@ def test_redirects_to_another_origin_never_carry_the_key(backend, servers):
     assert servers["storage"].keys_sent("/img.jpg") == [None]
 
 
+def test_a_scheme_in_capitals_does_not_make_a_stranger_label_studio(backend, servers):
+    backend.predict(f"HTTP://127.0.0.1:{servers['storage'].server_address[1]}/img.jpg")
+    assert servers["storage"].keys_sent("/img.jpg") and set(servers["storage"].keys_sent("/img.jpg")) == {None}
+
+
+def test_a_token_refresh_is_never_redirected_to_another_origin():
+    """A personal access token is itself the body of the refresh: a 307 would carry it elsewhere."""
+    seen = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.host == "ls.example.org":
+            return httpx.Response(307, headers={"Location": "https://other.example.net/collect"})
+        return httpx.Response(200, json={"access": "stolen"})
+
+    pat = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    with Client("https://ls.example.org", pat, transport=httpx.MockTransport(label_studio)) as client:
+        with pytest.raises(Exception, match="refused to send a POST"):
+            client.get_json("/api/projects/1")
+    assert seen == ["https://ls.example.org/api/token/refresh/"]
+
+
 def test_http_never_carries_a_key_meant_for_https():
     client = Client("https://ls.example.org", KEY)
     assert client.same_server("https://ls.example.org:443/data/upload/1/a.jpg")
@@ -271,6 +309,7 @@ def test_signed_links_are_not_logged_in_full(backend, servers):
     log = backend.log.read_text()
     assert "missing.jpg" in log and "SECRET123" not in log and "AKIA" not in log
     assert redact(signed) == f"{servers['storage'].url}/missing.jpg?..."
+    assert redact("https://minio:s3cret@cdn.example/a.jpg") == "https://cdn.example/a.jpg"
 
 
 # --- rule 3: fetch only what a task may name ---------------------------------------------------------------
@@ -288,7 +327,8 @@ def test_private_addresses_are_refused_unless_allowed(backend, servers):
     ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
     ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("::1", False),
     ("fe80::1%eth0", False), ("::ffff:127.0.0.1", False), ("fd00::1", False), ("0.0.0.0", False),
-    ("100.64.0.1", False), ("224.0.0.1", False)])
+    ("100.64.0.1", False), ("224.0.0.1", False), ("64:ff9b::a9fe:a9fe", False), ("2002:7f00:1::", False),
+    ("::127.0.0.1", False), ("64:ff9b::808:808", True)])
 def test_which_addresses_count_as_public(address, public):
     assert is_public(address) is public
 
@@ -308,10 +348,13 @@ def test_allowed_hosts_and_label_studio_pass_the_policy():
 
 
 def test_downloads_stop_at_the_size_limit(backend):
-    [result] = backend.predict("/data/upload/1/big.jpg")
-    assert result["result"] == []
-    assert f"download limit of {MAX_DOWNLOAD_MB} MB" in backend.log.read_text()
-    assert not any("big.jpg" in p.name for p in backend.cache.rglob("*"))
+    """Declared or not, and compressed or not: a body is never read past the limit (a few KB of gzip can
+    decode to gigabytes, so compressed answers are refused)."""
+    results = backend.predict("/data/upload/1/big.jpg", "/data/upload/1/unsized.jpg", "/data/upload/1/gzip.jpg")
+    assert [r["result"] for r in results] == [[], [], []]
+    log = backend.log.read_text()
+    assert f"download limit of {MAX_DOWNLOAD_MB} MB" in log and "stopped reading" in log and "gzip-encoded" in log
+    assert not any(name in p.name for p in backend.cache.rglob("*") for name in ("big", "unsized", "gzip"))
 
 
 # --- rule 4: one task's failure is that task's alone --------------------------------------------------------
@@ -325,13 +368,35 @@ def test_one_bad_task_leaves_the_others_answered(backend):
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"text"', b'{"tasks": "x", "label_config": "c"}',
-                                  b'{"tasks": [], "label_config": 5}', b"\xff\xfe"])
+                                  b'{"tasks": [], "label_config": 5}', b"\xff\xfe", b"[" * 100_000])
 def test_malformed_bodies_get_400_with_a_message(backend, body):
     for route in ("/predict", "/setup", "/webhook"):
         answer = httpx.post(f"{backend.url}{route}", content=body, headers={"Content-Type": "application/json"})
         if route != "/predict" and answer.status_code == 200:  # a JSON object that /setup or /webhook may ignore
             continue
         assert answer.status_code == 400 and answer.json()["detail"], (route, body, answer.text)
+
+
+def test_odd_fields_get_an_answer_not_a_500(backend):
+    for route, body in (("/predict", {"tasks": [{"data": {"img": "/data/upload/1/c0.jpg"}}], "project": "1" * 300,
+                                      "label_config": CONFIG}),
+                        ("/setup", {"project": 1, "hostname": "http://[::1", "access_token": "k"}),
+                        ("/setup", {"project": "²", "hostname": 5, "schema": ["x"]}),
+                        ("/webhook", {"action": "START_TRAINING", "project": {"id": "../../etc"}})):
+        answer = httpx.post(f"{backend.url}{route}", json=body)
+        assert answer.status_code == 200, (route, answer.text)
+
+
+def test_a_web_page_cannot_drive_the_loopback_backend(backend):
+    """Without auth the backend is this machine's alone: a page in the user's browser can post text/plain
+    across sites without a preflight, and reach 127.0.0.1 through a DNS name rebound to it."""
+    start = {"action": "START_TRAINING", "project": 1}
+    answer = httpx.post(f"{backend.url}/webhook", content=json.dumps(start), headers={"Content-Type": "text/plain"})
+    assert answer.status_code == 415
+    answer = httpx.post(f"{backend.url}/webhook", json=start, headers={"Host": "attacker.example:9090"})
+    assert answer.status_code == 400
+    assert httpx.get(f"{backend.url}/versions", headers={"Host": "attacker.example"}).status_code == 400
+    assert httpx.get(f"{backend.url}/versions").json()["training"]["state"] == "idle"
 
 
 # --- rule 5: no request waits on another's download ----------------------------------------------------
@@ -375,6 +440,18 @@ def test_the_image_cache_stays_under_its_cap(backend):
     backend.predict(*[f"/data/upload/1/c{i}.jpg" for i in range(6)])
     images = [p for p in backend.cache.rglob("images/*") if p.is_file()]
     assert images and sum(p.stat().st_size for p in images) <= 0.05 * 2**20  # the sample's images: 14-20 KB
+
+
+def test_a_training_the_backend_starts_follows_the_same_rule(servers, tmp_path, monkeypatch):
+    """The retraining reads the project in a child process: the backend hands it its rule (SEGKIT_ALLOW_HOSTS)."""
+    from segkit.labelstudio.egress import ALLOW_HOSTS_ENV
+    from segkit.labelstudio.project import load_project
+
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "")
+    records = load_project(f"{servers['ls'].url}/projects/5", api_key=KEY, cache_dir=tmp_path)
+    assert len(records.images) == 1  # Label Studio's own image
+    [problem] = [p for p in records.problems if p.kind == "missing_image"]
+    assert "--allow-host" in problem.detail and servers["stranger"].seen == []
 
 
 # --- rule 8: training children die with the backend; each project keeps its place ----------------------
@@ -428,6 +505,8 @@ def test_basic_auth_guards_every_route(untrained_checkpoint, tmp_path):
                               ("POST", "/webhook")):
             answer = httpx.request(method, f"{proc.url}{route}", json={"action": "START_TRAINING", "project": 1})
             assert answer.status_code == 401, route
+            odd = {"Authorization": "Basic " + base64.b64encode("é:x".encode()).decode()}  # not ASCII: still 401
+            assert httpx.request(method, f"{proc.url}{route}", headers=odd).status_code == 401, route
     finally:
         proc.stop()
     assert not (tmp_path / "runs").exists()  # the unauthenticated "Start training" started nothing

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
 
-    from segkit.labelstudio.backend import ExposureError, backend_config, check_settings, create_app
+    from segkit.labelstudio.backend import (LOOPBACK_NAMES, ExposureError, backend_config, check_settings,
+                                            create_app, is_loopback)
     from segkit.runs import newest_best
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -77,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
     except ExposureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower())
+    trusted = LOOPBACK_NAMES if cfg.basic_auth is None and is_loopback(args.host) else None
+    uvicorn.run(create_app(cfg, trusted), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,7 +38,7 @@ from segkit.coco import image_entry
 from segkit.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_scaled
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
-from segkit.labelstudio.egress import EgressPolicy
+from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
 from segkit.preannotations import prediction_result
 from segkit.readers.labelstudio import image_reference
@@ -181,10 +182,15 @@ class LabelStudioLink:
 
     def setup(self, project: str, hostname: Any, key: Any) -> None:
         """Take a ``/setup`` request's server and key, as a pair, unless the user's settings decide."""
-        if not (isinstance(hostname, str) and hostname.startswith(("http://", "https://")) and isinstance(key, str)
-                and key):
+        if not (isinstance(hostname, str) and isinstance(key, str) and key):
             return
-        if self.url and (self.api_key or origin(hostname) != origin(self.url)):
+        try:
+            where = origin(hostname)
+        except (httpx.InvalidURL, ValueError, UnicodeError):
+            return
+        if where[0] not in ("http", "https") or not where[1]:
+            return
+        if self.url and (self.api_key or where != origin(self.url)):
             return  # the user named the server: a request names neither it nor the key sent there
         self.setups[project] = (hostname.rstrip("/"), key)
 
@@ -247,34 +253,38 @@ class Predictions:
         cache = self._cache(project)
         try:
             with self.link.client_or_none(project) as client:
-                images = self._fetch_all(tasks, client, cache, _max_side(predictor))
+                fetched = self._fetch_all(tasks, client, cache)
+                return [self._one(task, found, client, cache, predictor, version, target, labels)
+                        for task, found in zip(tasks, fetched)]
         finally:
             cache.save()
-        return [self._one(task, image, predictor, version, target, labels) for task, image in zip(tasks, images)]
 
-    def _fetch_all(self, tasks: list, client: Client, cache: ImageCache, max_side: int | None) -> list:
-        """Each task's (image, original size), or the exception that kept it; all within ``cfg.fetch_timeout``."""
+    def _fetch_all(self, tasks: list, client: Client, cache: ImageCache) -> list:
+        """Each task's (URL, cached file), or the exception that kept it; all within ``cfg.fetch_timeout``.
+        Only files are held: each image is decoded just before its forward, one at a time."""
         deadline = time.monotonic() + self.cfg.fetch_timeout
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.cfg.fetch_workers, len(tasks))),
                                   thread_name_prefix="segkit-fetch")
-        futures = [pool.submit(self._image, task, client, cache, max_side) for task in tasks]
-        images = []
+        futures = [pool.submit(self._download, task, client, cache) for task in tasks]
+        found = []
         for future in futures:
             try:
-                images.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+                found.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except FuturesTimeout:
-                images.append(TimeoutError(f"no image within {self.cfg.fetch_timeout:.0f} s"))
+                found.append(TimeoutError(f"no image within {self.cfg.fetch_timeout:.0f} s"))
             except Exception as e:  # noqa: BLE001 - one task's image, whatever broke, is that task's failure
-                images.append(e)
+                found.append(e)
         pool.shutdown(wait=False, cancel_futures=True)  # a download past the deadline ends at its own timeout
-        return images
+        return found
 
-    def _image(self, task: Any, client: Client, cache: ImageCache, max_side: int | None):
-        """The task's image, downloaded through the cache and decoded no larger than the model needs, with
-        the original's size; a copy that does not decode is fetched again."""
+    def _download(self, task: Any, client: Client, cache: ImageCache) -> tuple[str, str, Path]:
         ref = image_reference(task.get("data")) if isinstance(task, dict) else None
         url = self._url(ref, task.get("id") if isinstance(task, dict) else None, client)
-        path = cache.folder / cache.fetch(client, url, ref)
+        return ref, url, cache.folder / cache.fetch(client, url, ref)
+
+    def _decode(self, found: tuple[str, str, Path], client: Client, cache: ImageCache, max_side: int | None):
+        """(image no larger than the model needs, original size); a copy that does not decode is fetched again."""
+        ref, url, path = found
         try:
             return load_scaled(path, max_side, self.cfg.max_pixels)
         except ImageTooLargeError:
@@ -283,17 +293,17 @@ class Predictions:
             cache.forget(url)  # a truncated copy, or the server's file was broken when we fetched it
             return load_scaled(cache.folder / cache.fetch(client, url, ref), max_side, self.cfg.max_pixels)
 
-    def _one(self, task, loaded, predictor, version, target, labels) -> dict:
+    def _one(self, task, found, client, cache, predictor, version, target, labels) -> dict:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
-            if isinstance(loaded, BaseException):
-                raise loaded
-            image, original_size = loaded
+            if isinstance(found, BaseException):
+                raise found
+            image, original_size = self._decode(found, client, cache, _max_side(predictor))
             with self.model.lock:  # one forward at a time: torch already uses every core
                 prediction = predictor(image)
             if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
                 prediction = prediction.as_instances()
-            entry = image_entry(image_reference(task.get("data")), image.width, image.height, prediction)
+            entry = image_entry(found[0], image.width, image.height, prediction)
             return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels,
                                      original_size=original_size)
         except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
@@ -311,9 +321,10 @@ class Predictions:
         return image_url(client, ref, task_id)
 
     def _cache(self, project: str | None) -> ImageCache:
-        # The same folder as the project's training data: an image fetched once serves both.
+        # One folder per Label Studio server for every project's predictions, so --cache-mb bounds them all;
+        # a training's own cache (per project) is another process's, which this one must not evict from.
         server = self.link.server(project)
-        folder = cache_folder(server[0] if server else "external", project or "unknown", self.cfg.cache_dir)
+        folder = cache_folder(server[0] if server else "external", "predictions", self.cfg.cache_dir)
         with self._lock:
             if folder not in self._caches:
                 self._caches[folder] = ImageCache(folder, self.cfg.cache_bytes, self.cfg.max_download)
@@ -321,9 +332,13 @@ class Predictions:
 
 
 def _max_side(predictor) -> int | None:
-    """The longest side the model looks at (torchvision's ``max_size``): decoding more only costs memory."""
+    """The longest side the model looks at (torchvision's ``max_size``; a semantic model's ``img_size`` with
+    torchvision's 800:1333 allowance): decoding more only costs memory."""
     transform = getattr(predictor.model, "transform", None)
-    return int(transform.max_size) if transform is not None and hasattr(transform, "max_size") else None
+    if transform is not None and hasattr(transform, "max_size"):
+        return int(transform.max_size)
+    img_size = getattr(predictor.model, "img_size", None)
+    return round(img_size * 1333 / 800) if isinstance(img_size, int) else None
 
 
 def _loggable(error: BaseException) -> str:
@@ -355,7 +370,7 @@ class Retrainer:
         """Start a training on ``project`` now, or once those before it end; returns "started" or "queued"."""
         with self._lock:
             self._changes[project] = 0
-            if self._thread and self._thread.is_alive():
+            if self._thread is not None:  # running, until _loop finds the queue empty (under this lock)
                 if project not in self._pending:
                     self._pending.append(project)
                 self.status["queued"] = list(self._pending)
@@ -393,8 +408,10 @@ class Retrainer:
         while project and not self._stopped:
             self._train(project)
             with self._lock:
-                project = self._pending.pop(0) if self._pending else None
+                project = self._pending.pop(0) if self._pending and not self._stopped else None
                 self.status["queued"] = list(self._pending)
+                if project is None:
+                    self._thread = None  # a request from now on starts a new thread
 
     def _train(self, project: str) -> None:
         started = time.time()
@@ -405,8 +422,9 @@ class Retrainer:
             checkpoint = self._run_training(project, out)
             self.model.load(checkpoint)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the old model keeps serving
-            log.error("training on project %s failed; still serving %s: %s", project, self.model.version, e)
-            self.status.update(state="failed", error=str(e), finished=_iso(time.time()))
+            log.error("training on project %s failed; still serving %s: %s", project, self.model.version,
+                      _loggable(e))
+            self.status.update(state="failed", error=_loggable(e), finished=_iso(time.time()))
             return
         self.status.update(state="done", finished=_iso(time.time()), model_version=self.model.version,
                            trainings=self.status["trainings"] + 1, seconds=round(time.time() - started, 1))
@@ -437,8 +455,9 @@ class Retrainer:
             with self._lock:
                 if self._stopped:
                     raise RuntimeError("the backend is shutting down")
-                self._process = subprocess.Popen(cmd, env={**os.environ, API_KEY_ENV: key}, stdout=log_file,
-                                                 stderr=subprocess.STDOUT, start_new_session=True)
+                env = {**os.environ, API_KEY_ENV: key, ALLOW_HOSTS_ENV: ",".join(self.cfg.allow_hosts)}
+                self._process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
                 self.status["pid"] = self._process.pid
             rc = self._process.wait()
         if rc != 0:
@@ -471,8 +490,15 @@ def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
     return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
 
 
-def create_app(cfg: BackendConfig) -> FastAPI:
-    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training."""
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> FastAPI:
+    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training.
+
+    ``trusted_hosts``: the Host names answered (others get 400). A backend on loopback without auth takes
+    only loopback names, so a web page cannot reach it through a DNS name rebound to 127.0.0.1.
+    """
     backend = create_backend(cfg)
 
     @contextlib.asynccontextmanager
@@ -481,6 +507,10 @@ def create_app(cfg: BackendConfig) -> FastAPI:
         backend.retrainer.stop()
 
     app = FastAPI(title="segkit ML backend", lifespan=lifespan)
+    if trusted_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
     add_routes(app, backend, cfg.basic_auth)
     return app
 
@@ -548,9 +578,12 @@ def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | Non
 
 
 async def _json_body(request: Request) -> dict:
+    # JSON only, as Label Studio sends: a web page can post text/plain across sites without asking first
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "the body must be JSON (Content-Type: application/json)")
     try:
         body = await request.json()
-    except ValueError:  # also bytes that are not UTF-8
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting past Python's stack
         raise HTTPException(400, "the body is not JSON") from None
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
@@ -565,7 +598,7 @@ def _project_id(project: Any) -> str | None:
     if isinstance(project, bool) or not isinstance(project, (int, str)):
         return None
     head = str(project).split(".")[0]
-    return head if head.isdigit() else None
+    return head if head.isascii() and head.isdigit() and len(head) <= 18 else None
 
 
 def _basic_auth_ok(header: str, expected: tuple[str, str]) -> bool:
@@ -574,6 +607,8 @@ def _basic_auth_ok(header: str, expected: tuple[str, str]) -> bool:
         return False
     try:
         user, _, password = base64.b64decode(encoded).decode().partition(":")
-    except ValueError:
+    except (ValueError, UnicodeError):
         return False
-    return secrets.compare_digest(user, expected[0]) & secrets.compare_digest(password, expected[1])
+    # bytes: compare_digest refuses non-ASCII str, which would turn a stranger's header into a 500
+    return secrets.compare_digest(user.encode(), expected[0].encode()) & \
+        secrets.compare_digest(password.encode(), expected[1].encode())

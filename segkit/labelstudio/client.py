@@ -53,13 +53,18 @@ def key_kind(key: str) -> str:
 class ApiKeyAuth(httpx.Auth):
     """Either kind of key; a personal access token is exchanged for access tokens, refreshed on 401."""
 
-    requires_response_body = True  # to read the refresh answer
+    # False: httpx would otherwise read every response whole before the flow sees it, a download's too,
+    # past any size limit; the refresh answer is read explicitly
+    requires_response_body = False
 
     def __init__(self, server: str, key: str):
         self.server, self.key, self.kind = server, key, key_kind(key)
         self._access: str | None = None
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin(request.url) != origin(self.server):  # decided where the request goes, whatever spelled the URL
+            yield request
+            return
         if self.kind == "legacy token":
             request.headers["Authorization"] = f"Token {self.key}"
             yield request
@@ -68,16 +73,26 @@ class ApiKeyAuth(httpx.Auth):
             yield from self._refresh()
         request.headers["Authorization"] = f"Bearer {self._access}"
         response = yield request
-        if response.status_code == 401:  # access tokens live minutes: refresh once and retry
+        if response.status_code == 401 and origin(response.url) == origin(self.server):  # access tokens live minutes
             yield from self._refresh()
             request.headers["Authorization"] = f"Bearer {self._access}"
             yield request
 
     def _refresh(self) -> Generator[httpx.Request, httpx.Response, None]:
         response = yield httpx.Request("POST", f"{self.server}/api/token/refresh/", json={"refresh": self.key})
+        response.read()
         if response.status_code != 200 or "access" not in _json_or_empty(response):
             raise LabelStudioError(unauthorized_message(self.server, self.kind, response.status_code))
         self._access = response.json()["access"]
+
+
+def _same_origin_bodies(server: str) -> Callable[[httpx.Request], None]:
+    """A request hook refusing any request with a body to another origin: a 307/308 redirect would carry
+    it there, and the body of a token refresh is the key itself."""
+    def check(request: httpx.Request) -> None:
+        if request.method not in ("GET", "HEAD") and origin(request.url) != origin(server):
+            raise LabelStudioError(f"refused to send a {request.method} to {redact(request.url)}: not {server}")
+    return check
 
 
 def unauthorized_message(server: str, kind: str, status: int = 401) -> str:
@@ -101,9 +116,9 @@ def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
 
 
 def redact(url: str | httpx.URL) -> str:
-    """``url`` without its query and fragment, for logs and messages: a signed storage link's query is a
-    credential (``X-Amz-Signature``, ``sig``) that must not end up in a log file."""
-    text = str(url)
+    """``url`` without its query, fragment and user:password, for logs and messages: a signed storage link's
+    query is a credential (``X-Amz-Signature``, ``sig``) that must not end up in a log file."""
+    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@", r"\1", str(url))
     cut = min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
     return text[:cut] + ("?..." if cut < len(text) else "")
 
@@ -120,8 +135,9 @@ class Client:
                  request_hook: Callable[[httpx.Request], None] | None = None):
         self.server = server.rstrip("/")
         self.auth = ApiKeyAuth(self.server, api_key)
+        hooks = [_same_origin_bodies(self.server), *([request_hook] if request_hook else [])]
         self.http = httpx.Client(base_url=self.server, auth=self.auth, timeout=timeout, transport=transport,
-                                 follow_redirects=True, event_hooks={"request": [request_hook] if request_hook else []})
+                                 follow_redirects=True, event_hooks={"request": hooks})
 
     def __enter__(self) -> "Client":
         return self
@@ -147,23 +163,32 @@ class Client:
         except httpx.TransportError as e:
             raise LabelStudioError(f"cannot reach Label Studio at {self.server} ({type(e).__name__}: {e}); "
                                    f"is it running, and is the URL right?") from e
-        except (httpx.HTTPError, httpx.InvalidURL) as e:  # too many redirects, a malformed URL
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:  # too many redirects, a malformed URL
             raise LabelStudioError(f"{redact(url)}: {type(e).__name__}: {e}") from e
         self._raise_for_status(response)
         return response
 
-    def download(self, url: str, max_bytes: int, **kw: Any) -> httpx.Response:
+    def download(self, url: str, max_bytes: int, headers: dict | None = None, **kw: Any) -> httpx.Response:
         """GET ``url`` into memory, stopping (LabelStudioError) as soon as the body passes ``max_bytes``:
-        an image is never read whole before its size is known to be sane. A 304 comes back empty."""
+        an image is never read whole before its size is known to be sane. A 304 comes back empty.
+
+        Asks for the bytes as stored (``identity``) and refuses compressed answers: a few hundred bytes of
+        gzip or brotli can decode to gigabytes before any limit could count them.
+        """
+        headers = {**(headers or {}), "Accept-Encoding": "identity"}
         try:
-            with self.http.stream("GET", url, **kw) as response:
+            with self.http.stream("GET", url, headers=headers, **kw) as response:
                 self._raise_for_status(response, detail=False)  # an error body is not read either
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise LabelStudioError(f"{redact(url)}: refused a {encoding}-encoded answer (an image is "
+                                           f"sent as it is stored)")
                 declared = int(response.headers.get("content-length") or 0)
                 if declared > max_bytes:
                     raise LabelStudioError(f"{redact(url)}: {declared / 2**20:.1f} MB, over the download limit "
                                            f"of {max_bytes / 2**20:.0f} MB (--max-download-mb)")
                 body = bytearray()
-                for chunk in response.iter_bytes():
+                for chunk in response.iter_raw():
                     body += chunk
                     if len(body) > max_bytes:
                         raise LabelStudioError(f"{redact(url)}: over the download limit of "
@@ -172,7 +197,7 @@ class Client:
                                       request=response.request)
         except httpx.TransportError as e:
             raise LabelStudioError(f"cannot fetch {redact(url)} ({type(e).__name__}: {e})") from e
-        except (httpx.HTTPError, httpx.InvalidURL) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:
             raise LabelStudioError(f"{redact(url)}: {type(e).__name__}: {e}") from e
 
     def _raise_for_status(self, response: httpx.Response, detail: bool = True) -> None:

@@ -19,12 +19,20 @@ import httpx
 
 from segkit.labelstudio.client import LabelStudioError, origin
 
+# Set by the ML backend for the trainings it starts: a project read by them follows the backend's rule
+# (its --allow-host list, comma-separated; empty: Label Studio and public addresses only)
+ALLOW_HOSTS_ENV = "SEGKIT_ALLOW_HOSTS"
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
 
 def is_public(address: str) -> bool:
     """Whether an IP address is globally routable (not private, loopback, link-local, multicast, ...)."""
     ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone ("fe80::1%eth0")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):  # IPv6 spellings of an IPv4 address are that address
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+                                                      if ip in _NAT64 or int(ip) >> 32 == 0 else None)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from segkit.atomic import atomic_write, write_json
-from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
+from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, redact, resolve_api_key
 from segkit.readers.labelstudio import image_reference, read_labelstudio
 from segkit.records import DatasetRecords, Problem
 
@@ -48,7 +48,7 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     server, project_id = parse_project_url(url)
     folder = cache_folder(server, project_id, cache_dir)
     owned = client is None
-    client = client or Client(server, resolve_api_key(api_key))
+    client = client or Client(server, resolve_api_key(api_key), request_hook=_egress_hook(server))
     try:
         project = client.get_json(f"/api/projects/{project_id}")
         tasks = client.get_json(f"/api/projects/{project_id}/export", exportType="JSON", download_all_tasks="true")
@@ -73,6 +73,16 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     return records
 
 
+def _egress_hook(server: str):
+    """The ML backend's rule on where images may come from, for a training it started (None otherwise:
+    a user training from the command line reads whatever the tasks name, as they chose)."""
+    from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
+
+    if ALLOW_HOSTS_ENV not in os.environ:
+        return None
+    return EgressPolicy.create(server, os.environ[ALLOW_HOSTS_ENV].split(",")).hook
+
+
 def fetch_images(client: Client, tasks: list[dict], cache: ImageCache) -> tuple[list[dict], list[Problem]]:
     """Tasks worth reading, each pointing at its image's copy in ``cache`` (a path relative to its folder)."""
     out, problems = [], []
@@ -89,7 +99,8 @@ def fetch_images(client: Client, tasks: list[dict], cache: ImageCache) -> tuple[
             try:
                 local = cache.fetch(client, image_url(client, ref, task.get("id")), ref)
             except LabelStudioError as e:
-                problems.append(Problem("missing_image", what, f"image {ref!r} could not be fetched: {e}", True))
+                problems.append(Problem("missing_image", what, f"image {redact(ref)!r} could not be fetched: {e}",
+                                        True))
                 continue
             task = copy.deepcopy(task)
             for key, value in task["data"].items():
@@ -203,4 +214,6 @@ def _file_name(ref: str) -> str:
 
 
 def _slug(server: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", urlparse(server).netloc + urlparse(server).path).strip("_")
+    # no leading dot: a server spelled "http://.." must not name the cache's parent folder
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", urlparse(server).netloc + urlparse(server).path).strip("_").lstrip(".") \
+        or "_"
