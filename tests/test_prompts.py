@@ -371,3 +371,50 @@ def test_prompt_prediction_leaves_out_empty_masks():
     np.testing.assert_array_equal(prediction.boxes[0], [2, 1, 4, 3])
     np.testing.assert_array_equal(prediction.masks[0], full)
     assert isinstance(Prompt("box", {"x": 0, "y": 0, "width": 1, "height": 1}).box(10, 10), tuple)
+
+
+def test_the_backend_answers_a_box_around_an_object_with_its_outline(trained_checkpoint, tiny_data, tmp_path):
+    """Label Studio's auto-annotation: a rectangle drawn around an annotated object, sent in
+    ``params.context``, comes back as that object's polygon in the config's names (the overfit model)."""
+    import functools
+    import http.server
+    import threading
+
+    from fastapi.testclient import TestClient
+    from pycocotools import mask as mask_utils
+
+    from segkit.labelstudio.backend import BackendConfig, create_app
+    from segkit.readers import load_dataset
+
+    record = load_dataset(tiny_data / "val").images[0]
+    shell = max((i for i in record.instances if i.label == "shell"), key=lambda i: i.mask(record.height,
+                                                                                           record.width).sum())
+    truth = shell.mask(record.height, record.width).astype(bool)
+    ys, xs = np.nonzero(truth)
+    w, h = record.width, record.height
+    rect = {"x": 100 * xs.min() / w, "y": 100 * ys.min() / h, "width": 100 * (xs.max() + 1 - xs.min()) / w,
+            "height": 100 * (ys.max() + 1 - ys.min()) / h, "rectanglelabels": ["Shell"]}
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(record.path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = ('<View><Image name="photo" value="$img"/><RectangleLabels name="box" toName="photo" smart="true">'
+              '<Label value="Shell"/></RectangleLabels><PolygonLabels name="outline" toName="photo">'
+              '<Label value="Leaf"/><Label value="Pebble"/><Label value="Shell"/></PolygonLabels></View>')
+    cfg = BackendConfig(checkpoint=trained_checkpoint, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
+                        allow_hosts=["127.0.0.1"])
+    task = {"id": 1, "data": {"img": f"http://127.0.0.1:{server.server_address[1]}/{record.path.name}"}}
+    context = {"result": [{"type": "rectanglelabels", "value": rect, "original_width": w, "original_height": h}]}
+    try:
+        with TestClient(create_app(cfg)) as client:
+            answer = client.post("/predict", json={"tasks": [task], "label_config": config,
+                                                   "params": {"context": context}})
+            bad = client.post("/predict", json={"tasks": [task], "label_config": config,
+                                                "params": {"context": {"result": [{"type": "rectanglelabels"}]}}})
+    finally:
+        server.shutdown()
+    assert bad.status_code == 400 and "context.result[0]" in bad.json()["detail"]
+    [result] = answer.json()["results"]
+    assert [(r["from_name"], r["value"]["polygonlabels"]) for r in result["result"]] == [("outline", ["Shell"])]
+    flat = [c for x, y in result["result"][0]["value"]["points"] for c in (x * w / 100, y * h / 100)]
+    drawn = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([flat], h, w))).astype(bool)
+    assert (drawn & truth).sum() / (drawn | truth).sum() >= 0.6  # the object, not the box

@@ -71,6 +71,7 @@ class BackendConfig:
     fetch_timeout: float = 60.0  # seconds for all of one request's downloads: Label Studio gives up at 100
     fetch_workers: int = 4  # downloads at once per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
+    prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
 
 
 class ExposureError(ValueError):
@@ -230,6 +231,7 @@ class Predictions:
         self.model, self.link, self.cfg = model, link, cfg
         self._targets: dict[tuple[str, tuple[str, ...], bool], tuple[RegionTarget, dict[str, str]]] = {}
         self._caches: dict[Path, ImageCache] = {}
+        self._features = None  # segkit.prompts.FeatureCache, made on the first prompt (keyed by model version)
         self._lock = threading.Lock()
 
     def target(self, label_config: str, classes: list[str],
@@ -247,14 +249,16 @@ class Predictions:
             self._targets[key] = target, match_labels(classes, target)
         return self._targets[key]
 
-    def __call__(self, tasks: list, label_config: str, project: str | None) -> list[dict]:
+    def __call__(self, tasks: list, label_config: str, project: str | None, prompts: list | None = None) -> list[dict]:
+        """One prediction per task; with ``prompts`` (Label Studio's auto-annotation: boxes and clicks the
+        annotator drew, :func:`segkit.prompts.prompts_from_context`) the objects they point at instead."""
         predictor, version = self.model.current()
         target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
         cache = self._cache(project)
         try:
             with self.link.client_or_none(project) as client:
                 fetched = self._fetch_all(tasks, client, cache)
-                return [self._one(task, found, client, cache, predictor, version, target, labels)
+                return [self._one(task, found, client, cache, predictor, version, target, labels, prompts)
                         for task, found in zip(tasks, fetched)]
         finally:
             cache.save()
@@ -293,14 +297,17 @@ class Predictions:
             cache.forget(url)  # a truncated copy, or the server's file was broken when we fetched it
             return load_scaled(cache.folder / cache.fetch(client, url, ref), max_side, self.cfg.max_pixels)
 
-    def _one(self, task, found, client, cache, predictor, version, target, labels) -> dict:
+    def _one(self, task, found, client, cache, predictor, version, target, labels, prompts=None) -> dict:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             if isinstance(found, BaseException):
                 raise found
             image, original_size = self._decode(found, client, cache, _max_side(predictor))
             with self.model.lock:  # one forward at a time: torch already uses every core
-                prediction = predictor(image)
+                if prompts:
+                    prediction = self._prompted(predictor, version, (task_id, found[1]), image, prompts, labels)
+                else:
+                    prediction = predictor(image)
             if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
                 prediction = prediction.as_instances()
             entry = image_entry(found[0], image.width, image.height, prediction)
@@ -309,6 +316,16 @@ class Predictions:
         except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
             log.warning("task %s: no prediction: %s", task_id, _loggable(e))
             return {"model_version": version, "score": 0.0, "result": []}
+
+    def _prompted(self, predictor, version: str, key, image, prompts: list, labels: dict[str, str]):
+        """The objects the prompts point at, answered by the served model's heads on cached features."""
+        from segkit.prompts import FeatureCache, PromptEngine
+
+        with self._lock:
+            if self._features is None:
+                self._features = FeatureCache(self.cfg.prompt_cache)
+        label_classes = {label: i for i, name in enumerate(predictor.classes, 1) if (label := labels.get(name))}
+        return PromptEngine(predictor, version, cache=self._features).predict(key, image, prompts, label_classes)
 
     def _url(self, ref: Any, task_id: Any, client: Client) -> str:
         if not isinstance(ref, str) or not ref:
@@ -552,8 +569,9 @@ def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | Non
         if not isinstance(label_config, str) or not label_config:
             raise HTTPException(400, "no label_config in the request and no /setup for this project")
         try:  # in a worker thread: downloads and the forward must not block the event loop
-            results = await run_in_threadpool(backend.predictions, tasks, label_config, project)
-        except LabelConfigError as e:
+            prompts = _prompts(body.get("params"))
+            results = await run_in_threadpool(backend.predictions, tasks, label_config, project, prompts)
+        except (LabelConfigError, ValueError) as e:
             raise HTTPException(400, str(e)) from None
         return JSONResponse({"results": results, "model_version": backend.model.version})
 
@@ -575,6 +593,16 @@ def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | Non
         authorized(request)
         return {"versions": backend.model.versions, "model_version": backend.model.version,
                 "checkpoint": str(backend.model.checkpoint), "training": dict(backend.retrainer.status)}
+
+
+def _prompts(params: Any) -> list:
+    """The boxes and clicks of an auto-annotation request (``params.context``); none for a plain one."""
+    context = params.get("context") if isinstance(params, dict) else None
+    if not context:
+        return []
+    from segkit.prompts import prompts_from_context
+
+    return prompts_from_context(context)
 
 
 async def _json_body(request: Request) -> dict:
