@@ -165,6 +165,9 @@ class ServedModel:
             return self.predictor, self.version
 
 
+NO_SERVER = "http://label-studio.invalid"  # the client's server when the backend knows no Label Studio
+
+
 @dataclass
 class LabelStudioLink:
     """Where Label Studio is and which key to send there: each key only ever goes with the URL it came with.
@@ -215,7 +218,7 @@ class LabelStudioLink:
         """A client of Label Studio, or, when it is unknown, one for absolute image URLs only (no key sent)."""
         if self.server(project):
             return self.client(project)
-        return Client("http://label-studio.invalid", "-", timeout=self.timeout,
+        return Client(NO_SERVER, "-", timeout=self.timeout,
                       request_hook=EgressPolicy.create(None, self.allow_hosts).hook)
 
 
@@ -332,7 +335,7 @@ class Predictions:
             raise LabelStudioError("the task's data names no image")
         if ref.startswith(("http://", "https://")):
             return ref
-        if client.server.endswith(".invalid"):
+        if client.server == NO_SERVER:
             raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
                                    f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
         return image_url(client, ref, task_id)
@@ -363,7 +366,7 @@ def _loggable(error: BaseException) -> str:
     import re
 
     text = f"{type(error).__name__}: {error}" if not isinstance(error, (LabelStudioError, ImageError)) else str(error)
-    return re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?...", text)
+    return re.sub(r"https?://[^\s'\"]+", lambda m: redact(m.group()), text)
 
 
 class Retrainer:

@@ -146,9 +146,8 @@ class ImageCache:
         """Path of the cached image, relative to the folder; downloads it when new, changed or broken."""
         with self._lock:
             entry = self._intact(url)
-        absolute = url.startswith(("http://", "https://"))
-        auth = {} if not absolute or client.same_server(url) else {"auth": None}  # the key stays home
-        response = client.download(url, self.max_download, headers=_conditional_headers(entry), **auth)
+        # the key goes only to Label Studio's origin: Client's auth decides that for every request and redirect
+        response = client.download(url, self.max_download, headers=_conditional_headers(entry))
         if response.status_code == 304 and entry:
             with self._lock:
                 entry["used"] = time.time()
