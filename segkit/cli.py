@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "COCO AP and per-class IoU/Dice of a checkpoint on a dataset",
     "export": "write a checkpoint as an ONNX, OpenVINO or TorchScript model that any --checkpoint runs",
     "ml-backend": "serve a checkpoint as a Label Studio ML backend (pre-annotations, retraining)",
+    "prelabel": "pre-annotate a Label Studio project, scored so the least-sure tasks can go first",
 }
 
 

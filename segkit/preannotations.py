@@ -49,12 +49,13 @@ def to_labelstudio(entries: list[dict[str, Any]], model_version: str, from_name:
 def prediction_result(entry: dict[str, Any], model_version: str, from_name: str = DEFAULT_FROM_NAME,
                       to_name: str = DEFAULT_TO_NAME, brush: bool = False,
                       labels: dict[str, str] | None = None,
-                      original_size: tuple[int, int] | None = None) -> dict[str, Any]:
+                      original_size: tuple[int, int] | None = None, score: float | None = None) -> dict[str, Any]:
     """One image's predictions as one Label Studio prediction: ``{model_version, score, result}``.
 
     ``labels`` maps class names to the labeling config's label values; instances of classes it
-    lacks are left out (Label Studio would store them but draw nothing). The score is the mean
-    instance score of what is sent, which Label Studio uses to order tasks. ``original_size`` is the
+    lacks are left out (Label Studio would store them but draw nothing). ``score``, which Label Studio
+    orders tasks by, defaults to the mean instance score of what is sent (see
+    :func:`segkit.prelabel.task_score` for the one that puts the least-sure first). ``original_size`` is the
     (width, height) of the image the regions are for when ``entry`` was predicted on a reduced copy
     of it; brush masks are then enlarged to it by nearest neighbour. None: the entry's own size.
     """
@@ -64,7 +65,9 @@ def prediction_result(entry: dict[str, Any], model_version: str, from_name: str 
               for item in _regions(k, ann, size, from_name, to_name, brush,
                                    ann["label"] if labels is None else labels[ann["label"]])]
     scores = [ann["score"] for _, ann in kept]
-    return {"model_version": model_version, "score": float(np.mean(scores)) if scores else 0.0, "result": result}
+    if score is None:
+        score = float(np.mean(scores)) if scores else 0.0
+    return {"model_version": model_version, "score": float(score), "result": result}
 
 
 def _regions(k: int, ann: dict[str, Any], size: tuple[int, int], from_name: str, to_name: str,

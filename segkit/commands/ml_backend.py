@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-args", default="", help="more `segkit train` options for retraining, quoted, "
                                                     "e.g. \"--batch-size 4 --lr 0.005\"")
     p.add_argument("--runs-dir", default="runs/labelstudio", help="where retraining runs go")
+    p.add_argument("--prelabel-after-training", action="store_true",
+                   help="after each retraining, post the new model's prediction of every task with a least-sure-first "
+                        "score (as `segkit prelabel` does), so the Data Manager's order follows the new model")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             train_every=args.train_every, train_epochs=args.train_epochs, train_img_size=args.train_img_size,
             train_args=shlex.split(args.train_args), runs_dir=Path(args.runs_dir), allow_hosts=args.allow_host,
             max_download=int(args.max_download_mb * 2**20), cache_bytes=int(args.cache_mb * 2**20),
-            fetch_timeout=args.fetch_timeout, max_pixels=args.max_pixels)
+            fetch_timeout=args.fetch_timeout, max_pixels=args.max_pixels,
+            prelabel_after_training=args.prelabel_after_training)
         check_settings(cfg, args.host, args.no_auth)
     except ExposureError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -41,6 +40,7 @@ from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_tar
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
 from segkit.preannotations import prediction_result
+from segkit.prelabel import labelling_prediction, max_image_side, model_version, prelabel_project
 from segkit.readers.labelstudio import image_reference
 
 log = logging.getLogger("segkit.labelstudio")
@@ -72,6 +72,7 @@ class BackendConfig:
     fetch_workers: int = 4  # downloads at once per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
     prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
+    prelabel_after_training: bool = False  # post the new model's predictions of every task after each retraining
 
 
 class ExposureError(ValueError):
@@ -124,12 +125,6 @@ def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any) -> 
     return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
                          api_key=options.pop("api_key", None) or env.get(API_KEY_ENV) or None,
                          basic_auth=basic_auth_from_env(env), **options)
-
-
-def model_version(checkpoint: Path) -> str:
-    """``<run>-<8 hex of the file>``: a retrained checkpoint always gets a new version."""
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:8]
-    return f"segkit-{checkpoint.parent.name or checkpoint.stem}-{digest}"
 
 
 class ServedModel:
@@ -305,17 +300,18 @@ class Predictions:
         try:
             if isinstance(found, BaseException):
                 raise found
-            image, original_size = self._decode(found, client, cache, _max_side(predictor))
+            image, original_size = self._decode(found, client, cache, max_image_side(predictor))
+            score = None  # a prompt's answer: the mean of its masks' scores
             with self.model.lock:  # one forward at a time: torch already uses every core
                 if prompts:
                     prediction = self._prompted(predictor, version, (task_id, found[1]), image, prompts, labels)
-                else:
-                    prediction = predictor(image)
+                else:  # scored as segkit prelabel scores it, so Label Studio orders tasks least-sure first
+                    prediction, score = labelling_prediction(predictor, image)
             if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
                 prediction = prediction.as_instances()
             entry = image_entry(found[0], image.width, image.height, prediction)
             return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels,
-                                     original_size=original_size)
+                                     original_size=original_size, score=score)
         except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
             log.warning("task %s: no prediction: %s", task_id, _loggable(e))
             return {"model_version": version, "score": 0.0, "result": []}
@@ -349,16 +345,6 @@ class Predictions:
             if folder not in self._caches:
                 self._caches[folder] = ImageCache(folder, self.cfg.cache_bytes, self.cfg.max_download)
             return self._caches[folder]
-
-
-def _max_side(predictor) -> int | None:
-    """The longest side the model looks at (torchvision's ``max_size``; a semantic model's ``img_size`` with
-    torchvision's 800:1333 allowance): decoding more only costs memory."""
-    transform = getattr(predictor.model, "transform", None)
-    if transform is not None and hasattr(transform, "max_size"):
-        return int(transform.max_size)
-    img_size = getattr(predictor.model, "img_size", None)
-    return round(img_size * 1333 / 800) if isinstance(img_size, int) else None
 
 
 def _loggable(error: BaseException) -> str:
@@ -447,7 +433,26 @@ class Retrainer:
             self.status.update(state="failed", error=_loggable(e), finished=_iso(time.time()))
             return
         self.status.update(state="done", finished=_iso(time.time()), model_version=self.model.version,
-                           trainings=self.status["trainings"] + 1, seconds=round(time.time() - started, 1))
+                           trainings=self.status["trainings"] + 1, seconds=round(time.time() - started, 1),
+                           **({"prelabel": "running"} if self.cfg.prelabel_after_training else {}))
+        if self.cfg.prelabel_after_training:
+            self._prelabel(project)
+
+    def _prelabel(self, project: str) -> None:
+        """Post the new model's prediction of each task, scored least-sure first, so the Data Manager's order
+        follows the new model without anyone pressing "Retrieve predictions" (and its 100 s limit)."""
+        predictor, version = self.model.current()
+        try:
+            with self.link.client(project) as client:
+                done = prelabel_project(client, int(project), predictor, version, cache_dir=self.cfg.cache_dir,
+                                        max_pixels=self.cfg.max_pixels, progress=False, lock=self.model.lock)
+        except Exception as e:  # noqa: BLE001 - the new model serves whether or not the tasks were re-scored
+            log.error("pre-labelling project %s with %s failed: %s", project, version, _loggable(e))
+            self.status.update(prelabel="failed", prelabel_error=_loggable(e))
+            return
+        log.info("pre-labelled project %s with %s: %d tasks posted, %d already done, %d failed", project, version,
+                 len(done.posted), done.skipped, len(done.failed))
+        self.status.update(prelabel="done", prelabelled=len(done.posted), prelabel_version=version)
 
     def _next_run(self, project: str) -> Path:
         from segkit.runs import next_run_dir
