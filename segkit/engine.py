@@ -44,12 +44,14 @@ def reduce_losses(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, scheduler=None, scaler=None,
                     clip_grad: float | None = None, describe_batch: Callable[[list], str] = str,
                     desc: str = "train", on_step: Callable[[int], None] | None = None,
-                    show_progress: bool = True, skip: int = 0) -> dict[str, float]:
+                    show_progress: bool = True, skip: int = 0,
+                    on_losses: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss component and of their sum (``loss``).
 
     The first ``skip`` batches were trained on before an interruption: they are loaded, so that the
     random augmentation streams line up with an uninterrupted run, but not trained on again.
-    ``on_step(i)`` is called after the i-th batch of the epoch (skipped ones included) is trained on.
+    ``on_step(i)`` is called after the i-th batch of the epoch (skipped ones included) is trained on;
+    ``on_losses(i, losses)`` then gets that batch's losses (``loss``, their sum, and each component).
     """
     model.train()
     sums: dict[str, float] = defaultdict(float)
@@ -89,6 +91,8 @@ def train_one_epoch(model, optimizer, loader: Iterable, device: torch.device, sc
         n_images += len(images)
         if on_step is not None:
             on_step(step)
+        if on_losses is not None:
+            on_losses(step, {"loss": total, **logged})
         bar.set_postfix(loss=f"{total:.3f}", **{SHORT.get(k, k): f"{v:.3f}" for k, v in logged.items()},
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}",
                         img_s=f"{n_images / (time.perf_counter() - start):.1f}")

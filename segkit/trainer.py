@@ -2,8 +2,9 @@
 and :func:`train` (``python train.py`` runs them).
 
 Reads and validates the data, splits it, trains with warm-up and cosine (or step) decay, evaluates
-COCO AP (semantic: mIoU) every epoch, writes metrics.csv, curves and best/last checkpoints to ``runs/<name>/``, and
-resumes exactly from ``last.pt``. Under ``torchrun`` it trains with DistributedDataParallel.
+COCO AP (semantic: mIoU) every epoch, writes metrics.csv, curves, MODEL_CARD.md and best/last checkpoints to
+``runs/<name>/`` (and to TensorBoard or MLflow with ``--tracker``), and resumes exactly from ``last.pt``.
+Under ``torchrun`` it trains with DistributedDataParallel.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from segkit import engine, runs, semantic
+from segkit import engine, model_card, runs, semantic, tracking
 from segkit.atomic import write_json
 from segkit.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from segkit.coco import records_to_coco
@@ -82,6 +83,9 @@ class TrainConfig:
     name: str = _opt("exp", "run name under runs/")
     resume: str | None = _opt(None, "continue the run of this last.pt")
     progress: bool = _opt(True, "show progress bars")
+    tracker: tuple[str, ...] = _opt((), "also log to tensorboard (event files in the run folder) and/or mlflow; "
+                                        "repeat the flag or separate with commas", choices=list(tracking.TRACKERS))
+    mlflow_uri: str | None = _opt(None, "MLflow tracking server for --tracker mlflow (default: $MLFLOW_TRACKING_URI)")
 
 
 class TrainingStopped(Exception):
@@ -121,8 +125,9 @@ def train(cfg: TrainConfig, api_key: str | None = None) -> dict:
     rank, world, local_rank = _setup_distributed()
     try:
         run = _setup(cfg, rank, world, local_rank, api_key)
-        _train_epochs(run)
-        summary = _finish(run) if run.main else {}
+        with run.tracker:  # closes the trackers' run as finished, failed or killed
+            _train_epochs(run)
+            summary = _finish(run) if run.main else {}
         _barrier(world)
         return summary
     finally:
@@ -154,6 +159,7 @@ class _Run:
     start_step: int = 0  # batches of start_epoch already trained before an interruption
     resume_rng: dict | None = None
     step: int = 0  # batches of the current epoch trained so far
+    tracker: tracking.Trackers = field(default_factory=tracking.Trackers)  # rank 0's --tracker; none elsewhere
 
     def checkpoint(self, **extra) -> dict:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
@@ -226,6 +232,7 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
             write_json(out / "data_source.json", records.origin, indent=2)
         if not resume and (carried := _carried_heads(cfg.weights, classes)):
             print(carried)
+        run.tracker = _open_trackers(cfg, out, resumed=resume is not None)
         trainable, total = count_parameters(model)
         print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "
               f"{len(classes)} classes {classes}, images train/val/test = "
@@ -252,8 +259,11 @@ def _train_epochs(run: _Run) -> None:
                 run.step = 0  # from here on, an interruption resumes at the next epoch
                 if improved:
                     best = row.get(key, best)
-                    save_checkpoint(run.checkpoint(epoch=epoch + 1, metrics=row), out / "best.pt")
+                    best_checkpoint = run.checkpoint(epoch=epoch + 1, metrics=row)
+                    save_checkpoint(best_checkpoint, out / "best.pt")
+                    _write_card(run, best_checkpoint)
                 runs.write_history(out, run.history)
+                _track_epoch(run, row, evaluated)
                 _print_epoch(row)
             run.step = 0
             if evaluated:
@@ -291,7 +301,7 @@ def _train_and_evaluate_epoch(run: _Run, epoch: int, evaluated: bool) -> dict:
         run.train_model, run.optimizer, loader, run.device, run.scheduler,
         run.scaler if run.scaler.is_enabled() else None, cfg.clip_grad or None, _batch_describer(loader.dataset),
         f"epoch {epoch + 1}/{cfg.epochs}", on_step=lambda n: setattr(run, "step", n),
-        show_progress=cfg.progress and run.main, skip=skip)
+        show_progress=cfg.progress and run.main, skip=skip, on_losses=_step_logger(run, epoch))
     row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in losses.items()},
            "lr": run.optimizer.param_groups[0]["lr"]}
     if run.main and evaluated:
@@ -447,9 +457,10 @@ def _pick_device(name: str | None, local_rank: int) -> torch.device:
 
 def _resumed_config(cli: TrainConfig, ckpt: dict) -> TrainConfig:
     """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress,
-    and where the data is now (``--data``/``--images`` of a dataset that moved: the split is saved relative to it)."""
+    trackers, and where the data is now (``--data``/``--images`` of a dataset that moved: the split is saved
+    relative to it)."""
     saved = {f.name: ckpt["config"].get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
-    keep = ("epochs", "patience", "device", "workers", "progress", "resume", "data", "images")
+    keep = ("epochs", "patience", "device", "workers", "progress", "resume", "data", "images", "tracker", "mlflow_uri")
     defaults = TrainConfig()
     changed = {k: getattr(cli, k) for k in keep if getattr(cli, k) != getattr(defaults, k)}
     return TrainConfig(**{**saved, "resume": cli.resume, **changed})
@@ -537,10 +548,14 @@ def _batch_describer(dataset):
     return describe
 
 
+# What --tracker mlflow uploads at the end (TensorBoard's event files sit beside them already)
+ARTIFACTS = ("config.json", "metrics.csv", "test_metrics.json", "loss_curves.png", "metrics.png",
+             "val_predictions.png", model_card.CARD_NAME, "best.pt")
+
+
 def _finish(run: _Run) -> dict:
-    """Test the best checkpoint, draw previews, print where everything is."""
-    from segkit.predictor import Predictor, SemanticPredictor
-    from segkit.visualize import preview_sheet, save_png
+    """Test the best checkpoint, draw previews, write the model card, print where everything is."""
+    from segkit.visualize import save_png
 
     cfg, out = run.cfg, run.out
     best_path = out / "best.pt"
@@ -552,18 +567,67 @@ def _finish(run: _Run) -> dict:
         write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test,
                                                ("semantic" if cfg.task == "semantic" else "ap"): report}, indent=2)
     runs.write_history(out, run.history, test)
-    preview = run.splits["val"] or run.splits["train"]
-    kind = SemanticPredictor if cfg.task == "semantic" else Predictor
-    predictor = kind(run.model, run.classes, cfg.score_threshold, device=run.device)
-    sheet = preview_sheet(predictor, preview)
+    sheet = _preview(run)
     if sheet is not None:
         save_png(sheet, out / "val_predictions.png")
+    _write_card(run, best, test, final=True)
+    run.tracker.log_metrics(test, step=run.history[-1]["epoch"] if run.history else 0)
+    for name in ARTIFACTS:
+        run.tracker.log_artifact(out / name)
     summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
                "best_metrics": best.get("metrics", {}), "test": test}
     key, what = (("miou", "mIoU") if cfg.task == "semantic" else ("segm_map", "mask AP"))
     print(f"\ndone: best epoch {best['epoch']}, val {what} {best['metrics'].get('val_' + key, float('nan')):.3f}"
           + (f", test {what} {test['test_' + key]:.3f}" if test else ""))
-    for name in ("best.pt", "last.pt", "metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png",
+                 model_card.CARD_NAME):
         print(f"  {out / name}")
     print(f"serve it: python demo.py --checkpoint {best_path}")
     return summary
+
+
+def _open_trackers(cfg: TrainConfig, out: Path, resumed: bool) -> tracking.Trackers:
+    """The run's --tracker, with its settings logged; a missing package stops before training."""
+    try:
+        trackers = tracking.open_trackers(cfg.tracker, out, cfg.mlflow_uri, resumed)
+    except tracking.TrackerError as e:
+        raise TrainingStopped(str(e), exit_code=2) from None
+    trackers.log_params(dataclasses.asdict(cfg))
+    return trackers
+
+
+def _step_logger(run: _Run, epoch: int):
+    """engine's ``on_losses``: each step's losses and learning rate to the trackers (None without any)."""
+    if not run.tracker:
+        return None
+    steps = len(run.loaders["train"])
+
+    def log(step: int, losses: dict[str, float]) -> None:
+        metrics = {**{f"step/{k}": v for k, v in losses.items()}, "step/lr": run.optimizer.param_groups[0]["lr"]}
+        run.tracker.log_metrics(metrics, step=epoch * steps + step)
+
+    return log
+
+
+def _track_epoch(run: _Run, row: dict, evaluated: bool) -> None:
+    """The epoch's metrics.csv row to the trackers, and the val predictions when it was evaluated."""
+    if not run.tracker:
+        return
+    run.tracker.log_metrics(row, step=row["epoch"])
+    if evaluated and (sheet := _preview(run)) is not None:
+        run.tracker.log_image("val_predictions", sheet, step=row["epoch"])
+
+
+def _preview(run: _Run):
+    """Predictions beside the ground truth of the first val images (train without val), as one image."""
+    from segkit.predictor import Predictor, SemanticPredictor
+    from segkit.visualize import preview_sheet
+
+    kind = SemanticPredictor if run.cfg.task == "semantic" else Predictor
+    predictor = kind(run.model, run.classes, run.cfg.score_threshold, device=run.device)
+    return preview_sheet(predictor, run.splits["val"] or run.splits["train"])
+
+
+def _write_card(run: _Run, best: dict, test: dict | None = None, final: bool = False) -> None:
+    model_card.write_model_card(run.out, best, run.history, model_card.instance_counts(run.splits), test,
+                                model_card.hardware(run.device, run.world), final)

@@ -1,14 +1,17 @@
 """``segkit export``: a checkpoint as an ONNX, OpenVINO or TorchScript model that describes itself.
 
 Every ``--checkpoint`` (predict, evaluate, the demo) then takes the exported file as it is. Needs the
-optional packages: ``pip install 'segkit[export]'``.
+optional packages: ``pip install 'segkit[export]'``. The model card goes beside the file
+(``model.onnx`` -> ``model.MODEL_CARD.md``), with the exported file's own AP.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 FORMATS = ("onnx", "openvino", "torchscript")
+CARD_AP_MAX_IMAGES = 50  # the card's AP is measured on the val split when it is this small (seconds, not hours)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
                 report_bf16(path, args.data)
         info = artifact_info(path)
+        card = _write_card(args, path, info)
     except (CheckpointError, ExportError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"INT8, calibrated on {int8['calibration_images']} training images; {_ap_change(int8)}")
     if bf16:
         print(f"bf16 against f32; {_ap_change(bf16)}")
+    print(f"model card: {card}")
     return 0
 
 
@@ -78,3 +83,39 @@ def _export_int8(args: argparse.Namespace):
     if not data:
         raise ExportError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
     return export_int8(args.checkpoint, args.out, data, args.calibration_images, args.max_detections)
+
+
+def _write_card(args: argparse.Namespace, path: Path, info: dict) -> Path:
+    """The model card beside the artifact: the run's card, and this file's own AP."""
+    from segkit.model_card import write_export_card
+
+    ap, measured = _own_ap(args, Path(path), info)
+    return write_export_card(args.checkpoint, path, info, ap, measured)
+
+
+def _own_ap(args: argparse.Namespace, path: Path, info: dict) -> tuple[dict | None, str]:
+    """The artifact's box and mask AP and what they were measured on: the INT8 or bf16 report when the export
+    made one, else this file on the run's val split when that is small (as ``segkit evaluate`` does), else
+    (None, why not)."""
+    from segkit.quantize import _ap, _splits
+    from segkit.readers import DataError
+
+    export = info["export"]
+    for key, what in (("int8", "the INT8 model"), ("bf16_ap", "in bfloat16")):
+        if "after" in (export.get(key) or {}):
+            return export[key]["after"], f"{what}, on the val split ({export[key]['val_images']} images)"
+    data = args.data or (info.get("config") or {}).get("data")
+    hint = f"`segkit evaluate --checkpoint {path} --split val` measures it"
+    if not data or "://" in str(data) or not Path(data).exists():
+        return None, f"not measured: the training data is not at hand; {hint}"
+    try:
+        _, val = _splits(info, Path(data))
+    except DataError as e:
+        return None, f"not measured ({e}); {hint}"
+    if not val:
+        return None, f"not measured: the run has no val split; {hint} on another split"
+    if len(val) > CARD_AP_MAX_IMAGES:
+        return None, f"not measured: the val split has {len(val)} images (export measures up to " \
+                     f"{CARD_AP_MAX_IMAGES}); {hint}"
+    return _ap(path, val, info["classes"], show_progress=False), \
+        f"this file on the run's val split ({len(val)} images), as `segkit evaluate` measures"

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import sys
 
+from segkit.tracking import TRACKERS, TrackerError, parse_names
 from segkit.trainer import TrainConfig, TrainingStopped, train
 
 
@@ -16,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = {"default": f.default, "help": f.metadata["help"]}
+        if f.name == "tracker":  # --tracker tensorboard --tracker mlflow, or --tracker tensorboard,mlflow
+            parser.add_argument(flag, action="append", default=None, metavar="{" + ",".join(TRACKERS) + "}",
+                                help=kw["help"])
+            continue
         if f.type in ("bool",):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -29,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C)."""
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        trackers = parse_names(args.tracker)
+    except TrackerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)},
+                         "tracker": trackers})
     try:
         train(cfg, api_key=args.ls_token)
     except TrainingStopped as e:
