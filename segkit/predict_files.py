@@ -9,6 +9,11 @@ Output folder::
     labelstudio.json      tasks to import into Label Studio as pre-annotations
     records/<name>.json   one per finished image; a re-run skips images whose record is there
 
+Under ``torchrun`` each rank predicts its share of the images not yet done (see :mod:`segkit.sharding`)
+into the same folders, and rank 0 writes the two json files from all the records once every rank is
+done: the same files, in the same order, as one process writes. A record is per image, not per rank,
+so a run stopped half way resumes with any number of ranks, or with one process.
+
 ``<name>`` is the image's file stem; images with the same stem get as many parent folders as
 needed to tell them apart (``a__img``, ``b__img``; ``img_jpg``, ``img_png`` within one folder).
 A record counts only for the same image file, checkpoint file and score threshold; anything else
@@ -46,8 +51,11 @@ from segkit.atomic import write_json
 from segkit.coco import image_entry, predictions_file
 from segkit.images import IMAGE_EXTENSIONS, ImageError, image_files, load_image
 from segkit.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME, to_labelstudio
+from segkit.sharding import Ranks, shard
 
 if TYPE_CHECKING:
+    import torch
+
     from segkit.predictor import Predictor
 
 
@@ -73,19 +81,26 @@ class FolderResult:
     failed: list[tuple[Path, str]]  # (path, error) of images that could not be read
     skipped: int  # images already done by an earlier run
     score_threshold: float
+    predicted: int = 0  # images this process predicted (its share under torchrun), read or not
 
 
 def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Path,
                       score_threshold: float | None = None, batch_size: int = 4, max_detections: int | None = 100,
-                      labelstudio: LabelStudioOptions | None = None) -> FolderResult:
+                      labelstudio: LabelStudioOptions | None = None, ranks: Ranks | None = None,
+                      device: str | torch.device | None = None) -> FolderResult:
     """Predict ``(path, reference)`` images (from :func:`find_images`) into ``out``.
 
     Images already done there for the same image, checkpoint and threshold are skipped; the json
     files are rewritten for all. Raises CheckpointError for a checkpoint that cannot be used.
-    """
-    from segkit.checkpoint import load_checkpoint
 
-    from segkit.checkpoint import task_of
+    Under torchrun (``ranks`` of a joined process group) every rank calls this with the same images:
+    each predicts its :func:`segkit.sharding.shard` of the images not yet done, writing their records,
+    and rank 0 alone then writes the json files from all records, as one process would have. The
+    other ranks' results have no ``entries``.
+    """
+    from segkit.checkpoint import load_checkpoint, task_of
+
+    ranks = ranks or Ranks()
 
     ckpt = load_checkpoint(checkpoint)
     labelstudio = labelstudio or LabelStudioOptions()
@@ -97,16 +112,23 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     for sub in ("overlays", "masks", "records"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     todo = [(path, name) for (path, _), name in zip(images, names) if load_record(out, name, path, run_key) is None]
+    # Every rank lists what is left before any rank writes a record, so all cut the same list.
+    ranks.barrier()
+    mine = shard(todo, ranks)
     failed = []
-    if todo:  # building the model takes seconds; a finished folder only needs its json rewritten
+    if mine:  # building the model takes seconds; a finished folder only needs its json rewritten
         from segkit.predictor import Predictor
 
-        predictor = Predictor.from_loaded_checkpoint(ckpt, checkpoint, max_detections=max_detections)
-        failed = predict_images(predictor, todo, out, threshold, run_key, max(1, batch_size))
-    entries = finished_entries(out, images, names, run_key)
-    write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(checkpoint), ckpt.get("epoch")),
-                  labelstudio)
-    return FolderResult(entries, failed, len(images) - len(todo), threshold)
+        predictor = Predictor.from_loaded_checkpoint(ckpt, checkpoint, device, max_detections=max_detections)
+        failed = predict_images(predictor, mine, out, threshold, run_key, max(1, batch_size),
+                                progress=ranks.rank == 0)
+    ranks.barrier()  # every share's records are written before rank 0 reads them
+    entries = []
+    if ranks.rank == 0:
+        entries = finished_entries(out, images, names, run_key)
+        write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(checkpoint), ckpt.get("epoch")),
+                      labelstudio)
+    return FolderResult(entries, failed, len(images) - len(todo), threshold, len(mine))
 
 
 def write_outputs(out: Path, entries: list[dict[str, Any]], classes: list[str], version: str,
@@ -130,7 +152,7 @@ def finished_entries(out: Path, images: list[tuple[Path, str]], names: list[str]
 
 
 def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path, threshold: float,
-                   run_key: dict[str, Any], batch_size: int) -> list[tuple[Path, str]]:
+                   run_key: dict[str, Any], batch_size: int, progress: bool = True) -> list[tuple[Path, str]]:
     """Predict ``(path, name)`` pairs in batches, writing overlay, mask and record per image.
 
     The record is written last, so an interrupted run redoes exactly the unfinished images.
@@ -143,7 +165,7 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     # Decoding the next batch's JPEGs in a thread overlaps it with the forward pass.
     with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True) as bar:
+            tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not progress) as bar:
         pending = pool.submit(_load_batch, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             loaded = pending.result()
