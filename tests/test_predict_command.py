@@ -144,7 +144,7 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
 
     todo = []
     monkeypatch.setattr(segkit.checkpoint, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
-    monkeypatch.setattr(segkit.predict_files, "predict_images", lambda predictor, images, *a: todo.extend(images) or [])
+    monkeypatch.setattr(segkit.predict_files, "predict_images", lambda predictor, images, *a, **k: todo.extend(images) or [])
     assert main([*args, str(predicted["images"])]) == 0
     assert [name for _, name in todo] == [records[0].stem]
     coco = json.loads((out / "predictions.json").read_text())
