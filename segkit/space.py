@@ -83,7 +83,7 @@ def build_space(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str 
     atomic_write(out / "Dockerfile", dockerfile(wheel.name))
     atomic_write(out / ".gitattributes", gitattributes())
     copy_examples(examples, ckpt, out / EXAMPLES_DIR)
-    card = find_card(Path(checkpoint), model) or short_card(ckpt, model_rel, fmt, space_id)
+    card = model_card(Path(checkpoint), ckpt, model, out, space_id)
     atomic_write(out / "README.md", front_matter(ckpt, space_id) + card)
     return out
 
@@ -267,41 +267,36 @@ def _val_images(ckpt: dict[str, Any]) -> list[Path]:
     return [p for p in paths if p.is_file()][:MAX_EXAMPLES]
 
 
-def find_card(checkpoint: Path, model: Path) -> str | None:
-    """The run's MODEL_CARD.md (beside the export when it wrote one, else beside the checkpoint), without
-    its own YAML block (the Space's front matter comes first); None when there is none."""
-    for card in (model.parent / "MODEL_CARD.md", checkpoint.parent / "MODEL_CARD.md"):
-        if card.is_file():
-            text = card.read_text()
-            if text.startswith("---\n") and "\n---\n" in text[4:]:
-                text = text[4:].split("\n---\n", 1)[1]
-            if card.parent == model.parent:
-                card.unlink()  # the card goes into README.md, not beside the model
-            return text.lstrip("\n")
-    return None
+def model_card(checkpoint: Path, ckpt: dict[str, Any], model: Path, out: Path, space_id: str | None) -> str:
+    """The card under the Space's front matter (:mod:`segkit.model_card`): the run's MODEL_CARD.md when the
+    checkpoint's folder has one, else one made from the checkpoint; for an export, the card ``segkit export``
+    writes (its AP is not measured here). Its own YAML block is dropped: the Space's front matter comes first."""
+    from segkit.model_card import CARD_NAME, render_model_card, write_export_card
+
+    model_rel = model.relative_to(out).as_posix()
+    if model.suffix == ".xml":
+        from segkit.export import artifact_info
+
+        written = write_export_card(checkpoint, model, artifact_info(model), None,
+                                    f"not measured when the Space was written (`segkit evaluate --checkpoint "
+                                    f"{model_rel}` measures it on the val split)")
+        text = written.read_text().replace(str(model), model_rel)  # the Space's path, not this machine's
+        written.unlink()  # it goes into README.md
+    elif (checkpoint.parent / CARD_NAME).is_file():
+        text = (checkpoint.parent / CARD_NAME).read_text()
+    else:
+        text = render_model_card(ckpt, model_rel, final=True)
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        text = text[4:].split("\n---\n", 1)[1]
+    return text.strip("\n") + "\n\n" + _space_section(model_rel, model.suffix == ".xml", space_id)
 
 
-def short_card(ckpt: dict[str, Any], model_rel: str, fmt: str, space_id: str | None = None) -> str:
-    """A model card from what the checkpoint itself records (when its run folder has no MODEL_CARD.md)."""
-    task = ckpt.get("task") or "instance"
-    facts = {"task": f"{task} segmentation", "architecture": ckpt.get("arch"), "mask head": ckpt.get("mask_head"),
-             "image size": ckpt.get("img_size"), "score threshold": ckpt.get("score_threshold"),
-             "epoch": ckpt.get("epoch"), "trained with": f"segkit {ckpt.get('segkit_version', '?')}",
-             "served as": "OpenVINO export (CPU)" if fmt == "openvino" else "the checkpoint (eager PyTorch)"}
-    lines = ["# Model card", "", "Written by `segkit space` from the checkpoint (its run folder had no MODEL_CARD.md).",
-             "", *[f"- **{k}**: {v}" for k, v in facts.items() if v is not None],
-             f"- **classes** ({len(ckpt['classes'])}): {', '.join(ckpt['classes'])}"]
-    metrics = {k: v for k, v in (ckpt.get("metrics") or {}).items() if isinstance(v, (int, float)) and "loss" not in k}
-    if metrics:
-        lines += ["", "## Validation metrics of this checkpoint", "", "| metric | value |", "| --- | --- |",
-                  *[f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]]
-    lines += ["", "## Use it", "", "```python", "from segkit import Predictor", "",
-              f'predictor = Predictor.from_checkpoint("{model_rel}")', 'prediction = predictor("photo.jpg")', "```",
-              "", f"or `segkit predict photos/ --checkpoint {model_rel} --out preds/`, or this Space's API:", "",
-              "```python", "from gradio_client import Client, handle_file", "",
-              f'Client("{space_id or "OWNER/SPACE"}").predict(handle_file("photo.jpg"), 0.5, api_name="/segment")',
-              "```", ""]
-    return "\n".join(lines)
+def _space_section(model_rel: str, openvino: bool, space_id: str | None) -> str:
+    served = "its OpenVINO export, on the CPU" if openvino else "the checkpoint (eager PyTorch)"
+    return (f"## This Space\n\nsegkit's demo serving `{model_rel}`: {served}. From Python:\n\n```python\n"
+            f"from gradio_client import Client, handle_file\n\n"
+            f'overlay, table, files = Client("{space_id or "OWNER/SPACE"}").predict(handle_file("photo.jpg"), 0.5, '
+            f'api_name="/segment")\n```\n')
 
 
 def front_matter(ckpt: dict[str, Any], space_id: str | None) -> str:

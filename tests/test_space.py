@@ -125,7 +125,8 @@ def test_checkpoint_space_installs_from_its_requirements_and_serves_segmentation
     readme = (space / "README.md").read_text()
     config = yaml.safe_load(readme.split("---\n")[1])
     assert config["sdk"] == "docker" and config["app_port"] == 7860 and config["title"] == "pebbles"
-    assert readme.rstrip().endswith("classes: leaf, pebble, shell") and "license: mit" not in readme  # the run's card
+    assert "\n# Pebbles model\n\nclasses: leaf, pebble, shell\n" in readme and "license: mit" not in readme  # the run's card
+    assert 'Client("me/pebbles").predict(' in readme
     assert len(list((space / "examples").iterdir())) == 4
     # The pins are the repository's, one prediction path: segkit's demo, unchanged
     reqs = (space / "requirements.txt").read_text().splitlines()
@@ -155,7 +156,8 @@ def test_openvino_space_serves_the_exported_model(untrained_checkpoint, tmp_path
     openvino = [r for r in reqs if r.startswith("openvino==")]
     assert openvino and openvino[0] in (REPO / "requirements-test.txt").read_text()
     card = (space / "README.md").read_text()
-    assert "OpenVINO export" in card and "leaf, pebble, shell" in card  # the card from the checkpoint itself
+    assert "## This export: model.xml" in card and "`leaf`, `pebble`, `shell`" in card  # segkit export's card
+    assert not list(space.glob("**/*MODEL_CARD.md"))
     _assert_lfs(space, ["model/model.bin", "model/model.xml"], [])
 
     python = fresh_venv(tmp_path / "env")
