@@ -1,0 +1,189 @@
+"""``segkit predict --ray``: a Ray Data actor pool, one model per actor, over a folder or an object-store prefix.
+
+Ray Data lists and reads the files (``ray.data.read_binary_files``, with pyarrow's file systems: a local
+folder, ``file://``, ``s3://``, ``gs://``), streams them to ``--workers`` actors that each load the
+checkpoint once (``map_batches`` with a callable class), and streams their answers back here, where the
+output folder is written as :mod:`segkit.predict_files` describes: ``predictions.json``,
+``labelstudio.json``, ``masks/`` and (unless ``--no-overlays``) ``overlays/``. Images are read on the
+workers, so a bucket is never copied to this machine; only each image's masks come back.
+
+On a cluster (``--ray auto`` on a node of it, or ``--ray ray://head:10001``), every worker must be able
+to read ``--checkpoint`` at the same path (shared storage, or the same file put on every node) and have
+segkit installed; cloud credentials come from each node's environment, as for any pyarrow reader.
+Unlike the torchrun path, a run keeps no per-image records: Ray retries failed tasks and restarts dead
+actors within a run, and a new run predicts every image again.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import posixpath
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segkit.atomic import atomic_write
+from segkit.images import IMAGE_EXTENSIONS
+from segkit.predict_files import (LabelStudioOptions, SourceError, find_images, model_version, unique_names,
+                                  write_outputs)
+
+
+def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
+    """``segkit predict --ray``: 0 when every image was predicted, 1 when some could not be read, 2 on bad input."""
+    import dataclasses
+
+    import ray
+
+    from segkit.checkpoint import load_checkpoint, task_of
+
+    if len(args.sources) != 1:
+        raise SourceError("--ray takes one SOURCE: a folder or a URI prefix (s3://bucket/photos/)")
+    out = Path(args.out)
+    ckpt = load_checkpoint(args.checkpoint)  # refused here, before a cluster is started, if unusable
+    if task_of(ckpt) == "semantic":
+        ls = dataclasses.replace(ls, brush=True)
+    threshold = ckpt.get("score_threshold", 0.5) if args.score_threshold is None else args.score_threshold
+    started = not ray.is_initialized()
+    if started:  # no ADDRESS: a Ray of this machine's own, gone when the command ends
+        ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        rows, failed = _predict_rows(args, threshold, out)
+    finally:
+        if started:
+            ray.shutdown()
+    entries = [row["entry"] for row in rows]
+    write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(args.checkpoint), ckpt.get("epoch")), ls)
+    n = sum(len(e["annotations"]) for e in entries)
+    print(f"{len(entries)} images, {n} instances or class regions (score >= {threshold:g}) on {args.workers} Ray "
+          f"worker(s); wrote {out}/predictions.json, labelstudio.json, masks/"
+          + ("" if args.no_overlays else ", overlays/"))
+    for path, error in failed:
+        print(f"failed: {path}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _predict_rows(args: argparse.Namespace, threshold: float, out: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Every image's row (ref, entry), in the order one process lists them; masks and overlays written as they come."""
+    import ray.data
+
+    paths, base, shown = _source(args.sources[0], out)
+    # Reading is waiting on storage, not computing: readers that asked for a CPU would wait behind actors
+    # holding every CPU (a local Ray of N cores with N workers never starts reading).
+    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0,
+                                    file_extensions=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    ds = ds.map_batches(PredictActor, batch_size=max(1, args.batch_size), concurrency=args.workers,
+                        num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker or None,
+                        fn_constructor_kwargs={"checkpoint": str(Path(args.checkpoint).resolve()),
+                                               "threshold": threshold, "max_detections": args.max_detections,
+                                               "threads": max(1, int(args.cpus_per_worker)),
+                                               "cuda": args.gpus_per_worker > 0, "overlays": not args.no_overlays})
+    results = list(ds.iter_rows())
+    refs = [posixpath.relpath(str(r["path"]), base) for r in results]
+    order = sorted(range(len(results)), key=lambda i: walk_order(refs[i]))
+    names = unique_names([Path("/" + base.lstrip("/"), refs[i]) for i in order])
+    for sub in ("masks", *(() if args.no_overlays else ("overlays",))):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    for i, name in zip(order, names):
+        row, file_name = results[i], shown(refs[i])
+        if row["error"]:
+            failed.append((file_name, row["error"]))
+            continue
+        atomic_write(out / "masks" / f"{name}.png", bytes(row["mask"]))
+        if not args.no_overlays:
+            atomic_write(out / "overlays" / f"{name}.png", bytes(row["overlay"]))
+        rows.append({"entry": {**json.loads(row["entry"]), "file_name": file_name, "image_ref": refs[i]}})
+    return rows, failed
+
+
+def _source(source: str, out: Path):
+    """What Ray reads, the path its ``path`` column starts with, and how an image is named in the json files.
+
+    A local folder is listed here as one process lists it (hidden folders and the output folder left out),
+    so both write the same files; a URI prefix is listed by Ray on the cluster.
+    """
+    if "://" in source:
+        from pyarrow import fs
+
+        _, base = fs.FileSystem.from_uri(source)
+        prefix = source.rstrip("/")
+        return source, base.rstrip("/"), lambda ref: f"{prefix}/{ref}"
+    folder = Path(source)
+    if not folder.is_dir():
+        raise SourceError(f"{source}: --ray reads a folder or a URI prefix, and this is neither")
+    files = [str(p.resolve()) for p, _ in find_images([source], exclude=out)]
+    if not files:
+        raise SourceError(f"no images in {source} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files, str(folder.resolve()), lambda ref: str(folder / ref)
+
+
+def walk_order(ref: str) -> list[tuple[int, str]]:
+    """Sort key of a relative path in :func:`segkit.images.image_files`' order: a folder's files by name,
+    then its sub-folders by name."""
+    *folders, name = ref.split("/")
+    return [(1, f) for f in folders] + [(0, name)]
+
+
+class PredictActor:
+    """One Ray actor's model: ``map_batches`` builds it once per actor and calls it on batches of files."""
+
+    def __init__(self, checkpoint: str, threshold: float, max_detections: int | None, threads: int,
+                 cuda: bool, overlays: bool):
+        import torch
+
+        from segkit.predictor import Predictor
+
+        torch.set_num_threads(threads)
+        # Ray gives a GPU actor its own device as CUDA_VISIBLE_DEVICES: "cuda" is that one.
+        self.predictor = Predictor.from_checkpoint(checkpoint, "cuda" if cuda else "cpu", max_detections)
+        self.threshold = threshold
+        self.overlays = overlays
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        """Each file's entry (COCO json), mask and overlay PNG bytes, or its error; the batch in one forward pass."""
+        from segkit.coco import image_entry
+        from segkit.prediction import SemanticPrediction
+        from segkit.visualize import mask_png, overlay
+
+        paths = [str(p) for p in batch["path"]]
+        images = [_decode(bytes(data), path) for path, data in zip(paths, batch["bytes"])]
+        ok = [image for image in images if not isinstance(image, str)]
+        predictions = iter(self.predictor.predict_batch(ok, self.threshold) if ok else [])
+        answer: dict[str, list] = {"path": paths, "entry": [], "mask": [], "overlay": [], "error": []}
+        for path, image in zip(paths, images):
+            if isinstance(image, str):
+                for key, empty in (("error", image), ("entry", ""), ("mask", b""), ("overlay", b"")):
+                    answer[key].append(empty)
+                continue
+            prediction = next(predictions)
+            regions = prediction.as_instances() if isinstance(prediction, SemanticPrediction) else prediction
+            answer["entry"].append(json.dumps(image_entry(path, image.width, image.height, regions)))
+            answer["mask"].append(_png(mask_png(prediction)))
+            answer["overlay"].append(_png(overlay(image, prediction)) if self.overlays else b"")
+            answer["error"].append("")
+        return answer
+
+
+def _decode(data: bytes, name: str) -> Any:
+    """The image as :func:`segkit.images.load_image` reads it from disk (EXIF turn, modes, checks), or the error."""
+    from segkit.images import ImageError, load_image
+
+    with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as f:
+        f.write(data)
+        f.flush()
+        try:
+            return load_image(f.name)
+        except ImageError as e:
+            return str(e).replace(f.name, name)
+
+
+def _png(image) -> bytes:
+    """PNG bytes, as :func:`segkit.visualize.save_png` writes them."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
