@@ -70,7 +70,7 @@ def render_model_card(best: dict[str, Any], checkpoint: str | os.PathLike, histo
                       hardware: str | None = None, final: bool = True) -> str:
     """The card's Markdown (see :func:`write_model_card`); ``checkpoint`` is the file the usage lines load."""
     cfg = best.get("config") or {}
-    name = Path(cfg.get("out") or Path(checkpoint).parent).name
+    name = Path(cfg["out"]).name if cfg.get("out") else Path(checkpoint).resolve().parent.name
     sections = [f"# Model card: {name}", _summary(best, history, final), _classes(best, counts),
                 _data(best), _settings(best), _results(best, history, test), _time(history, hardware),
                 _limits(best, history, counts, final), usage(checkpoint)]
@@ -82,7 +82,8 @@ def _summary(best: dict, history: Sequence[dict], final: bool) -> str:
     what = ("Semantic segmentation (one class per pixel)" if task == "semantic" else
             f"Instance segmentation (Mask R-CNN, {best.get('mask_head', 'standard')} mask head)")
     done = len(history) or best.get("epoch") or 0
-    state = (f"Finished after {done} of {cfg.get('epochs', done)} epochs" if final else
+    state = ("Training history not recorded in the checkpoint" if not done else
+             f"Finished after {done} of {cfg.get('epochs', done)} epochs" if final else
              f"Training: epoch {done} of {cfg.get('epochs', '?')}; this card is rewritten at each better epoch "
              "and at the end")
     return (f"{what}: `{best['arch']}`, {len(best['classes'])} classes, {best['img_size']} px "
@@ -108,9 +109,11 @@ def _data(best: dict) -> str:
         lines.append(f"- Label Studio {redact(str(source.get('label_studio', '?')))}, project "
                      f"{source.get('project', '?')}{title}, exported {source.get('exported_at', '?')}"
                      + (f" ({source['tasks']} tasks)" if source.get("tasks") is not None else ""))
-    else:
+    elif cfg.get("data"):
         fmt = f" (format {cfg['format']})" if cfg.get("format") else ""
-        lines.append(f"- Export: `{redact(str(cfg.get('data', '?')))}`{fmt}")
+        lines.append(f"- Export: `{redact(str(cfg['data']))}`{fmt}")
+    else:
+        lines.append("- Not recorded in the checkpoint")
     if split:
         lines.append("- Images: " + ", ".join(f"{s} {len(split.get(s) or [])}" for s in ("train", "val", "test")))
     return "\n".join(lines)
@@ -127,7 +130,8 @@ def _results(best: dict, history: Sequence[dict], test: dict | None) -> str:
     semantic = (best.get("task") or "instance") == "semantic"
     scores = best.get("metrics") or {}
     if not any(k.startswith("val_") for k in scores):
-        return "## Results\n\nNot evaluated: the run has no val split (best.pt is the last epoch)."
+        why = "the run has no val split (best.pt is the last epoch)" if "split" in best else "no metrics recorded"
+        return f"## Results\n\nNot evaluated: {why}."
     last = next((row for row in reversed(history) if any(k.startswith("val_") for k in row)), None)
     columns = [(f"best (epoch {best.get('epoch')})", "val", scores)]
     if last is not None and last.get("epoch") != best.get("epoch"):
