@@ -43,3 +43,36 @@ def test_torchrun_trains_a_semantic_model(tiny_data, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "runs" / "ddp" / "metrics.csv")))
     assert len(rows) == 2 and float(rows[-1]["train_loss"]) > 0 and 0 <= float(rows[-1]["val_miou"]) <= 1
     assert done.stdout.count("epoch 2 |") == 1  # only rank 0 reports and writes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_one_run(tiny_data, tmp_path):
+    """The README's multi-machine recipe, with both "machines" on localhost: two torchrun agents meet through
+    c10d rendezvous at node 0's address, one process each, gloo; node 0 writes the run, with its checkpoint."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        cmd = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+               str(REPO / "train.py"), "--data", str(tiny_data), "--weights", "none", "--img-size", "64",
+               "--batch-size", "1", "--workers", "0", "--limit", "2", "--aug", "none", "--no-progress",
+               "--name", "nodes", "--epochs", "1"]
+        nodes.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 process(es)" in logs[0]
+    run = tmp_path / "node0" / "runs" / "nodes"
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert not (tmp_path / "node1" / "runs").exists()  # only the global rank 0 writes
