@@ -88,12 +88,14 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
                      max_pixels: int | None = None, progress: bool = True, lock=None) -> PrelabelResult:
     """Predict every task of ``project`` (or those without a ``version`` prediction) and post each at once.
 
-    Regions use the labeling config's own mask tag and label names (as the ML backend's do). One task's
+    Regions use the labeling config's own mask tag and label names (as the ML backend's do), and the project's
+    ``model_version`` becomes ``version``, which the Data Manager's prediction score follows. One task's
     failure (its image, its decoding) is recorded and the others go on; a failed post of a prediction
     raises, since the server itself is then in question. ``lock`` (the ML backend's) is held around each
     forward pass, so prelabelling shares the model with requests instead of fighting them for the cores.
     """
-    config = client.get_json(f"/api/projects/{project}").get("label_config") or ""
+    settings = client.get_json(f"/api/projects/{project}")
+    config = settings.get("label_config") or ""
     target = choose_target(config, "brush" if predictor.task == "semantic" else "polygon")
     labels = match_labels(predictor.classes, target)
     if not labels:
@@ -121,6 +123,10 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
             result.posted.append((task["id"], score))
     finally:
         cache.save()
+    if settings.get("model_version") != version:
+        # The Data Manager's "Prediction score" (and pre-labelling on opening a task) counts only the
+        # predictions of the project's model version: without this, the new scores would not order anything
+        client.request("PATCH", f"/api/projects/{project}", json={"model_version": version})
     return result
 
 
