@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
@@ -163,7 +164,7 @@ def _start_backend(server, checkpoint: Path, tmp: Path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "segkit", "ml-backend", "--checkpoint", str(checkpoint), "--port", str(port),
              "--train-epochs", "1", "--train-img-size", "64", "--runs-dir", str(tmp / "runs"),
-             "--train-args", "--limit 2 --workers 0 --roi-batch-size 64"],
+             "--train-args", "--limit 2 --workers 0 --roi-batch-size 64", "--prelabel-after-training"],
             env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -186,9 +187,9 @@ def backend(server, trained_checkpoint, tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def _connect(api, project_id: int, backend_url: str) -> int:
+def _connect(api, project_id: int, backend_url: str, interactive: bool = False) -> int:
     return _ok(api.post("/api/ml", json={"project": project_id, "url": backend_url, "title": "segkit",
-                                         "is_interactive": False}))["id"]
+                                         "is_interactive": interactive}))["id"]
 
 
 def _predictions(api, project_id: int) -> dict[int, list[dict]]:
@@ -271,22 +272,29 @@ def _train_and_wait(api, ml_id: int, backend: str) -> dict:
     return status
 
 
+def _logged_in(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_script_timeout(120)  # a loaded 2-core machine runs the labeling page's scripts slowly
+    browser.get(f"{server.url}/user/login/")
+    browser.find_element(By.NAME, "email").send_keys(USERNAME)
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda b: "/user/login" not in b.current_url)
+    return browser
+
+
 # Before any retraining: the page shows what the served (overfit) model predicts. The tests' retrainings are
 # 1 epoch at 64 px, whose predictions may well be empty: what they show depends on the run, not on segkit.
 def test_labeling_page_shows_segkits_preannotations(server, api, project, connected, tmp_path):
     pid = project[0]
     tasks = _ok(api.get("/api/tasks", params={"project": pid, "page_size": 100}))["tasks"]
     todo = next(t["id"] for t in tasks if not t.get("total_annotations"))
-    browser = chrome(tmp_path / "chrome")
+    browser = _logged_in(chrome(tmp_path / "chrome"), server)
     try:
-        browser.get(f"{server.url}/user/login/")
-        from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
-        browser.find_element(By.NAME, "email").send_keys(USERNAME)
-        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
-        browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
-        WebDriverWait(browser, 60).until(lambda b: "/user/login" not in b.current_url)
         browser.get(f"{server.url}/projects/{pid}/data?task={todo}")
         def regions(b) -> str:  # read in one script: the outliner re-renders as predictions arrive
             return b.execute_script("return [...document.querySelectorAll('.lsf-outliner-item')]"
@@ -302,11 +310,207 @@ def test_labeling_page_shows_segkits_preannotations(server, api, project, connec
         browser.quit()
 
 
+SMART = ('<View><Image name="photo" value="$img"/>'
+         '<RectangleLabels name="hint" toName="photo" smart="true">{labels}</RectangleLabels>'
+         '<{mask} name="answer" toName="photo" smart="true">{labels}</{mask}></View>')
+
+
+def _truth_masks(task: dict) -> list[tuple[str, dict, tuple[int, int]]]:
+    """(label, RLE, (width, height)) of each annotated polygon of one of :func:`_sample_tasks`' tasks."""
+    return [(r["value"]["polygonlabels"][0], _to_rle(r), (r["original_width"], r["original_height"]))
+            for r in task["annotations"][0]["result"] if r["type"] == "polygonlabels"]
+
+
+def _box_region(rle: dict, label: str, size: tuple[int, int]) -> dict:
+    """The rectangle an annotator draws around an object, as Label Studio sends it in ``context.result``."""
+    x, y, w, h = mask_utils.toBbox(rle)
+    W, H = size
+    return {"id": "drawn", "type": "rectanglelabels", "from_name": "hint", "to_name": "photo", "origin": "manual",
+            "original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"x": 100 * x / W, "y": 100 * y / H, "width": 100 * w / W, "height": 100 * h / H,
+                      "rotation": 0, "rectanglelabels": [label]}}
+
+
+def _answer_rle(region: dict) -> dict:
+    if region["type"] == "polygonlabels":
+        return _to_rle(region)
+    from label_studio_converter.brush import decode_rle
+
+    w, h = region["original_width"], region["original_height"]
+    mask = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[..., 3] > 127
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+@pytest.mark.parametrize("mask_tag", ["BrushLabels", "PolygonLabels"])
+def test_a_drawn_box_comes_back_as_the_objects_mask_through_interactive_annotating(api, server, backend, tiny_data,
+                                                                                  mask_tag):
+    """Label Studio's auto-annotation: the labeling page posts the drawn box to interactive-annotating, which
+    asks the backend; the answer is the object's mask in the config's own mask tag and label."""
+    tasks = _sample_tasks(tiny_data)
+    pid = _new_project(api, server, f"segkit smart {mask_tag}", SMART.format(
+        mask=mask_tag, labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())),
+        sorted((tiny_data / "train" / "images").iterdir()))
+    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": t["data"]} for t in tasks]))
+    ml_id = _connect(api, pid, backend, interactive=True)
+    stored = {t["data"]["img"]: t["id"] for t in _ok(api.get("/api/tasks", params={"project": pid}))["tasks"]}
+    ious = []
+    for task in tasks:
+        for label, truth, size in _truth_masks(task):
+            reply = _ok(api.post(f"/api/ml/{ml_id}/interactive-annotating", json={
+                "task": stored[task["data"]["img"]], "context": {"result": [_box_region(truth, label, size)]}}))
+            assert "errors" not in reply, reply
+            regions = reply["data"]["result"]
+            assert regions, f"{label} box: no answer"
+            assert {(r["from_name"], r["to_name"], r["type"]) for r in regions} == {
+                ("answer", "photo", mask_tag.lower())}
+            assert {r["value"][mask_tag.lower()][0] for r in regions} == {label}  # the label the annotator picked
+            assert {(r["original_width"], r["original_height"]) for r in regions} == {size}
+            answer = mask_utils.merge([_answer_rle(r) for r in regions])
+            ious.append(mask_utils.iou([answer], [truth], [0])[0][0])
+    assert len(ious) >= 15
+    # the overfit model's masks (mask AP50 >= 0.9) on its own objects, each prompted by its true box
+    assert min(ious) >= 0.5 and float(np.mean(ious)) >= 0.75, sorted(ious)
+
+
+def test_a_box_drawn_in_the_labeling_page_becomes_the_objects_brush(api, server, backend, tiny_data, tmp_path):
+    """What an annotator does: switch on Auto-Annotation, pick the smart rectangle and a label, drag a box
+    around an object; the page asks the backend and adds the object's mask as a brush of that label."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    task = next(t for t in _sample_tasks(tiny_data) if any(lab == "Shell" for lab, _, _ in _truth_masks(t)))
+    label, truth, size = next(m for m in _truth_masks(task) if m[0] == "Shell")
+    pid = _new_project(api, server, "segkit smart page", SMART.format(
+        mask="BrushLabels", labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())),
+        sorted((tiny_data / "train" / "images").iterdir()))
+    # no pre-annotations on opening: the page shows only what the prompt brings
+    _ok(api.patch(f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False,
+                                                 "show_collab_predictions": False}))
+    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": task["data"]}]))
+    tid = _ok(api.get("/api/tasks", params={"project": pid}))["tasks"][0]["id"]
+    _connect(api, pid, backend, interactive=True)
+    browser = _logged_in(chrome(tmp_path / "chrome"), server)
+    try:
+        browser.get(f"{server.url}/projects/{pid}/data?task={tid}")
+        WebDriverWait(browser, 120).until(lambda b: b.execute_script(
+            "return !!document.querySelector('[data-testid=bottombar-auto-annotation-toggle]') && "
+            "!!document.querySelector('.konvajs-content') && [...document.images].every(i => i.complete)"))
+        for toggle in ("bottombar-auto-annotation-toggle", "bottombar-auto-accept-toggle"):
+            WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+                f"return !!document.querySelector('[data-testid={toggle}]')"))
+            browser.execute_script(f"document.querySelector('[data-testid={toggle}]').click()")
+        browser.execute_script("document.querySelector('.lsf-tool_smart[aria-label=rectangle-tool]').click()")
+        browser.execute_script("[...document.querySelectorAll('.lsf-label')].find(e => "
+                               "e.querySelector('.lsf-label__text').innerText == arguments[0]).click()", label)
+        _drag_box(browser, ActionChains, browser.find_element(By.CSS_SELECTOR, ".konvajs-content"),
+                  _box_region(truth, label, size)["value"])
+
+        def brushes(b) -> list[dict]:  # the annotation's results, as Label Studio would save them
+            return b.execute_script("return Htx.annotationStore.selected.serializeAnnotation()"
+                                    ".filter(r => r.type == 'brushlabels')")
+
+        WebDriverWait(browser, 120).until(brushes)
+        time.sleep(1)  # let the canvas draw it for the screenshot
+        found = brushes(browser)
+        assert {(r["from_name"], r["value"]["brushlabels"][0]) for r in found} == {("answer", label)}
+        iou = mask_utils.iou([mask_utils.merge([_answer_rle({**r, "original_width": size[0],
+                                                              "original_height": size[1]}) for r in found])],
+                             [truth], [0])[0][0]
+        assert iou >= 0.5, iou
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "labelstudio_prompt.png"))
+        browser.quit()
+
+
+def _drag_box(browser, ActionChains, stage, box: dict) -> None:
+    """Drag from the box's top-left to its bottom-right corner (percent of the image) in small steps, as a
+    hand does: the canvas starts a rectangle on the first move after the press."""
+    x, y, w, h = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                        "return [r.x, r.y, r.width, r.height]", stage)
+    def at(fx: float, fy: float) -> tuple[int, int]:  # offsets from the stage's centre
+        return int(w * fx / 100 - w / 2), int(h * fy / 100 - h / 2)
+
+    chain = ActionChains(browser, duration=50).move_to_element_with_offset(stage, *at(box["x"], box["y"]))
+    chain.click_and_hold()
+    for k in range(1, 11):
+        chain.move_to_element_with_offset(stage, *at(box["x"] + box["width"] * k / 10,
+                                                    box["y"] + box["height"] * k / 10))
+    chain.release().perform()
+
+
+def _stored_predictions(api, project_id: int) -> list[dict]:
+    return _ok(api.get("/api/predictions", params={"project": project_id}))
+
+
+def _prelabel(url: str, checkpoint: Path, tmp: Path, *more) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "segkit", "prelabel", url, "--checkpoint", str(checkpoint),
+                             "--no-progress", *more], env=_env(tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first(api, server, tiny_data,
+                                                                               trained_checkpoint, tmp_path):
+    from PIL import Image
+
+    from segkit.prelabel import model_version
+
+    images = sorted((tiny_data / "train" / "images").iterdir())
+    blank = tmp_path / "blank.jpg"  # nothing the model knows: it must come first
+    Image.new("RGB", Image.open(images[0]).size, (128, 128, 128)).save(blank)
+    pid = _new_project(api, server, "segkit prelabel", CONFIG, [*images, blank])
+    data = [{"data": {"img": f"/data/local-files/?d=photos/{im.name}"}} for im in [*images * 3, blank]]
+    _ok(api.post(f"/api/projects/{pid}/import", json=data))
+    url = f"{server.url}/projects/{pid}"
+
+    first = _prelabel(url, trained_checkpoint, tmp_path)  # killed once it has posted a prediction
+    deadline = time.monotonic() + 300
+    while not _stored_predictions(api, pid):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+        time.sleep(0.1)
+    first.kill()
+    first.wait()
+    posted_before = len(_stored_predictions(api, pid))
+    assert posted_before < len(data), "the first run ended before it could be interrupted"
+
+    for rerun in range(2):  # the first re-run finishes the work, the second finds nothing to do
+        proc = _prelabel(url, trained_checkpoint, tmp_path)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        expected = len(data) - posted_before if rerun == 0 else 0
+        assert f"{expected} tasks pre-labelled" in out, out
+        assert "Prediction score" in out  # how to order the Data Manager
+    predictions = _stored_predictions(api, pid)
+    assert sorted(p["task"] for p in predictions) == sorted(t["id"] for t in _ok(
+        api.get("/api/tasks", params={"project": pid, "page_size": 100}))["tasks"])  # one per task, none twice
+    assert {p["model_version"] for p in predictions} == {model_version(trained_checkpoint)}
+    assert all(0 <= p["score"] <= 1 for p in predictions)
+    assert {r["from_name"] for p in predictions for r in p["result"]} == {"outline"}
+
+    # The Data Manager's order by prediction score (what a user clicks), lowest first: the blank image
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    ordered = _ok(api.get("/api/tasks", params={"project": pid, "page_size": 100, "query": query}))["tasks"]
+    score = {p["task"]: p["score"] for p in predictions}
+    assert [score[t["id"]] for t in ordered] == sorted(score.values())
+    blank_task = next(t["id"] for t in ordered if t["data"]["img"].endswith(blank.name))
+    assert score[blank_task] == 0.0 < max(score.values())  # first, or tied first with another image seen as empty
+
+
 def test_start_training_serves_a_new_model_version(api, project, backend, connected):
     pid = project[0]
     before = httpx.get(f"{backend}/versions").json()["model_version"]
     status = _train_and_wait(api, connected, backend)
     assert status["model_version"] != before and status["versions"] == [before, status["model_version"]]
+    # --prelabel-after-training: the new model's scored predictions are in, before anyone asks for them
+    deadline = time.monotonic() + 300
+    while (training := httpx.get(f"{backend}/versions").json()["training"]).get("prelabel") == "running":
+        assert time.monotonic() < deadline, training
+        time.sleep(1)
+    assert training["prelabel"] == "done", training
+    new = [p for p in _stored_predictions(api, pid) if p["model_version"] == status["model_version"]]
+    tasks = _ok(api.get("/api/tasks", params={"project": pid, "page_size": 100}))["tasks"]
+    assert sorted(p["task"] for p in new) == sorted(t["id"] for t in tasks)
     versions = {p["model_version"] for ps in _predictions(api, pid).values() for p in ps}
     assert status["model_version"] in versions  # Label Studio asked the new model
 
