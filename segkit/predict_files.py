@@ -101,7 +101,6 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     from segkit.checkpoint import load_checkpoint, task_of
 
     ranks = ranks or Ranks()
-
     ckpt = load_checkpoint(checkpoint)
     labelstudio = labelstudio or LabelStudioOptions()
     if task_of(ckpt) == "semantic":  # a class's area is one region, often in pieces: a brush keeps it whole

@@ -1,11 +1,11 @@
 """``segkit predict --ray``: a Ray Data actor pool, one model per actor, over a folder or an object-store prefix.
 
-Ray Data lists and reads the files (``ray.data.read_binary_files``, with pyarrow's file systems: a local
-folder, ``file://``, ``s3://``, ``gs://``), streams them to ``--workers`` actors that each load the
-checkpoint once (``map_batches`` with a callable class), and streams their answers back here, where the
-output folder is written as :mod:`segkit.predict_files` describes: ``predictions.json``,
-``labelstudio.json``, ``masks/`` and (unless ``--no-overlays``) ``overlays/``. Images are read on the
-workers, so a bucket is never copied to this machine; only each image's masks come back.
+The command lists the image files with pyarrow's file systems (a local folder, ``file://``, ``s3://``,
+``gs://``); Ray Data reads them on the workers (``ray.data.read_binary_files``) and streams them to
+``--workers`` actors that each load the checkpoint once (``map_batches`` with a callable class); their
+answers stream back here, where the output folder is written as they come, as :mod:`segkit.predict_files`
+describes: ``predictions.json``, ``labelstudio.json``, ``masks/`` and (unless ``--no-overlays``)
+``overlays/``. A bucket is never copied to this machine: only each image's masks and overlay come back.
 
 On a cluster (``--ray auto`` on a node of it, or ``--ray ray://head:10001``), every worker must be able
 to read ``--checkpoint`` at the same path (shared storage, or the same file put on every node) and have
@@ -52,11 +52,10 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
         ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False,
                  log_to_driver=False)
     try:
-        rows, failed = _predict_rows(args, threshold, out)
+        entries, failed = _predict_rows(args, threshold, out)
     finally:
         if started:
             ray.shutdown()
-    entries = [row["entry"] for row in rows]
     write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(args.checkpoint), ckpt.get("epoch")), ls)
     n = sum(len(e["annotations"]) for e in entries)
     print(f"{len(entries)} images, {n} instances or class regions (score >= {threshold:g}) on {args.workers} Ray "
@@ -68,58 +67,65 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
 
 
 def _predict_rows(args: argparse.Namespace, threshold: float, out: Path) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Every image's row (ref, entry), in the order one process lists them; masks and overlays written as they come."""
+    """Every predicted image's entry, in the order one process lists them, and ``(image, error)`` of the others;
+    masks and overlays are written as answers stream in, so the driver never holds more than the entries."""
     import ray.data
 
-    paths, base, shown = _source(args.sources[0], out)
+    files, refs, filesystem, shown = _list_source(args.sources[0], out)
+    names = dict(zip(files, unique_names([Path("/", f.lstrip("/")) for f in files])))
     # Reading is waiting on storage, not computing: readers that asked for a CPU would wait behind actors
     # holding every CPU (a local Ray of N cores with N workers never starts reading).
-    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0,
-                                    file_extensions=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    ds = ray.data.read_binary_files(files, filesystem=filesystem, include_paths=True, num_cpus=0)
     ds = ds.map_batches(PredictActor, batch_size=max(1, args.batch_size), concurrency=args.workers,
                         num_cpus=args.cpus_per_worker, num_gpus=args.gpus_per_worker or None,
                         fn_constructor_kwargs={"checkpoint": str(Path(args.checkpoint).resolve()),
                                                "threshold": threshold, "max_detections": args.max_detections,
                                                "threads": max(1, int(args.cpus_per_worker)),
                                                "cuda": args.gpus_per_worker > 0, "overlays": not args.no_overlays})
-    results = list(ds.iter_rows())
-    refs = [posixpath.relpath(str(r["path"]), base) for r in results]
-    order = sorted(range(len(results)), key=lambda i: walk_order(refs[i]))
-    names = unique_names([Path("/" + base.lstrip("/"), refs[i]) for i in order])
     for sub in ("masks", *(() if args.no_overlays else ("overlays",))):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    rows, failed = [], []
-    for i, name in zip(order, names):
-        row, file_name = results[i], shown(refs[i])
+    entries, errors = {}, {}
+    for row in ds.iter_rows():
+        path = str(row["path"])
         if row["error"]:
-            failed.append((file_name, row["error"]))
+            errors[path] = row["error"]
             continue
-        atomic_write(out / "masks" / f"{name}.png", bytes(row["mask"]))
+        atomic_write(out / "masks" / f"{names[path]}.png", bytes(row["mask"]))
         if not args.no_overlays:
-            atomic_write(out / "overlays" / f"{name}.png", bytes(row["overlay"]))
-        rows.append({"entry": {**json.loads(row["entry"]), "file_name": file_name, "image_ref": refs[i]}})
-    return rows, failed
+            atomic_write(out / "overlays" / f"{names[path]}.png", bytes(row["overlay"]))
+        entries[path] = json.loads(row["entry"])
+    done = [{**entries[f], "file_name": shown(ref), "image_ref": ref} for f, ref in zip(files, refs) if f in entries]
+    return done, [(shown(ref), errors[f]) for f, ref in zip(files, refs) if f in errors]
 
 
-def _source(source: str, out: Path):
-    """What Ray reads, the path its ``path`` column starts with, and how an image is named in the json files.
+def _list_source(source: str, out: Path):
+    """The image files of a folder or URI prefix in the order one process lists a folder (paths as Ray reads
+    them), their paths under the source, the pyarrow file system, and how an image is named in the json files.
 
-    A local folder is listed here as one process lists it (hidden folders and the output folder left out),
-    so both write the same files; a URI prefix is listed by Ray on the cluster.
+    The files are listed here, once, so that their output names are known before any answer comes back;
+    a local folder exactly as one process lists it (hidden folders and the output folder left out).
     """
-    if "://" in source:
-        from pyarrow import fs
+    from pyarrow import fs
 
-        _, base = fs.FileSystem.from_uri(source)
+    if "://" in source:
+        filesystem, base = fs.FileSystem.from_uri(source)
+        base = base.rstrip("/")
+        infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True, allow_not_found=True))
+        refs = sorted((posixpath.relpath(i.path, base) for i in infos if i.type == fs.FileType.File
+                       and posixpath.splitext(i.path)[1].lower() in IMAGE_EXTENSIONS), key=walk_order)
+        refs = [r for r in refs if not any(part.startswith(".") for part in r.split("/")[:-1])]
         prefix = source.rstrip("/")
-        return source, base.rstrip("/"), lambda ref: f"{prefix}/{ref}"
-    folder = Path(source)
-    if not folder.is_dir():
-        raise SourceError(f"{source}: --ray reads a folder or a URI prefix, and this is neither")
-    files = [str(p.resolve()) for p, _ in find_images([source], exclude=out)]
+        files, shown = [f"{base}/{r}" for r in refs], (lambda ref: f"{prefix}/{ref}")
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise SourceError(f"{source}: --ray reads a folder or a URI prefix, and this is neither")
+        found = find_images([source], exclude=out)
+        files, refs = [str(p.resolve()) for p, _ in found], [ref for _, ref in found]
+        filesystem, shown = fs.LocalFileSystem(), (lambda ref: str(folder / ref))
     if not files:
         raise SourceError(f"no images in {source} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files, str(folder.resolve()), lambda ref: str(folder / ref)
+    return files, refs, filesystem, shown
 
 
 def walk_order(ref: str) -> list[tuple[int, str]]:
