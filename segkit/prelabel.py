@@ -85,7 +85,8 @@ class PrelabelResult:
 
 def prelabel_project(client: Client, project: int, predictor, version: str, only_missing: bool = True,
                      threshold: float | None = None, cache_dir: str | Path | None = None,
-                     max_pixels: int | None = None, progress: bool = True, lock=None) -> PrelabelResult:
+                     max_pixels: int | None = None, progress: bool = True, lock=None,
+                     shard: tuple[int, int] = (0, 1)) -> PrelabelResult:
     """Predict every task of ``project`` (or those without a ``version`` prediction) and post each at once.
 
     Regions use the labeling config's own mask tag and label names (as the ML backend's do), and the project's
@@ -93,6 +94,10 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
     failure (its image, its decoding) is recorded and the others go on; a failed post of a prediction
     raises, since the server itself is then in question. ``lock`` (the ML backend's) is held around each
     forward pass, so prelabelling shares the model with requests instead of fighting them for the cores.
+
+    ``shard`` = (rank, world size) under torchrun: this process takes every world-th task of the project's
+    list from its rank on. The shares are cut from the whole list, not from what is left, so ranks that read
+    Label Studio at different moments still split it the same way; rank 0 sets the project's version.
     """
     settings = client.get_json(f"/api/projects/{project}")
     config = settings.get("label_config") or ""
@@ -101,7 +106,8 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
     if not labels:
         raise LabelStudioError(f"project {project}: none of the model's classes {predictor.classes} is a label of "
                                f"the config's <{target.tag}> {target.from_name!r}")
-    tasks = list(project_tasks(client, project))
+    rank, world = shard
+    tasks = list(project_tasks(client, project))[rank::world]
     done = tasks_with_version(client, project, version) if only_missing else set()
     result = PrelabelResult(version, skipped=sum(t["id"] in done for t in tasks))
     cache = ImageCache(cache_folder(client.server, project, cache_dir))
@@ -123,7 +129,7 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
             result.posted.append((task["id"], score))
     finally:
         cache.save()
-    if settings.get("model_version") != version:
+    if rank == 0 and settings.get("model_version") != version:
         # The Data Manager's "Prediction score" (and pre-labelling on opening a task) counts only the
         # predictions of the project's model version: without this, the new scores would not order anything
         client.request("PATCH", f"/api/projects/{project}", json={"model_version": version})

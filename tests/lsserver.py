@@ -38,7 +38,7 @@ class Server:
             self.process.kill()
 
 
-def start_server(data_dir: Path, document_root: Path, timeout: float = 180) -> Server:
+def start_server(data_dir: Path, document_root: Path, timeout: float = 300) -> Server:
     """Start Label Studio on a free port of 127.0.0.1 with a fresh SQLite database; wait for /health/."""
     port = free_port()
     env = {**os.environ,

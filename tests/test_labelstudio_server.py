@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -444,10 +445,12 @@ def _stored_predictions(api, project_id: int) -> list[dict]:
     return _ok(api.get("/api/predictions", params={"project": project_id}))
 
 
-def _prelabel(url: str, checkpoint: Path, tmp: Path, *more) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "segkit", "prelabel", url, "--checkpoint", str(checkpoint),
-                             "--no-progress", *more], env=_env(tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=REPO)
+def _prelabel(url: str, checkpoint: Path, tmp: Path, ranks: int = 1) -> subprocess.Popen:
+    """``segkit prelabel`` in one process, or under torchrun in ``ranks`` CPU processes."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+              str(free_port()), "-m"] if ranks > 1 else [sys.executable, "-m"]
+    return subprocess.Popen([*launch, "segkit", "prelabel", url, "--checkpoint", str(checkpoint), "--no-progress"],
+                            env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
 
 
 def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first(api, server, tiny_data,
@@ -474,12 +477,13 @@ def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first
     posted_before = len(_stored_predictions(api, pid))
     assert posted_before < len(data), "the first run ended before it could be interrupted"
 
-    for rerun in range(2):  # the first re-run finishes the work, the second finds nothing to do
-        proc = _prelabel(url, trained_checkpoint, tmp_path)
+    # The first re-run finishes the work, split between two torchrun processes; the second finds nothing to do
+    for rerun, ranks in enumerate((2, 1)):
+        proc = _prelabel(url, trained_checkpoint, tmp_path, ranks)
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out
-        expected = len(data) - posted_before if rerun == 0 else 0
-        assert f"{expected} tasks pre-labelled" in out, out
+        posted = [int(n) for n in re.findall(r"(\d+) tasks pre-labelled", out)]
+        assert len(posted) == ranks and sum(posted) == (len(data) - posted_before if rerun == 0 else 0), out
         assert "Prediction score" in out  # how to order the Data Manager
     predictions = _stored_predictions(api, pid)
     assert sorted(p["task"] for p in predictions) == sorted(t["id"] for t in _ok(

@@ -3,6 +3,9 @@
 Posts one prediction per task (those without one of this model's version, unless ``--all``) with a score
 that is low where the model is least sure (:func:`segkit.prelabel.task_score`); sort the Data Manager by
 prediction score to label those first. Interrupted runs resume: the tasks already posted are skipped.
+
+``torchrun --nproc-per-node N -m segkit prelabel ...`` splits the tasks between N processes (each on its own
+GPU, or CPU threads divided between them); Label Studio is the only record, so no merge step is needed.
 """
 from __future__ import annotations
 
@@ -32,28 +35,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Pre-label; 2 when nothing could be done, 1 when some tasks failed, else 0."""
+    import torch
+
     from segkit.checkpoint import CheckpointError
     from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
     from segkit.labelstudio.config import LabelConfigError
     from segkit.predictor import Predictor
     from segkit.prelabel import least_sure, model_version, prelabel_project, sort_hint
+    from segkit.sharding import Ranks, cpu_threads, rank_device
 
+    ranks = Ranks.from_env()
+    if (threads := cpu_threads(ranks)) is not None:
+        torch.set_num_threads(threads)
     try:
         server, project = parse_project_url(args.project)
         key = resolve_api_key(args.ls_token)
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.max_detections)
+        device = args.device or (rank_device(ranks) if ranks.distributed else None)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device, args.max_detections)
         version = args.model_version or model_version(args.checkpoint)
         with Client(server, key) as client:
             result = prelabel_project(client, project, predictor, version, args.only_missing,
-                                      args.score_threshold, progress=not args.no_progress)
+                                      args.score_threshold, progress=not args.no_progress and ranks.rank == 0,
+                                      shard=(ranks.rank, ranks.world))
     except (LabelStudioError, LabelConfigError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(result.posted)} tasks pre-labelled as {version}, {result.skipped} already had its prediction, "
+    who = f"rank {ranks.rank}: " if ranks.distributed else ""
+    print(f"{who}{len(result.posted)} tasks pre-labelled as {version}, {result.skipped} already had its prediction, "
           f"{len(result.failed)} failed")
     for task_id, why in result.failed:
         print(f"failed: task {task_id}: {why}", file=sys.stderr)
     if result.posted:
         print("least sure: " + ", ".join(f"task {t} ({s:.2f})" for t, s in least_sure(result)))
-    print(sort_hint(server, project))
+    if ranks.rank == 0:
+        print(sort_hint(server, project))
     return 1 if result.failed else 0
