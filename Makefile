@@ -48,7 +48,7 @@ demo: setup
 	$(BIN)/python demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 test: setup browser labelstudio
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	SEGKIT_TEST_STRICT=1 $(BIN)/python -m pytest -q tests $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/data.py

@@ -19,6 +19,7 @@ import torch
 import segkit.atomic as atomic
 from segkit.cli import main
 from segkit.export import artifact_info
+from tests.helpers import require_module
 
 HOUR_AGO = time.time() - 3600
 MAX_DETECTIONS = 10  # a random model fills every slot; 10 keep the export cheap
@@ -61,9 +62,9 @@ SAVES = {"onnx": ("onnx", "save", (".onnx",), ".onnx"),
 @pytest.mark.parametrize("fmt", list(SAVES))
 def test_failed_reexport_keeps_the_previous_export(fmt, untrained_checkpoint, tmp_path, monkeypatch):
     module_name, function, written, suffix = SAVES[fmt]
-    module = pytest.importorskip(module_name)
+    module = require_module(module_name)
     if fmt == "openvino":
-        pytest.importorskip("onnx")
+        require_module("onnx")
     out = tmp_path / f"model{suffix}"
     command = ["export", "--checkpoint", str(untrained_checkpoint), "--format", fmt, "--out", str(out),
                "--max-detections", str(MAX_DETECTIONS)]

@@ -24,10 +24,15 @@ from pycocotools import mask as mask_utils
 
 from segkit.predictor import Predictor
 from segkit.readers import DataError, load_dataset
-from tests.helpers import REPO, SAMPLE, chrome
+from tests.helpers import REPO, SAMPLE, chrome, missing
 from tests.lsserver import LS_BIN, PASSWORD, TOKEN, USERNAME, free_port, start_server
 
-pytestmark = pytest.mark.skipif(not LS_BIN.exists(), reason="Label Studio is not installed: make labelstudio")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def label_studio_installed():
+    if not LS_BIN.exists():
+        missing(f"Label Studio is not installed at {LS_BIN}: make labelstudio")
 
 ARTIFACTS = REPO / "test-artifacts"
 LABELS = {"leaf": "Leaf", "pebble": "Pebble", "shell": "Shell"}

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.helpers import tiny_config
+from tests.helpers import require_module, tiny_config
 
 from segkit.checkpoint import load_checkpoint
 from segkit.cli import main
@@ -95,7 +95,7 @@ def test_export_writes_the_card_beside_the_model_with_its_own_ap(card_run, tmp_p
 
 
 def test_a_semantic_run_gets_its_card_and_tensorboard_scalars(tiny_data, tmp_path):
-    pytest.importorskip("tensorboard")
+    require_module("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "semantic"

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from segkit.cli import main
+from tests.helpers import require_module
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
+require_module("tensorboard")
+require_module("mlflow")
 
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "config.json", "MODEL_CARD.md", "val_predictions.png")
 ARTIFACTS = {"best.pt", "MODEL_CARD.md", "config.json", "metrics.csv", "loss_curves.png", "metrics.png",
