@@ -349,7 +349,6 @@ def main() -> None:
     parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)  # prepare DIR | baseline CKPT PHOTO REGIONS
     args = parser.parse_args()
     if args.internal:
-        sys.path.insert(0, str(REPO))
         kind, *rest = args.internal
         out = prepare(Path(rest[0]), args.img_size) if kind == "prepare" else baseline(*rest)
         print(json.dumps(out))

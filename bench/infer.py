@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from segkit.checkpoint import load_checkpoint, save_checkpoint
+from segkit.predictor import Predictor
 
-from segkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from segkit.predictor import Predictor  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
 EXPORTED = {"torchscript": ("torchscript", ".torchscript"), "onnxruntime": ("onnx", ".onnx"),

@@ -83,10 +83,6 @@ class DatasetRecords:
     problems: list[Problem] = field(default_factory=list)
     origin: dict[str, Any] | None = None  # where a live project's data came from (server, project, time)
 
-    def class_to_label(self) -> dict[str, int]:
-        """Contiguous torchvision labels 1..N; 0 is background."""
-        return label_map(self.classes)
-
 
 def label_map(classes: Sequence[str]) -> dict[str, int]:
     """Class name -> label: ``classes[i]`` is label ``i + 1``, 0 is the background (torchvision's and COCO's ids)."""

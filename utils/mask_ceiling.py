@@ -21,7 +21,6 @@ large in the model's input, with detail finer than a 28th of their size.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from segkit.boundary import boundary_iou  # noqa: E402
-from segkit.model import image_size_kwargs  # noqa: E402
-from segkit.pointrend import point_sample  # noqa: E402
-from segkit.readers import load_dataset  # noqa: E402
+from segkit.boundary import boundary_iou
+from segkit.model import image_size_kwargs
+from segkit.pointrend import point_sample
+from segkit.readers import load_dataset
 
 
 def through_grid(mask: np.ndarray, size: int) -> np.ndarray:
