@@ -33,7 +33,7 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     from segkit.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    train, val = _splits(ckpt, Path(data))
+    train, val = train_val_records(ckpt, Path(data))
     if not train:
         raise ExportError(f"{data}: no training images to calibrate on")
     out = Path(out)
@@ -48,8 +48,8 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         quantized.set_rt_info(json.dumps(info), [META_KEY])
         save_openvino(quantized, out)
         if val and measure_ap:
-            info["export"]["int8"]["before"] = _ap(f32_path, val, ckpt["classes"], show_progress)
-            info["export"]["int8"]["after"] = _ap(out, val, ckpt["classes"], show_progress)
+            info["export"]["int8"]["before"] = artifact_ap(f32_path, val, ckpt["classes"], show_progress)
+            info["export"]["int8"]["after"] = artifact_ap(out, val, ckpt["classes"], show_progress)
             _rewrite_info(out, info)
     return out
 
@@ -63,12 +63,13 @@ def report_bf16(artifact: str | os.PathLike, data: str | os.PathLike, show_progr
     from segkit.checkpoint import load_checkpoint
 
     info = artifact_info(artifact)
-    _, val = _splits(info, Path(data))
+    _, val = train_val_records(info, Path(data))
     if not val:
         raise ExportError(f"{data}: no val images to measure bf16 against f32 on")
     f32 = {**info, "export": {**info["export"], "bf16": False}}
-    report = {"val_images": len(val), "before": _ap(Path(artifact), val, info["classes"], show_progress, f32),
-              "after": _ap(Path(artifact), val, info["classes"], show_progress, load_checkpoint(artifact))}
+    classes = info["classes"]
+    report = {"val_images": len(val), "before": artifact_ap(Path(artifact), val, classes, show_progress, f32),
+              "after": artifact_ap(Path(artifact), val, classes, show_progress, load_checkpoint(artifact))}
     _rewrite_info(Path(artifact), {**info, "export": {**info["export"], "bf16_ap": report}})
     return report
 
@@ -80,7 +81,7 @@ def _rewrite_info(path: Path, info: dict[str, Any]) -> None:
     save_openvino(model, path)
 
 
-def _splits(ckpt: dict[str, Any], data: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
+def train_val_records(ckpt: dict[str, Any], data: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """(train, val) records of ``data``, by the checkpoint's saved split when it has one."""
     from segkit.readers import load_dataset
     from segkit.records import restrict_to_classes
@@ -106,7 +107,7 @@ def _model_input(record: ImageRecord):
     return np.asarray(load_image(record.path), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-def _ap(path: Path, records: list[ImageRecord], classes: list[str], show_progress: bool,
+def artifact_ap(path: Path, records: list[ImageRecord], classes: list[str], show_progress: bool,
         info: dict[str, Any] | None = None) -> dict[str, float]:
     """Box and mask AP of the artifact at ``path`` (run as ``info`` says, default its own description)."""
     from segkit.checkpoint import load_checkpoint

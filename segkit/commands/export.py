@@ -97,7 +97,7 @@ def _own_ap(args: argparse.Namespace, path: Path, info: dict) -> tuple[dict | No
     """The artifact's box and mask AP and what they were measured on: the INT8 or bf16 report when the export
     made one, else this file on the run's val split when that is small (as ``segkit evaluate`` does), else
     (None, why not)."""
-    from segkit.quantize import _ap, _splits
+    from segkit.quantize import artifact_ap, train_val_records
     from segkit.readers import DataError
 
     export = info["export"]
@@ -109,7 +109,7 @@ def _own_ap(args: argparse.Namespace, path: Path, info: dict) -> tuple[dict | No
     if not data or "://" in str(data) or not Path(data).exists():
         return None, f"not measured: the training data is not at hand; {hint}"
     try:
-        _, val = _splits(info, Path(data))
+        _, val = train_val_records(info, Path(data))
     except DataError as e:
         return None, f"not measured ({e}); {hint}"
     if not val:
@@ -117,5 +117,5 @@ def _own_ap(args: argparse.Namespace, path: Path, info: dict) -> tuple[dict | No
     if len(val) > CARD_AP_MAX_IMAGES:
         return None, f"not measured: the val split has {len(val)} images (export measures up to " \
                      f"{CARD_AP_MAX_IMAGES}); {hint}"
-    return _ap(path, val, info["classes"], show_progress=False), \
+    return artifact_ap(path, val, info["classes"], show_progress=False), \
         f"this file on the run's val split ({len(val)} images), as `segkit evaluate` measures"
