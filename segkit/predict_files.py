@@ -110,9 +110,11 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     names = unique_names([path for path, _ in images])
     for sub in ("overlays", "masks", "records"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    todo = [(path, name) for (path, _), name in zip(images, names) if load_record(out, name, path, run_key) is None]
-    # Every rank lists what is left before any rank writes a record, so all cut the same list.
-    ranks.barrier()
+    # Rank 0 alone reads the records and tells the others what is left: all cut the same list, even where
+    # machines see a shared folder with different delays, and 100k records are read once, not once per rank.
+    left = ranks.from_rank0(lambda: [i for i, ((path, _), name) in enumerate(zip(images, names))
+                                     if load_record(out, name, path, run_key) is None])
+    todo = [(images[i][0], names[i]) for i in left]
     mine = shard(todo, ranks)
     failed = []
     if mine:  # building the model takes seconds; a finished folder only needs its json rewritten

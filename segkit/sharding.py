@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -49,6 +49,13 @@ class Ranks:
         """Join torchrun's process group (a no-op for one process, or when already joined)."""
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+
+    def from_rank0(self, compute: Callable[[], T]) -> T:
+        """``compute()`` run by rank 0 alone, its result sent to every rank (pickled, through gloo)."""
+        box = [compute() if self.rank == 0 else None]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
