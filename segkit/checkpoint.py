@@ -6,6 +6,7 @@ can read it and a file carrying pickled code is refused. It holds everything nee
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 def task_of(ckpt: dict[str, Any]) -> str:
     """``"instance"`` or ``"semantic"``: what a loaded checkpoint (or exported model's description) predicts."""
     return ckpt.get("task") or "instance"
+
+
+def model_version(checkpoint: str | Path) -> str:
+    """``segkit-<run>-<8 hex of the file>``: the ``model_version`` of every Label Studio prediction segkit makes
+    from ``checkpoint`` (ML backend, ``segkit prelabel``, ``segkit predict``'s labelstudio.json), so each sees
+    the others' as current; a retrained file at the same path gets a new one."""
+    path = Path(checkpoint)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"segkit-{path.parent.name or path.stem}-{digest.hexdigest()[:8]}"

@@ -98,7 +98,7 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     and rank 0 alone then writes the json files from all records, as one process would have. The
     other ranks' results have no ``entries``.
     """
-    from segkit.checkpoint import load_checkpoint, task_of
+    from segkit.checkpoint import load_checkpoint, model_version, task_of
 
     ranks = ranks or Ranks()
     ckpt = load_checkpoint(checkpoint)
@@ -127,7 +127,7 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     entries = []
     if ranks.rank == 0:
         entries = finished_entries(out, images, names, run_key)
-        write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(checkpoint), ckpt.get("epoch")),
+        write_outputs(out, entries, list(ckpt["classes"]), model_version(checkpoint),
                       labelstudio)
     return FolderResult(entries, failed, len(images) - len(todo), threshold, len(mine))
 
@@ -261,12 +261,6 @@ def unique_names(paths: list[Path]) -> list[str]:
             return names
         for i in clashing:
             depth[i] += 1
-
-
-def model_version(checkpoint: Path, epoch: int | None) -> str:
-    """``run/best-epoch12``: what Label Studio shows to tell predictions of different models apart."""
-    version = f"{checkpoint.parent.name}/{checkpoint.stem}" if checkpoint.parent.name else checkpoint.stem
-    return version + (f"-epoch{epoch}" if epoch is not None else "")
 
 
 def file_identity(path: Path) -> str:

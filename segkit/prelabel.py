@@ -18,13 +18,13 @@ is the record of what is done.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from tqdm import tqdm
 
+from segkit.checkpoint import model_version
 from segkit.coco import image_entry
 from segkit.images import load_scaled
 from segkit.labelstudio.client import Client, LabelStudioError, redact
@@ -36,17 +36,6 @@ from segkit.readers.labelstudio import image_reference
 log = logging.getLogger("segkit.prelabel")
 
 PAGE_SIZE = 100
-
-
-def model_version(checkpoint: str | Path) -> str:
-    """``segkit-<run>-<8 hex of the file>``: the ``model_version`` the ML backend and ``segkit prelabel`` give
-    the predictions of ``checkpoint``, so each sees the other's as current; a retrained file gets a new one."""
-    path = Path(checkpoint)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"segkit-{path.parent.name or path.stem}-{digest.hexdigest()[:8]}"
 
 
 def task_score(scores: Iterable[float], threshold: float) -> float:

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from segkit.atomic import atomic_write
+from segkit.checkpoint import model_version
 from segkit.images import IMAGE_EXTENSIONS
-from segkit.predict_files import (LabelStudioOptions, SourceError, find_images, model_version, unique_names,
+from segkit.predict_files import (LabelStudioOptions, SourceError, find_images, unique_names,
                                   write_outputs)
 
 
@@ -56,7 +57,7 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     finally:
         if started:
             ray.shutdown()
-    write_outputs(out, entries, list(ckpt["classes"]), model_version(Path(args.checkpoint), ckpt.get("epoch")), ls)
+    write_outputs(out, entries, list(ckpt["classes"]), model_version(args.checkpoint), ls)
     n = sum(len(e["annotations"]) for e in entries)
     print(f"{len(entries)} images, {n} instances or class regions (score >= {threshold:g}) on {args.workers} Ray "
           f"worker(s); wrote {out}/predictions.json, labelstudio.json, masks/"

@@ -462,7 +462,7 @@ def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first
                                                                                trained_checkpoint, tmp_path):
     from PIL import Image
 
-    from segkit.prelabel import model_version
+    from segkit.checkpoint import model_version
 
     images = sorted((tiny_data / "train" / "images").iterdir())
     blank = tmp_path / "blank.jpg"  # nothing the model knows: it must come first

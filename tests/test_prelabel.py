@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from segkit.predictor import Predictor
-from segkit.prelabel import labelling_prediction, model_version, task_score
+from segkit.checkpoint import model_version
+from segkit.prelabel import labelling_prediction, task_score
 from tests.helpers import TINY_IMAGES
 
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
     from segkit.labelstudio.config import LabelConfigError
     from segkit.predictor import Predictor
-    from segkit.prelabel import least_sure, model_version, prelabel_project, sort_hint
+    from segkit.checkpoint import model_version
+    from segkit.prelabel import least_sure, prelabel_project, sort_hint
     from segkit.sharding import Ranks, cpu_threads, rank_device
 
     ranks = Ranks.from_env()

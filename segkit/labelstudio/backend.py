@@ -40,7 +40,8 @@ from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_tar
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
 from segkit.preannotations import prediction_result
-from segkit.prelabel import labelling_prediction, max_image_side, model_version, prelabel_project
+from segkit.checkpoint import model_version
+from segkit.prelabel import labelling_prediction, max_image_side, prelabel_project
 from segkit.readers.labelstudio import image_reference
 
 log = logging.getLogger("segkit.labelstudio")
