@@ -183,11 +183,12 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
     cfg = resolve_model(cfg)
     device = _pick_device(cfg.device, local_rank)
     main = rank == 0
-    # A live Label Studio project is fetched once: rank 0 fills the image cache, the others then read it
-    if not main:
+    # A live Label Studio project is fetched once per machine: each machine's first process fills the image
+    # cache (on that machine's disk), the others then read it
+    if local_rank != 0:
         _barrier(world)
     records = _load_data(cfg, verbose=main, api_key=api_key)
-    if main:
+    if local_rank == 0:
         _barrier(world)
     classes = resume["classes"] if resume else records.classes
     try:
