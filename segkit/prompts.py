@@ -89,7 +89,9 @@ class ImageFeatures:
     model_boxes: Tensor  # the same in the model's input pixels
     labels: Tensor  # (N,) int64 class indices
     scores: Tensor  # (N,)
-    masks: InstanceMasks  # their masks, pasted at the image's size
+    # Their masks at the image's size, made on the first click: a box prompt needs only the boxes, so the
+    # first prompt on an image costs no more than a plain prediction of it
+    masks: InstanceMasks | None = None
 
 
 class FeatureCache:
@@ -246,6 +248,8 @@ class PromptEngine:
             raise ValueError(f"{len(labels)} labels for {len(positives)} positive clicks")
         height, width = entry.original_size
         negative_pixels = [_pixel(p, width, height) for p in negatives]
+        if positives:
+            self._detection_masks(entry)
         answers, picked = [], set()
         for point, label in zip(positives, labels):
             pixel = _pixel(point, width, height)
@@ -272,10 +276,16 @@ class PromptEngine:
         proposals, _ = model.rpn(batch, features)
         heads, sizes = model.roi_heads, batch.image_sizes
         boxes, scores, labels = box_detections(heads, features, proposals, sizes, self.click_threshold)
-        probs = mask_probs(heads, features, boxes, labels, sizes)[0]
         in_image = resize_boxes(boxes[0], sizes[0], original)
-        return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0],
-                             paste_masks(probs, in_image, *original))
+        return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0])
+
+    def _detection_masks(self, entry: ImageFeatures) -> InstanceMasks:
+        """The full pass's detection masks, made once per cached image (by the caller holding the model)."""
+        if entry.masks is None:
+            probs = mask_probs(self.model.roi_heads, entry.features, [entry.model_boxes], [entry.labels],
+                               [entry.image_size])[0]
+            entry.masks = paste_masks(probs, entry.boxes, *entry.original_size)
+        return entry.masks
 
     def _box(self, entry: ImageFeatures, box: Sequence[float], label: int | None) -> PromptMask:
         height, width = entry.original_size

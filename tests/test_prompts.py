@@ -250,6 +250,22 @@ def test_a_warm_cache_gives_the_same_answers_without_the_backbone(predictor, ima
         np.testing.assert_array_equal(ours.mask, theirs.mask)
 
 
+def test_a_box_prompt_pastes_no_detection_masks_and_a_click_pastes_them_once(predictor, image):
+    """A first box on an image costs a plain prediction at most: the full pass's detection masks (up to 100 at
+    the click threshold) are only made when a click needs them, then kept for the next clicks."""
+    engine = PromptEngine(predictor, "v")
+    engine.box("a", image, (10.0, 10.0, 60.0, 60.0))
+    entry = engine.features("a", image)
+    assert entry.masks is None and len(entry.scores) > 0
+    first = engine.clicks("a", image, [(30.0, 30.0)])
+    masks = entry.masks
+    assert masks is not None and len(masks.crops) == len(entry.scores)
+    again = engine.clicks("a", image, [(30.0, 30.0)])
+    assert entry.masks is masks
+    for ours, theirs in zip(first, again):
+        np.testing.assert_array_equal(ours.mask, theirs.mask)
+
+
 def test_cache_entries_are_per_model_version_and_image(predictor, image):
     shared = FeatureCache(8)
     with BackboneCalls(predictor) as calls:
