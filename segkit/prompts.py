@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -89,9 +89,9 @@ class ImageFeatures:
     model_boxes: Tensor  # the same in the model's input pixels
     labels: Tensor  # (N,) int64 class indices
     scores: Tensor  # (N,)
-    # Their masks at the image's size, made on the first click: a box prompt needs only the boxes, so the
-    # first prompt on an image costs no more than a plain prediction of it
-    masks: InstanceMasks | None = None
+    # Their masks at the image's size, by index, made only for detections under a click: a box needs none
+    # (a first box prompt costs no more than a plain prediction) and a click a few, not all 100
+    crops: dict[int, Crop] = field(default_factory=dict)
 
 
 class FeatureCache:
@@ -248,8 +248,6 @@ class PromptEngine:
             raise ValueError(f"{len(labels)} labels for {len(positives)} positive clicks")
         height, width = entry.original_size
         negative_pixels = [_pixel(p, width, height) for p in negatives]
-        if positives:
-            self._detection_masks(entry)
         answers, picked = [], set()
         for point, label in zip(positives, labels):
             pixel = _pixel(point, width, height)
@@ -260,7 +258,8 @@ class PromptEngine:
                 continue
             else:
                 picked.add(found)
-                answer = PromptMask(entry.masks.dense(found), _class(label, entry.labels[found]),
+                answer = PromptMask(InstanceMasks([entry.crops[found]], height, width).dense(0),
+                                    _class(label, entry.labels[found]),
                                     float(entry.scores[found]))
             if answer is not None:
                 answers.append(answer)
@@ -279,13 +278,15 @@ class PromptEngine:
         in_image = resize_boxes(boxes[0], sizes[0], original)
         return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0])
 
-    def _detection_masks(self, entry: ImageFeatures) -> InstanceMasks:
-        """The full pass's detection masks, made once per cached image (by the caller holding the model)."""
-        if entry.masks is None:
-            probs = mask_probs(self.model.roi_heads, entry.features, [entry.model_boxes], [entry.labels],
+    def _detection_crops(self, entry: ImageFeatures, indices: list[int]) -> dict[int, Crop]:
+        """The masks of detections ``indices``, each made once per cached image (the mask head is per box)."""
+        todo = [i for i in indices if i not in entry.crops]
+        if todo:
+            idx = torch.tensor(todo, device=entry.boxes.device)
+            probs = mask_probs(self.model.roi_heads, entry.features, [entry.model_boxes[idx]], [entry.labels[idx]],
                                [entry.image_size])[0]
-            entry.masks = paste_masks(probs, entry.boxes, *entry.original_size)
-        return entry.masks
+            entry.crops.update(zip(todo, paste_masks(probs, entry.boxes[idx], *entry.original_size).crops))
+        return entry.crops
 
     def _box(self, entry: ImageFeatures, box: Sequence[float], label: int | None) -> PromptMask:
         height, width = entry.original_size
@@ -326,8 +327,10 @@ class PromptEngine:
         order = range(len(entry.scores))  # already by score
         if label is not None:
             order = sorted(order, key=lambda i: int(entry.labels[i]) != label)  # stable: by score within
-        for i in order:
-            crop = entry.masks.crops[i]
+        near = [i for i in order if _near(entry.boxes[i].tolist(), pixel)]
+        crops = self._detection_crops(entry, near)
+        for i in near:
+            crop = crops[i]
             if _holds(crop, pixel) and not any(_holds(crop, n) for n in negatives):
                 return i
         return None
@@ -509,6 +512,14 @@ def _pixel(point: Sequence[float], width: int, height: int) -> tuple[int, int]:
     """The (column, row) of the pixel under ``point``, inside the image."""
     x, y = (float(v) for v in point)
     return min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
+
+
+def _near(box: Sequence[float], pixel: tuple[int, int]) -> bool:
+    """Whether ``pixel`` may be in the mask of a detection with ``box``: a pasted mask reaches past its box
+    by one mask cell (1/28 of it) and the rounding, so 10% and 2 pixels of margin are kept."""
+    x0, y0, x1, y1 = box
+    margin = 0.1 * max(x1 - x0, y1 - y0) + 2
+    return x0 - margin <= pixel[0] <= x1 + margin and y0 - margin <= pixel[1] <= y1 + margin
 
 
 def _holds(crop: Crop, pixel: tuple[int, int]) -> bool:

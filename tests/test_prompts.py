@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.prompts import (FALLBACK_SCALES, REFINE_IOU, FeatureCache, Prompt, PromptEngine, keypoint_to_point,
+from segkit.predictor import mask_probs, paste_masks
+from segkit.prompts import (FALLBACK_SCALES, REFINE_IOU, FeatureCache, Prompt, PromptEngine, _near, keypoint_to_point,
                             prompt_prediction, prompts_from_context, rect_to_box)
 
 HEIGHT, WIDTH = 144, 176  # not square: a swapped axis shows
@@ -250,20 +251,28 @@ def test_a_warm_cache_gives_the_same_answers_without_the_backbone(predictor, ima
         np.testing.assert_array_equal(ours.mask, theirs.mask)
 
 
-def test_a_box_prompt_pastes_no_detection_masks_and_a_click_pastes_them_once(predictor, image):
+def test_a_box_prompt_pastes_no_detection_masks_and_a_click_only_those_under_it(predictor, image):
     """A first box on an image costs a plain prediction at most: the full pass's detection masks (up to 100 at
-    the click threshold) are only made when a click needs them, then kept for the next clicks."""
+    the click threshold) are made only for the detections a click may pick, once each."""
     engine = PromptEngine(predictor, "v")
     engine.box("a", image, (10.0, 10.0, 60.0, 60.0))
     entry = engine.features("a", image)
-    assert entry.masks is None and len(entry.scores) > 0
-    first = engine.clicks("a", image, [(30.0, 30.0)])
-    masks = entry.masks
-    assert masks is not None and len(masks.crops) == len(entry.scores)
-    again = engine.clicks("a", image, [(30.0, 30.0)])
-    assert entry.masks is masks
+    assert entry.crops == {} and len(entry.scores) > 0
+    x0, y0, x1, y1 = entry.boxes[0].tolist()
+    click = ((x0 + x1) / 2, (y0 + y1) / 2)  # inside the best detection's box
+    first = engine.clicks("a", image, [click])
+    made = dict(entry.crops)
+    pixel = (int(click[0]), int(click[1]))
+    assert 0 < len(made) and sorted(made) == [i for i, b in enumerate(entry.boxes.tolist()) if _near(b, pixel)]
+    again = engine.clicks("a", image, [click])
+    assert entry.crops == made and all(entry.crops[i] is made[i] for i in made)  # none made twice
     for ours, theirs in zip(first, again):
         np.testing.assert_array_equal(ours.mask, theirs.mask)
+    # the same answer as a full paste of every detection gives
+    everything = paste_masks(mask_probs(predictor.model.roi_heads, entry.features, [entry.model_boxes],
+                                        [entry.labels], [entry.image_size])[0], entry.boxes, *entry.original_size)
+    for i, crop in made.items():
+        np.testing.assert_array_equal(crop.mask, everything.crops[i].mask)
 
 
 def test_cache_entries_are_per_model_version_and_image(predictor, image):
