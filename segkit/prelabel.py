@@ -22,9 +22,9 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from tqdm import tqdm
 
-from segkit.checkpoint import model_version
 from segkit.coco import image_entry
 from segkit.images import load_scaled
 from segkit.labelstudio.client import Client, LabelStudioError, redact
