@@ -37,13 +37,13 @@ from huggingface_hub import hf_hub_download
 from PIL import Image
 
 from segkit.atomic import write_json
-from segkit.checkpoint import CheckpointError
-from segkit.coco import image_entry, predictions_file
-from segkit.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_files, load_image
-from segkit.prediction import Prediction, SemanticPrediction
-from segkit.predictor import Predictor, SemanticPredictor
-from segkit.runs import newest_best
-from segkit.visualize import mask_png, overlay, save_png
+from segkit.models.checkpoint import CheckpointError
+from segkit.engine.coco import image_entry, predictions_file
+from segkit.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_files, load_image
+from segkit.inference.prediction import Prediction, SemanticPrediction
+from segkit.inference.predictor import Predictor, SemanticPredictor
+from segkit.engine.runs import newest_best
+from segkit.inference.visualize import mask_png, overlay, save_png
 
 MAX_SIDE = 2048  # larger images are downscaled before inference: the overlay is sent to a browser
 EXAMPLES_DIR = "data/sample/val/images"
@@ -193,7 +193,7 @@ class _OutputFiles:
 
 def _upload_path(payload, scratch: _OutputFiles) -> tuple[str, str]:
     """(server path, name the user gave it) of an image input; the events skip Gradio's preprocessing
-    so that unreadable files reach :func:`segkit.images.load_image` and get a clear message."""
+    so that unreadable files reach :func:`segkit.data.images.load_image` and get a clear message."""
     if payload is None:
         raise gr.Error("No image: upload one, take one with the webcam, or paste one from the clipboard.")
     if isinstance(payload, str):
@@ -398,7 +398,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, predictor: Predictor | Non
 def ls_backend_config(args: argparse.Namespace, predictor: Predictor | None):
     """The ML backend's settings for ``--ls-backend`` (from the environment, as for ``segkit ml-backend``);
     None when there is no checkpoint to serve. Exits when the backend would be open to strangers."""
-    from segkit.labelstudio.backend import ExposureError, backend_config, check_settings
+    from segkit.serve.backend import ExposureError, backend_config, check_settings
 
     if predictor is None or "checkpoint" not in predictor.info or not Path(predictor.info["checkpoint"]).is_file():
         print("segkit demo: --ls-backend needs a segkit checkpoint; the backend routes are not served",
@@ -419,7 +419,7 @@ def add_ls_backend(demo: gr.Blocks, predictor: Predictor, cfg) -> None:
     The backend starts with the demo's predictor; a retraining it runs is served by the backend
     routes (the demo keeps its model until restarted).
     """
-    from segkit.labelstudio.backend import add_routes, create_backend
+    from segkit.serve.backend import add_routes, create_backend
 
     add_routes(demo.app, create_backend(cfg, predictor), cfg.basic_auth)
     print(f"segkit demo: Label Studio ML backend at {demo.local_url.rstrip('/')} (/health, /predict, ...)", flush=True)

@@ -65,8 +65,8 @@ def prepare(folder: Path, img_size: int) -> dict:
     import torch
     from PIL import Image, ImageDraw
 
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.model import build_model
+    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", len(CLASSES) + 1, weights=None, img_size=img_size)
@@ -101,10 +101,10 @@ def baseline(checkpoint: str, photo: str, regions: str) -> dict:
     """The backend's steps before reduced decoding, in this (fresh) process: the 50 MP photo at full size."""
     import resource
 
-    from segkit.coco import image_entry
-    from segkit.images import load_image
-    from segkit.predictor import Predictor
-    from segkit.preannotations import prediction_result
+    from segkit.engine.coco import image_entry
+    from segkit.data.images import load_image
+    from segkit.inference.predictor import Predictor
+    from segkit.labelstudio.preannotations import prediction_result
 
     predictor = Predictor.from_checkpoint(checkpoint, max_detections=MAX_DETECTIONS)
     idle = rss_mb(os.getpid(), "VmRSS")

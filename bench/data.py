@@ -5,7 +5,7 @@
 Both pipelines read the same copy of the sample, resized once (untimed) so the longest side is
 512 px, skip its empty images (torchvision's reference drops them for training, and RandomIoUCrop
 needs boxes), and visit the same image order:
-  segkit       segkit.readers -> SegmentationDataset (load_image, pycocotools masks) -> preset
+  segkit       segkit.data.readers -> SegmentationDataset (load_image, pycocotools masks) -> preset
   torchvision  CocoDetection + wrap_dataset_for_transforms_v2 (per-polygon frPyObjects/decode) ->
                v2 on PIL, the reference's default backend: RandomHorizontalFlip, RandomIoUCrop,
                ColorJitter, then ToImage, ToDtype, SanitizeBoundingBoxes, ToPureTensor
@@ -28,9 +28,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-from segkit.dataset import SegmentationDataset, collate_fn
-from segkit.readers import load_dataset
-from segkit.transforms import build_transform
+from segkit.data.dataset import SegmentationDataset, collate_fn
+from segkit.data.readers import load_dataset
+from segkit.data.transforms import build_transform
 
 
 def resized_copy(src: Path, dst: Path, longest: int = 512) -> list[Path]:

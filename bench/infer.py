@@ -1,6 +1,6 @@
 """Inference backends side by side: latency against eager, agreement with eager, peak memory.
 
-Every backend runs through the one :class:`segkit.predictor.Predictor` (image in, compact
+Every backend runs through the one :class:`segkit.inference.predictor.Predictor` (image in, compact
 :class:`Prediction` out), at each size, on the same image. Timed runs alternate between backends
 (the order rotates each round) so that machine noise hits all alike; the table shows medians.
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segkit.checkpoint import load_checkpoint, save_checkpoint
-from segkit.predictor import Predictor
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint
+from segkit.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,8 @@ def checkpoint_at(source: Path, size: int, folder: Path) -> Path:
 
 
 def random_init_checkpoint(folder: Path) -> Path:
-    from segkit.checkpoint import make_checkpoint
-    from segkit.model import build_model
+    from segkit.models.checkpoint import make_checkpoint
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=512)
@@ -66,8 +66,8 @@ def random_init_checkpoint(folder: Path) -> Path:
 
 def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
     """The checkpoint exported for ``backend`` (written once; INT8 calibrated on the sample's train split)."""
-    from segkit.export import export
-    from segkit.quantize import export_int8
+    from segkit.inference.export import export
+    from segkit.inference.quantize import export_int8
 
     if backend == "openvino-int8":
         out = folder / f"{checkpoint.stem}_int8.xml"
@@ -126,10 +126,10 @@ def peak_rss_mb(backend: str, checkpoint: Path, folder: Path, image: str, size: 
 
 def ap_of(predictor: Predictor, data: str, ckpt: dict) -> tuple[float, float]:
     """(box AP, mask AP) on the checkpoint's val split of ``data``."""
-    from segkit.metrics import evaluate_predictor
-    from segkit.readers import load_dataset
-    from segkit.records import restrict_to_classes
-    from segkit.splits import select_split
+    from segkit.engine.metrics import evaluate_predictor
+    from segkit.data.readers import load_dataset
+    from segkit.data.records import restrict_to_classes
+    from segkit.data.splits import select_split
 
     records, _ = select_split(load_dataset(data).images, ckpt.get("split"), "val", Path(data))
     records, _ = restrict_to_classes(records, ckpt["classes"])

@@ -5,7 +5,7 @@ a polygon vertex, an accept, a delete):
 
 - **polygons by hand**: each object drawn as a polygon, its vertices those of ``cv2.approxPolyDP`` at the
   coarsest tolerance whose filled polygon still reaches IoU >= 0.85 with the object's mask;
-- **pre-annotation only**: a shown pre-annotation (``segkit.prelabel.labelling_prediction``) of the right class
+- **pre-annotation only**: a shown pre-annotation (``segkit.serve.prelabel.labelling_prediction``) of the right class
   matching an object at IoU >= 0.85 is accepted (1 action, one object per pre-annotation); the other objects
   are drawn by hand; every shown pre-annotation that matched nothing is deleted (1 action);
 - **prompts only**: a box prompt (2 clicks) around each object, the model's answer accepted at IoU >= 0.85;
@@ -19,7 +19,7 @@ the union of the box answer (dropped once a negative click falls in it) and the 
 NoC@85 / NoC@90 (the interactive-segmentation literature's number of clicks, the box counting 2) are over
 every object, an object that never reaches the IoU counted at the cap (2 + ``--clicks``).
 
-Ordering: a seed model scores the unlabelled pool (``segkit.prelabel.task_score``, low = least sure); ``k``
+Ordering: a seed model scores the unlabelled pool (``segkit.serve.prelabel.task_score``, low = least sure); ``k``
 images picked least-sure-first and ``k`` at random (several seeds) are each added to the seed images, a fresh
 model is trained from random init on each selection, and its mask AP on the held-out split is reported.
 
@@ -50,11 +50,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segkit.predictor import Predictor
-from segkit.prelabel import labelling_prediction
-from segkit.prompts import PromptEngine
-from segkit.readers import load_dataset
-from segkit.trainer import TrainConfig, train
+from segkit.inference.predictor import Predictor
+from segkit.serve.prelabel import labelling_prediction
+from segkit.serve.prompts import PromptEngine
+from segkit.data.readers import load_dataset
+from segkit.engine.trainer import TrainConfig, train
 
 log = logging.getLogger("bench.labelling")
 REPO = Path(__file__).resolve().parents[1]

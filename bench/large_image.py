@@ -28,9 +28,9 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
     import torch
     from PIL import Image
 
-    from segkit.coco import prediction_to_coco
-    from segkit.predictor import Predictor
-    from segkit.visualize import instance_id_map, overlay
+    from segkit.engine.coco import prediction_to_coco
+    from segkit.inference.predictor import Predictor
+    from segkit.inference.visualize import instance_id_map, overlay
 
     image = Image.open(image_path).convert("RGB").resize(size, Image.Resampling.BILINEAR)
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", max_detections=detections)
@@ -38,7 +38,7 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
     start = time.perf_counter()
     timing = {}
     try:  # the compact path: time the forward apart from what follows it
-        from segkit.predictor import detect, to_prediction
+        from segkit.inference.predictor import detect, to_prediction
         from torchvision.transforms.functional import pil_to_tensor
 
         with torch.inference_mode():
@@ -64,8 +64,8 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
 def random_init_checkpoint(folder: Path, img_size: int) -> str:
     import torch
 
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.model import build_model
+    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=img_size)

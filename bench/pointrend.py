@@ -31,7 +31,7 @@ HEADS = ("standard", "pointrend")
 
 def random_model(head: str, img_size: int, resolution: int) -> torch.nn.Module:
     """A random-init model; PointRend's shares every weight with the standard one but its point head."""
-    from segkit.model import build_model
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     standard = build_model("maskrcnn_resnet50_fpn", len(CLASSES) + 1, weights=None, img_size=img_size)
@@ -44,7 +44,7 @@ def random_model(head: str, img_size: int, resolution: int) -> torch.nn.Module:
 
 
 def sample_image(img_size: int):
-    from segkit.images import load_image
+    from segkit.data.images import load_image
 
     path = sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))[0]
     image = load_image(path)
@@ -53,7 +53,7 @@ def sample_image(img_size: int):
 
 
 def measure_inference(args) -> dict:
-    from segkit.predictor import Predictor
+    from segkit.inference.predictor import Predictor
 
     checkpoint = getattr(args, args.head)
     if checkpoint:
@@ -81,10 +81,10 @@ def measure_inference(args) -> dict:
 def measure_training(args) -> dict:
     from itertools import islice
 
-    from segkit import engine
-    from segkit.dataset import SegmentationDataset, collate_fn
-    from segkit.readers import load_dataset
-    from segkit.transforms import build_transform
+    from segkit.engine import loops as engine
+    from segkit.data.dataset import SegmentationDataset, collate_fn
+    from segkit.data.readers import load_dataset
+    from segkit.data.transforms import build_transform
 
     records = load_dataset(REPO / "data" / "sample" / "train")
     images = [im for im in records.images if im.instances][: (args.steps + 1) * 2]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segkit.predictor import Predictor
-from segkit.trainer import train
+from segkit.inference.predictor import Predictor
+from segkit.engine.trainer import train
 from tests.helpers import OVERFIT_EPOCHS, SAMPLE, TINY_IMAGES, instance_scores, overfit_config, write_subset
 
 

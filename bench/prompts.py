@@ -2,9 +2,9 @@
 
 Side by side, on the same images, CPU and process, for each size:
 
-- **full forward**: the :class:`segkit.predictor.Predictor` call (``predictor(image)``) that a plain
+- **full forward**: the :class:`segkit.inference.predictor.Predictor` call (``predictor(image)``) that a plain
   pre-annotation runs;
-- **first prompt**: a box prompt on an image the :class:`segkit.prompts.PromptEngine` has not seen (its cache
+- **first prompt**: a box prompt on an image the :class:`segkit.serve.prompts.PromptEngine` has not seen (its cache
   cleared before each run): the full pass that fills the cache, then the heads on the box;
 - **warm box / warm click**: a further box prompt, or a positive click, on an image already in the cache:
   only the box and mask heads run (or nothing, for a click on a detection).
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segkit.checkpoint import make_checkpoint, save_checkpoint
-from segkit.model import build_model
-from segkit.predictor import Predictor
-from segkit.prompts import PromptEngine
+from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+from segkit.models.mask_rcnn import build_model
+from segkit.inference.predictor import Predictor
+from segkit.serve.prompts import PromptEngine
 
 REPO = Path(__file__).resolve().parents[1]
 VAL_IMAGES = REPO / "data" / "sample" / "val" / "images"

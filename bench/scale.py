@@ -32,8 +32,8 @@ def random_init_checkpoint(folder: Path) -> Path:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.model import build_model
+    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     classes = ["leaf", "pebble", "shell"]

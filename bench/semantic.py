@@ -29,14 +29,14 @@ MODELS = ["maskrcnn_resnet50_fpn", "unet_resnet34", "unet_resnet18", "deeplabv3_
 
 
 def _is_semantic(arch: str) -> bool:
-    from segkit.semantic_model import SEMANTIC_ARCHITECTURES
+    from segkit.models.semantic import SEMANTIC_ARCHITECTURES
 
     return arch in SEMANTIC_ARCHITECTURES
 
 
 def _model(arch: str, num_classes: int, img_size: int) -> torch.nn.Module:
-    from segkit.model import build_model
-    from segkit.semantic_model import build_semantic_model
+    from segkit.models.mask_rcnn import build_model
+    from segkit.models.semantic import build_semantic_model
 
     torch.manual_seed(0)
     if _is_semantic(arch):
@@ -48,11 +48,11 @@ def _model(arch: str, num_classes: int, img_size: int) -> torch.nn.Module:
 
 def time_training(arch: str, img_size: int, steps: int) -> dict:
     """Images/s over ``steps`` batches of 2, after one warm-up batch."""
-    from segkit import engine
-    from segkit.dataset import SegmentationDataset, collate_fn
-    from segkit.readers import load_dataset
-    from segkit.semantic import SemanticDataset
-    from segkit.transforms import build_transform
+    from segkit.engine import loops as engine
+    from segkit.data.dataset import SegmentationDataset, collate_fn
+    from segkit.data.readers import load_dataset
+    from segkit.engine.semantic import SemanticDataset
+    from segkit.data.transforms import build_transform
 
     records = load_dataset(SAMPLE / "train")
     images = [im for im in records.images if im.instances]
@@ -72,9 +72,9 @@ def time_training(arch: str, img_size: int, steps: int) -> dict:
 
 def time_inference(arch: str, img_size: int, runs: int) -> dict:
     """Median seconds of ``predictor(image)`` on one val image, through a saved checkpoint as users run it."""
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.images import load_image
-    from segkit.predictor import Predictor
+    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.data.images import load_image
+    from segkit.inference.predictor import Predictor
 
     classes = ["leaf", "pebble", "shell"]
     model = _model(arch, len(classes) + 1, img_size)

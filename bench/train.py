@@ -79,10 +79,10 @@ def tutorial_epoch(model, optimizer, loader, device, steps):
 
 
 def segkit_loader(root, batch_size, workers):
-    from segkit.dataset import SegmentationDataset, collate_fn
-    from segkit.readers import load_dataset
-    from segkit.trainer import EpochSampler
-    from segkit.transforms import build_transform
+    from segkit.data.dataset import SegmentationDataset, collate_fn
+    from segkit.data.readers import load_dataset
+    from segkit.engine.trainer import EpochSampler
+    from segkit.data.transforms import build_transform
 
     records = load_dataset(root)
     images = [im for im in records.images if im.instances]
@@ -96,8 +96,8 @@ def run_one(args) -> dict:
     """Time ``args.steps`` steps (0: one epoch, after one warm-up step) of one pipeline in this process."""
     from itertools import islice
 
-    from segkit import engine
-    from segkit.model import build_model
+    from segkit.engine import loops as engine
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     device = torch.device(args.device)

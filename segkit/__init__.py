@@ -21,21 +21,21 @@ __version__ = "0.2.0"
 
 # public name -> module that defines it
 _API = {
-    "load_dataset": "segkit.readers",
-    "Prediction": "segkit.prediction",
-    "overlay": "segkit.visualize",
-    "Predictor": "segkit.predictor",
-    "train": "segkit.trainer",
-    "TrainConfig": "segkit.trainer",
+    "load_dataset": "segkit.data.readers",
+    "Prediction": "segkit.inference.prediction",
+    "overlay": "segkit.inference.visualize",
+    "Predictor": "segkit.inference.predictor",
+    "train": "segkit.engine.trainer",
+    "TrainConfig": "segkit.engine.trainer",
 }
 __all__ = ["__version__", "load_dataset", "Prediction", "overlay", "Predictor", "train", "TrainConfig"]
 
 if TYPE_CHECKING:
-    from segkit.prediction import Prediction
-    from segkit.predictor import Predictor
-    from segkit.readers import load_dataset
-    from segkit.trainer import TrainConfig, train
-    from segkit.visualize import overlay
+    from segkit.inference.prediction import Prediction
+    from segkit.inference.predictor import Predictor
+    from segkit.data.readers import load_dataset
+    from segkit.engine.trainer import TrainConfig, train
+    from segkit.inference.visualize import overlay
 
 
 def __getattr__(name: str) -> Any:

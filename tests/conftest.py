@@ -24,7 +24,7 @@ ARTIFACTS = REPO / "test-artifacts"
 def train_until(cfg, reached: Callable[[dict], bool], more: int = MORE_EPOCHS, chunks: int = MAX_CHUNKS) -> dict:
     """Train ``cfg``, then resume it ``more`` epochs at a time until ``reached(best metrics)``: the summary,
     with the epochs it took. Fails, naming what was reached, when ``chunks`` extensions are not enough."""
-    from segkit.trainer import train
+    from segkit.engine.trainer import train
 
     summary = train(cfg)
     for _ in range(chunks):
@@ -81,8 +81,8 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     """A random-init checkpoint in segkit's format: fast, for tests that only need a loadable model."""
     import torch
 
-    from segkit.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.model import build_model
+    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     classes = ["leaf", "pebble", "shell"]

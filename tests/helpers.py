@@ -76,7 +76,7 @@ def overfit_config(data: Path, out: Path, epochs: int = OVERFIT_EPOCHS, **overri
 
 def tiny_config(data: Path, out: Path, **overrides):
     """Settings for CPU tests: random init, 128 px, no augmentation, no worker processes."""
-    from segkit.trainer import TrainConfig
+    from segkit.engine.trainer import TrainConfig
 
     settings = dict(data=str(data), weights="none", img_size=128, batch_size=2, workers=0, aug="none",
                     lr=0.01, warmup_iters=5, epochs=2, roi_batch_size=128, out=str(out), progress=False, seed=fixture_seed())
@@ -108,8 +108,8 @@ def chrome(profile: Path):
 def instance_scores(predictor, split: Path) -> list[tuple[float, float]]:
     """(mask IoU, Boundary IoU) of each ground-truth instance in ``split`` with its best-overlapping
     prediction of the same class (0, 0 when there is none), at the predictor's score threshold."""
-    from segkit.boundary import boundary_iou
-    from segkit.readers import load_dataset
+    from segkit.engine.boundary import boundary_iou
+    from segkit.data.readers import load_dataset
 
     scores = []
     for record in load_dataset(split).images:

@@ -18,7 +18,7 @@ import torch
 
 import segkit.atomic as atomic
 from segkit.cli import main
-from segkit.export import artifact_info
+from segkit.inference.export import artifact_info
 from tests.helpers import require_module
 
 HOUR_AGO = time.time() - 3600

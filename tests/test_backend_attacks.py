@@ -217,7 +217,7 @@ def test_one_basic_auth_variable_without_the_other_is_refused(untrained_checkpoi
 def test_demo_ls_backend_beyond_loopback_without_credentials_is_refused(untrained_checkpoint, monkeypatch):
     import importlib.util
 
-    from segkit.predictor import Predictor
+    from segkit.inference.predictor import Predictor
 
     spec = importlib.util.spec_from_file_location("segkit_demo", REPO / "demo.py")
     demo = importlib.util.module_from_spec(spec)

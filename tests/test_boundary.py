@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segkit.boundary import BoundaryStats, boundary_iou, boundary_width, mask_boundary
-from segkit.masks import Crop
+from segkit.engine.boundary import BoundaryStats, boundary_iou, boundary_width, mask_boundary
+from segkit.inference.masks import Crop
 
 
 def _square(top: int, left: int, side: int = 20, shape=(50, 50)) -> np.ndarray:

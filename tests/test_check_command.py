@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.exports import coco_ann, coco_export, ls_annotation, ls_rectangle, ls_task, square, write_image, write_json
-from segkit import validate
+from segkit.data import validate
 from segkit.commands import check
-from segkit.readers import DataError, load_dataset
+from segkit.data.readers import DataError, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"format", "images", "instances", "classes", "problems", "trainable"}

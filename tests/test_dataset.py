@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from segkit.records import ImageRecord, Instance
+from segkit.data.records import ImageRecord, Instance
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -29,8 +29,8 @@ def _records(n: int = 6) -> tuple[list[ImageRecord], list[str]]:
 
 
 def test_targets_match_decoded_records():
-    from segkit.dataset import SegmentationDataset, collate_fn
-    from segkit.transforms import build_transform
+    from segkit.data.dataset import SegmentationDataset, collate_fn
+    from segkit.data.transforms import build_transform
 
     records, classes = _records()
     records[0].instances.append(Instance("leaf", None, (0, 0, 5, 5)))  # a box without a mask: skipped
@@ -49,7 +49,7 @@ def test_targets_match_decoded_records():
 
 
 def test_unknown_class_is_named():
-    from segkit.dataset import SegmentationDataset
+    from segkit.data.dataset import SegmentationDataset
 
     records, classes = _records(1)
     with pytest.raises(KeyError, match="leaf"):
@@ -60,9 +60,9 @@ def test_records_to_coco_evaluates_to_perfect_score():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from segkit.coco import records_to_coco
-    from segkit.dataset import SegmentationDataset
-    from segkit.transforms import build_transform
+    from segkit.engine.coco import records_to_coco
+    from segkit.data.dataset import SegmentationDataset
+    from segkit.data.transforms import build_transform
 
     records, classes = _records()
     gt_dict = records_to_coco(records, classes)
@@ -93,8 +93,8 @@ def test_records_to_coco_evaluates_to_perfect_score():
 
 
 def test_coco_boxes_match_dataset_boxes():
-    from segkit.coco import records_to_coco
-    from segkit.dataset import SegmentationDataset
+    from segkit.engine.coco import records_to_coco
+    from segkit.data.dataset import SegmentationDataset
 
     records, classes = _records(3)
     gt = records_to_coco(records, classes)

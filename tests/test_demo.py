@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from segkit.images import load_image
+from segkit.data.images import load_image
 from tests.helpers import chrome
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,8 +215,8 @@ def test_newest_run_is_found(demo_module, tmp_path, monkeypatch):
 
 
 def test_without_any_model_the_page_says_how_to_train(demo_module, tmp_path, monkeypatch):
-    from segkit.model import WeightsError
-    from segkit.predictor import Predictor
+    from segkit.models.mask_rcnn import WeightsError
+    from segkit.inference.predictor import Predictor
 
     def no_weights(*args, **kwargs):
         raise WeightsError("offline")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from segkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segkit.cli import main
-from segkit.export import ExportError, artifact_info, export, sha256
-from segkit.predictor import Predictor
+from segkit.inference.export import ExportError, artifact_info, export, sha256
+from segkit.inference.predictor import Predictor
 
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import pytest
 
-from segkit.coco import image_entry
+from segkit.engine.coco import image_entry
 from segkit.labelstudio.client import is_project_url, key_kind, parse_project_url
 from segkit.labelstudio.config import LabelConfigError, choose_target, match_labels, region_targets
-from segkit.preannotations import prediction_result
-from segkit.prediction import Prediction
-from segkit.readers import DataError, load_dataset
+from segkit.labelstudio.preannotations import prediction_result
+from segkit.inference.prediction import Prediction
+from segkit.data.readers import DataError, load_dataset
 from tests.lsserver import free_port
 
 CONFIG = """<View>
@@ -106,7 +106,7 @@ def test_regions_use_the_configs_labels_and_leave_out_the_rest():
 def backend_client(untrained_checkpoint, tmp_path):
     from fastapi.testclient import TestClient
 
-    from segkit.labelstudio.backend import BackendConfig, create_app
+    from segkit.serve.backend import BackendConfig, create_app
 
     cfg = BackendConfig(checkpoint=untrained_checkpoint, basic_auth=("ann", "s3cret"), runs_dir=tmp_path / "runs",
                         cache_dir=tmp_path / "cache", label_studio_url=None, api_key=None)

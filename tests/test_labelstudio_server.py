@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from segkit.predictor import Predictor
-from segkit.readers import DataError, load_dataset
+from segkit.inference.predictor import Predictor
+from segkit.data.readers import DataError, load_dataset
 from tests.helpers import REPO, SAMPLE, chrome, missing
 from tests.lsserver import LS_BIN, PASSWORD, TOKEN, USERNAME, free_port, start_server
 
@@ -462,7 +462,7 @@ def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first
                                                                                trained_checkpoint, tmp_path):
     from PIL import Image
 
-    from segkit.checkpoint import model_version
+    from segkit.models.checkpoint import model_version
 
     images = sorted((tiny_data / "train" / "images").iterdir())
     blank = tmp_path / "blank.jpg"  # nothing the model knows: it must come first

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from segkit.coco import image_entry
-from segkit.images import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_size,
+from segkit.engine.coco import image_entry
+from segkit.data.images import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_size,
                            load_image, load_scaled)
-from segkit.masks import InstanceMasks
-from segkit.preannotations import mask_to_ls_rle, prediction_result
-from segkit.prediction import Prediction
+from segkit.inference.masks import InstanceMasks
+from segkit.labelstudio.preannotations import mask_to_ls_rle, prediction_result
+from segkit.inference.prediction import Prediction
 
 
 def write_png_bomb(path: Path, width: int, height: int) -> Path:

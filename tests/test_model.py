@@ -5,9 +5,9 @@ import pytest
 import torch
 from torchvision.models import _api as torchvision_api
 
-from segkit import model as model_lib
-from segkit.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from segkit.model import WeightsError, build_model
+from segkit.models import mask_rcnn as model_lib
+from segkit.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from segkit.models.mask_rcnn import WeightsError, build_model
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_checkpoint_heads_follow_their_class_names(tmp_path):
 def test_reordered_labels_detect_the_same_objects_under_their_own_names(trained_checkpoint, sample_dir):
     from PIL import Image
 
-    from segkit.predictor import detect, image_tensors
+    from segkit.inference.predictor import detect, image_tensors
 
     ckpt = load_checkpoint(trained_checkpoint)
     served = model_from_checkpoint(ckpt).eval()

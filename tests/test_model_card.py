@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from tests.helpers import require_module, tiny_config
 
-from segkit.checkpoint import load_checkpoint
+from segkit.models.checkpoint import load_checkpoint
 from segkit.cli import main
-from segkit.model_card import export_card_path, render_model_card
-from segkit.trainer import train
+from segkit.engine.model_card import export_card_path, render_model_card
+from segkit.engine.trainer import train
 
 CLASSES = ("leaf", "pebble", "shell")
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from tests.helpers import SAMPLE, write_subset
 
-from segkit.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from segkit.model import build_model
-from segkit.pointrend import (FullResolutionTransform, PointRendRoIHeads, check_resolution, fine_grained_features,
+from segkit.models.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from segkit.models.mask_rcnn import build_model
+from segkit.models.pointrend import (FullResolutionTransform, PointRendRoIHeads, check_resolution, fine_grained_features,
                               point_labels, point_sample, uncertain_points)
-from segkit.predictor import Predictor
+from segkit.inference.predictor import Predictor
 
 # Whether PointRend beats the standard head after training depends on the run (seed, CPU kernels, threads):
 # on the tests' 4 images the heads differ by less than training noise (README, "Sharper masks: PointRend").

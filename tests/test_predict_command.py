@@ -13,12 +13,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tests.helpers import SAMPLE, write_subset
-from segkit.checkpoint import model_version
+from segkit.models.checkpoint import model_version
 from segkit.cli import main
-from segkit.coco import image_entry
-from segkit.preannotations import mask_to_polygons, to_labelstudio
-from segkit.prediction import Prediction
-from segkit.readers import load_dataset
+from segkit.engine.coco import image_entry
+from segkit.labelstudio.preannotations import mask_to_polygons, to_labelstudio
+from segkit.inference.prediction import Prediction
+from segkit.data.readers import load_dataset
 
 
 # A random-init model always fills torchvision's 100 detection slots, and the mask head on 100 boxes
@@ -127,13 +127,13 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
     records = sorted((out / "records").glob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in records}
 
-    import segkit.checkpoint
+    import segkit.models.checkpoint
 
     def no_model(*_):
         raise AssertionError("a finished folder must not build the model")
 
     with monkeypatch.context() as m:
-        m.setattr(segkit.checkpoint, "model_from_checkpoint", no_model)
+        m.setattr(segkit.models.checkpoint, "model_from_checkpoint", no_model)
         args = ["predict", *FAST, "--checkpoint", str(predicted["checkpoint"]), "--out", str(out), "--score-threshold", "0.05"]
         assert main([*args, str(predicted["images"])]) == 0
     assert "2 of 2 images already done" in capsys.readouterr().out
@@ -141,11 +141,11 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
 
     # An interrupted run left one image without its record: only that one is predicted again.
     records[0].unlink()
-    import segkit.predict_files
+    import segkit.inference.predict_files
 
     todo = []
-    monkeypatch.setattr(segkit.checkpoint, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
-    monkeypatch.setattr(segkit.predict_files, "predict_images", lambda predictor, images, *a, **k: todo.extend(images) or [])
+    monkeypatch.setattr(segkit.models.checkpoint, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
+    monkeypatch.setattr(segkit.inference.predict_files, "predict_images", lambda predictor, images, *a, **k: todo.extend(images) or [])
     assert main([*args, str(predicted["images"])]) == 0
     assert [name for _, name in todo] == [records[0].stem]
     coco = json.loads((out / "predictions.json").read_text())
@@ -220,7 +220,7 @@ def test_polygons_follow_pixel_edges():
 
 
 def test_sources_names_and_errors(tmp_path, untrained_checkpoint):
-    from segkit.predict_files import find_images, unique_names
+    from segkit.inference.predict_files import find_images, unique_names
 
     for rel in ("a/img.jpg", "b/img.jpg", "b/img.png", "b/deep/other.jpg", "b/notes.txt", "out/overlays/img.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

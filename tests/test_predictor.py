@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.checkpoint import CheckpointError
-from segkit.predictor import Predictor
+from segkit.models.checkpoint import CheckpointError
+from segkit.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_compact_masks_equal_torchvisions_full_size_paste(predictor, sample_dir)
     import torch
     from torchvision.transforms.functional import pil_to_tensor
 
-    from segkit.coco import encode_mask, prediction_to_coco
+    from segkit.engine.coco import encode_mask, prediction_to_coco
 
     image = Image.open(next((sample_dir / "val" / "images").glob("*.jpg"))).convert("RGB")
     prediction = predictor(image, 0.0)
@@ -95,7 +95,7 @@ def _small_predictor(mask_head: str = "standard") -> Predictor:
     """A random-init model at 64 px, its scores spread above torchvision's 0.05 floor; cheap on a CPU."""
     import torch
 
-    from segkit.model import build_model
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", 4, weights=None, img_size=64, mask_head=mask_head,

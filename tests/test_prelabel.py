@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.predictor import Predictor
-from segkit.checkpoint import model_version
-from segkit.prelabel import labelling_prediction, task_score
+from segkit.inference.predictor import Predictor
+from segkit.models.checkpoint import model_version
+from segkit.serve.prelabel import labelling_prediction, task_score
 from tests.helpers import TINY_IMAGES
 
 

@@ -1,4 +1,4 @@
-"""Interactive prompts (segkit.prompts): Label Studio geometry, box and click answers, the feature cache.
+"""Interactive prompts (segkit.serve.prompts): Label Studio geometry, box and click answers, the feature cache.
 
 A random-init model answers: what is checked is that the engine runs the heads as documented (the same
 numbers as a direct computation, or as the Predictor's own output), not that the masks are good.
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.predictor import mask_probs, paste_masks
-from segkit.prompts import (FALLBACK_SCALES, REFINE_IOU, FeatureCache, Prompt, PromptEngine, _near, keypoint_to_point,
+from segkit.inference.predictor import mask_probs, paste_masks
+from segkit.serve.prompts import (FALLBACK_SCALES, REFINE_IOU, FeatureCache, Prompt, PromptEngine, _near, keypoint_to_point,
                             prompt_prediction, prompts_from_context, rect_to_box)
 
 HEIGHT, WIDTH = 144, 176  # not square: a swapped axis shows
@@ -19,7 +19,7 @@ CLASSES = ["leaf", "pebble", "shell"]
 
 @pytest.fixture(scope="module")
 def predictor(untrained_checkpoint):
-    from segkit.predictor import Predictor
+    from segkit.inference.predictor import Predictor
 
     # 10 detections: the mask head runs once per detection, and the tests need only a few
     return fewer_proposals(Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=10))
@@ -70,7 +70,7 @@ class BackboneCalls:
 
 def direct_features(predictor, image):
     """(features, model input size) of the image, straight from the model's transform and backbone."""
-    from segkit.predictor import image_tensors
+    from segkit.inference.predictor import image_tensors
 
     with torch.inference_mode():
         batch, _ = predictor.model.transform(image_tensors([image], predictor.device))
@@ -176,7 +176,7 @@ def test_the_box_mask_is_the_mask_heads_over_the_refined_box(engine, predictor, 
     """The prompt box, or the detection's box when IoU >= REFINE_IOU; either way cut to the prompt box."""
     from torchvision.ops import box_iou
 
-    from segkit.predictor import mask_probs, paste_masks
+    from segkit.inference.predictor import mask_probs, paste_masks
 
     entry = engine.features("img", image)
     detection = entry.boxes[0].tolist()
@@ -203,9 +203,9 @@ def test_a_box_outside_the_image_or_a_bad_label_raises(engine, image):
 
 
 def test_a_pointrend_model_answers_box_prompts(image):
-    from segkit.model import build_model
-    from segkit.pointrend import PointRendRoIHeads
-    from segkit.predictor import Predictor
+    from segkit.models.mask_rcnn import build_model
+    from segkit.models.pointrend import PointRendRoIHeads
+    from segkit.inference.predictor import Predictor
 
     torch.manual_seed(0)
     model = build_model("maskrcnn_resnet50_fpn", len(CLASSES) + 1, weights=None, img_size=128,
@@ -222,7 +222,7 @@ def test_a_pointrend_model_answers_box_prompts(image):
 def test_models_without_separate_heads_are_refused():
     from types import SimpleNamespace
 
-    from segkit.predictor import Predictor
+    from segkit.inference.predictor import Predictor
 
     exported = Predictor(None, CLASSES, runner=lambda image: None, info={"checkpoint": "model.onnx"})
     with pytest.raises(ValueError, match="exported model"):
@@ -386,7 +386,7 @@ def test_a_context_becomes_one_prediction(engine, image, low_prediction):
 
 
 def test_prompt_prediction_leaves_out_empty_masks():
-    from segkit.prompts import PromptMask
+    from segkit.serve.prompts import PromptMask
 
     full = np.zeros((4, 5), dtype=bool)
     full[1:3, 2:4] = True
@@ -408,8 +408,8 @@ def test_the_backend_answers_a_box_around_an_object_with_its_outline(trained_che
     from fastapi.testclient import TestClient
     from pycocotools import mask as mask_utils
 
-    from segkit.labelstudio.backend import BackendConfig, create_app
-    from segkit.readers import load_dataset
+    from segkit.serve.backend import BackendConfig, create_app
+    from segkit.data.readers import load_dataset
 
     record = load_dataset(tiny_data / "val").images[0]
     shell = max((i for i in record.instances if i.label == "shell"), key=lambda i: i.mask(record.height,

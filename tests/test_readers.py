@@ -15,8 +15,8 @@ from tests.exports import (
     DESKS, LS_FIXTURES, coco_ann, coco_export, labelme_file, labelme_shape, ls_annotation, ls_brush, ls_polygon,
     ls_rectangle, ls_task, png_bytes, square, write_image, write_json,
 )
-from segkit.images import ImageError, image_size, load_image
-from segkit.readers import FORMATS, DataError, load_dataset
+from segkit.data.images import ImageError, image_size, load_image
+from segkit.data.readers import FORMATS, DataError, load_dataset
 
 
 def problems(records, kind):

@@ -92,7 +92,7 @@ def test_sample_contents():
 
 
 def test_exports_reproduce_generated_masks(generated):
-    """Without segkit.readers: rasterise result.json polygons and decode tasks.json regions directly."""
+    """Without segkit.data.readers: rasterise result.json polygons and decode tasks.json regions directly."""
     for split in ("train", "val"):
         coco = json.loads((SAMPLE / split / "result.json").read_text())
         names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -125,8 +125,8 @@ def test_exports_reproduce_generated_masks(generated):
 
 @pytest.mark.parametrize("export", ["result.json", "tasks.json"])
 def test_readers_round_trip(export, generated):
-    """Generated masks -> Label Studio export -> segkit.readers -> the same instances (IoU >= 0.95)."""
-    from segkit import readers
+    """Generated masks -> Label Studio export -> segkit.data.readers -> the same instances (IoU >= 0.95)."""
+    from segkit.data import readers
     for split in ("train", "val"):
         records = readers.load_dataset(SAMPLE / split / export)
         assert not [p for p in records.problems if p.fatal]

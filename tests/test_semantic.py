@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from segkit.class_map import IGNORE_INDEX, class_map
+from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.cli import main
-from segkit.model import WeightsError
-from segkit.prediction import SemanticPrediction
-from segkit.predictor import Predictor, SemanticPredictor
-from segkit.readers import load_dataset
-from segkit.records import ImageRecord, Instance
-from segkit.semantic import SemanticDataset, SemanticEvaluator
-from segkit.semantic_model import build_semantic_model
-from segkit.trainer import TrainingStopped, train
+from segkit.models.mask_rcnn import WeightsError
+from segkit.inference.prediction import SemanticPrediction
+from segkit.inference.predictor import Predictor, SemanticPredictor
+from segkit.data.readers import load_dataset
+from segkit.data.records import ImageRecord, Instance
+from segkit.engine.semantic import SemanticDataset, SemanticEvaluator
+from segkit.models.semantic import build_semantic_model
+from segkit.engine.trainer import TrainingStopped, train
 from tests.helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_predict_writes_class_pngs_and_one_brush_per_class(semantic_checkpoint, 
 
 
 def test_export_refuses_a_semantic_checkpoint(semantic_checkpoint, tmp_path):
-    from segkit.export import ExportError, export
+    from segkit.inference.export import ExportError, export
 
     with pytest.raises(ExportError, match="semantic"):
         export(semantic_checkpoint, "onnx", tmp_path / "m.onnx")
@@ -310,7 +310,7 @@ def test_ml_backend_answers_with_one_region_per_class(semantic_checkpoint, tiny_
 
     from fastapi.testclient import TestClient
 
-    from segkit.labelstudio.backend import BackendConfig, create_app
+    from segkit.serve.backend import BackendConfig, create_app
 
     images = tiny_data / "val" / "images"
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from segkit.records import ImageRecord, Instance
-from segkit.splits import SPLITS, SplitError, restore_split, split_paths, split_records
+from segkit.data.records import ImageRecord, Instance
+from segkit.data.splits import SPLITS, SplitError, restore_split, split_paths, split_records
 
 
 def _image(name: str, *labels: str, split: str | None = None, root: Path = Path("/data")) -> ImageRecord:

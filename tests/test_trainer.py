@@ -10,10 +10,10 @@ import pytest
 import torch
 from tests.helpers import instance_scores, tiny_config
 
-from segkit import engine
-from segkit.checkpoint import load_checkpoint
-from segkit.predictor import Predictor
-from segkit.trainer import TrainingStopped, train
+from segkit.engine import loops as engine
+from segkit.models.checkpoint import load_checkpoint
+from segkit.inference.predictor import Predictor
+from segkit.engine.trainer import TrainingStopped, train
 
 REQUIRED_COLUMNS = {"epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr",
                     "seconds", "train_loss_mask", "val_loss_mask", "train_loss_classifier"}
@@ -167,7 +167,7 @@ def test_non_finite_loss_names_the_images_and_the_last_good_checkpoint(tiny_data
 
 def test_fine_tune_from_torchvision_format_weights_then_resume(tiny_data, tmp_path):
     """The transfer-learning path (frozen batch norm and early stages) trains, reloads and resumes."""
-    from segkit.model import build_model
+    from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
     coco_like = build_model("maskrcnn_resnet50_fpn", 91, weights=None).state_dict()

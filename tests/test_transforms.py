@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.transforms import PRESETS, build_transform, masks_to_boxes
+from segkit.data.transforms import PRESETS, build_transform, masks_to_boxes
 
 # each instance is painted in a pure primary colour and labelled by it: label k <-> channel k - 1,
 # so after any augmentation the pixels under an output mask must still be dominated by that channel

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.prediction import Prediction
-from segkit.visualize import PALETTE, instance_mask_png, overlay, side_by_side
+from segkit.inference.prediction import Prediction
+from segkit.inference.visualize import PALETTE, instance_mask_png, overlay, side_by_side
 
 W, H = 200, 150
 BACKGROUND = (40, 40, 40)  # far from every palette colour, so blending always changes a pixel
@@ -117,7 +117,7 @@ def test_side_by_side_puts_prediction_beside_ground_truth(image, prediction):
 def test_ground_truth_from_a_record_is_labelled_with_the_class_only(image):
     from pathlib import Path
 
-    from segkit.records import ImageRecord, Instance
+    from segkit.data.records import ImageRecord, Instance
 
     square = Instance("pebble", [[20, 60, 70, 60, 70, 110, 20, 110]], (20, 60, 70, 110))
     record = ImageRecord(Path("x.jpg"), W, H, [square, Instance("shell", None, (0, 0, 5, 5))])  # a box: no mask

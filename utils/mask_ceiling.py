@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from segkit.boundary import boundary_iou
-from segkit.model import image_size_kwargs
-from segkit.pointrend import point_sample
-from segkit.readers import load_dataset
+from segkit.engine.boundary import boundary_iou
+from segkit.models.mask_rcnn import image_size_kwargs
+from segkit.models.pointrend import point_sample
+from segkit.data.readers import load_dataset
 
 
 def through_grid(mask: np.ndarray, size: int) -> np.ndarray:

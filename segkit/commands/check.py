@@ -11,9 +11,9 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
-from segkit.readers import FORMATS, DataError, load_dataset
-from segkit.records import DatasetRecords
-from segkit.validate import not_trainable_reason, report
+from segkit.data.readers import FORMATS, DataError, load_dataset
+from segkit.data.records import DatasetRecords
+from segkit.data.validate import not_trainable_reason, report
 
 _SHOWN_PER_KIND = 10  # problems listed per kind in the human report; --json lists all
 

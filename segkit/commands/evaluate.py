@@ -1,8 +1,8 @@
 """``segkit evaluate``: COCO AP, per-class IoU/Dice and Boundary IoU of a checkpoint on a dataset, as a table, JSON and plots.
 
-See :mod:`segkit.metrics` for what each number means and which score threshold it uses. A semantic
+See :mod:`segkit.engine.metrics` for what each number means and which score threshold it uses. A semantic
 checkpoint gets per-class IoU and Dice, mIoU, mDice and pixel accuracy under the same ``semantic``
-key of the JSON (:mod:`segkit.semantic`), and its confusion matrix.
+key of the JSON (:mod:`segkit.engine.semantic`), and its confusion matrix.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.records import ImageRecord, restrict_to_classes
-from segkit.splits import SPLITS
+from segkit.data.records import ImageRecord, restrict_to_classes
+from segkit.data.splits import SPLITS
 
 SPLIT_CHOICES = (*SPLITS, "all")
 
@@ -41,12 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table, write what was asked; 2 when the checkpoint or data cannot be used."""
     from segkit.atomic import write_json
-    from segkit.checkpoint import CheckpointError
-    from segkit.metrics import BACKGROUND, EvaluateError, evaluate_predictor, format_table
-    from segkit.plots import plot_confusion_matrix, plot_pr_curves
-    from segkit.predictor import Predictor, SemanticPredictor
-    from segkit.readers import DataError
-    from segkit.splits import SplitError
+    from segkit.models.checkpoint import CheckpointError
+    from segkit.engine.metrics import BACKGROUND, EvaluateError, evaluate_predictor, format_table
+    from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
+    from segkit.inference.predictor import Predictor, SemanticPredictor
+    from segkit.data.readers import DataError
+    from segkit.data.splits import SplitError
 
     try:
         ckpt, records, which = _load(args)
@@ -78,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_semantic(args: argparse.Namespace, predictor, records: list[ImageRecord], which: str) -> int:
-    """``run`` for a semantic checkpoint: class maps against the annotations' (see :mod:`segkit.class_map`)."""
+    """``run`` for a semantic checkpoint: class maps against the annotations' (see :mod:`segkit.data.class_map`)."""
     from segkit.atomic import write_json
-    from segkit.metrics import BACKGROUND
-    from segkit.plots import plot_confusion_matrix
-    from segkit.semantic import evaluate_predictor, format_table
+    from segkit.engine.metrics import BACKGROUND
+    from segkit.engine.plots import plot_confusion_matrix
+    from segkit.engine.semantic import evaluate_predictor, format_table
 
     evaluator = evaluate_predictor(predictor, records, predictor.classes, max(1, args.batch_size))
     report = {"semantic": evaluator.evaluate()}
@@ -101,10 +101,10 @@ def _run_semantic(args: argparse.Namespace, predictor, records: list[ImageRecord
 
 def _load(args: argparse.Namespace) -> tuple[dict, list[ImageRecord], str]:
     """(checkpoint, the images to evaluate with only the model's classes, where the choice came from)."""
-    from segkit.checkpoint import load_checkpoint
-    from segkit.metrics import EvaluateError
-    from segkit.readers import load_dataset
-    from segkit.splits import select_split
+    from segkit.models.checkpoint import load_checkpoint
+    from segkit.engine.metrics import EvaluateError
+    from segkit.data.readers import load_dataset
+    from segkit.data.splits import select_split
 
     ckpt = load_checkpoint(args.checkpoint)
     data = args.data or (ckpt.get("config") or {}).get("data")

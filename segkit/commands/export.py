@@ -35,10 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and say what was written; 2 when the checkpoint cannot be exported or a package is missing."""
-    from segkit.checkpoint import CheckpointError
-    from segkit.export import ExportError, artifact_info, export
+    from segkit.models.checkpoint import CheckpointError
+    from segkit.inference.export import ExportError, artifact_info, export
 
-    from segkit.readers import DataError
+    from segkit.data.readers import DataError
 
     try:
         if args.int8:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             path = export(args.checkpoint, args.format, args.out, args.max_detections, args.bf16)
             if args.bf16 and args.data:
-                from segkit.quantize import report_bf16
+                from segkit.inference.quantize import report_bf16
 
                 report_bf16(path, args.data)
         info = artifact_info(path)
@@ -73,9 +73,9 @@ def _ap_change(report: dict) -> str:
 
 
 def _export_int8(args: argparse.Namespace):
-    from segkit.checkpoint import load_checkpoint
-    from segkit.export import ExportError
-    from segkit.quantize import export_int8
+    from segkit.models.checkpoint import load_checkpoint
+    from segkit.inference.export import ExportError
+    from segkit.inference.quantize import export_int8
 
     if args.format != "openvino":
         raise ExportError("--int8 needs --format openvino")
@@ -87,7 +87,7 @@ def _export_int8(args: argparse.Namespace):
 
 def _write_card(args: argparse.Namespace, path: Path, info: dict) -> Path:
     """The model card beside the artifact: the run's card, and this file's own AP."""
-    from segkit.model_card import write_export_card
+    from segkit.engine.model_card import write_export_card
 
     ap, measured = _own_ap(args, Path(path), info)
     return write_export_card(args.checkpoint, path, info, ap, measured)
@@ -97,8 +97,8 @@ def _own_ap(args: argparse.Namespace, path: Path, info: dict) -> tuple[dict | No
     """The artifact's box and mask AP and what they were measured on: the INT8 or bf16 report when the export
     made one, else this file on the run's val split when that is small (as ``segkit evaluate`` does), else
     (None, why not)."""
-    from segkit.quantize import artifact_ap, train_val_records
-    from segkit.readers import DataError
+    from segkit.inference.quantize import artifact_ap, train_val_records
+    from segkit.data.readers import DataError
 
     export = info["export"]
     for key, what in (("int8", "the INT8 model"), ("bf16_ap", "in bfloat16")):

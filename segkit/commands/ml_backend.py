@@ -1,9 +1,9 @@
-"""``segkit ml-backend``: serve a checkpoint as a Label Studio ML backend (see segkit.labelstudio.backend).
+"""``segkit ml-backend``: serve a checkpoint as a Label Studio ML backend (see segkit.serve.backend).
 
 In the project's Settings > Model, connect ``http://HOST:PORT``. Settings that Label Studio's own
 backends read from the environment are read here too: ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``
 (to fetch task images and to retrain), ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``. It refuses to start
-where strangers could use it or learn the key (see ``segkit.labelstudio.backend.check_settings``).
+where strangers could use it or learn the key (see ``segkit.serve.backend.check_settings``).
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
 
-    from segkit.labelstudio.backend import (LOOPBACK_NAMES, ExposureError, backend_config, check_settings,
+    from segkit.serve.backend import (LOOPBACK_NAMES, ExposureError, backend_config, check_settings,
                                             create_app, is_loopback)
-    from segkit.runs import newest_best
+    from segkit.engine.runs import newest_best
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # httpx logs every request's full URL at INFO: a signed storage link's query is a credential

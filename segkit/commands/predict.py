@@ -1,8 +1,8 @@
 """``segkit predict``: segment images, folders or globs; write overlays, instance masks, COCO and Label Studio json.
 
-The output folder's layout, the naming of files and the resuming rules are in :mod:`segkit.predict_files`.
-Under ``torchrun`` the ranks share the images (:mod:`segkit.sharding`); ``--ray`` runs them through a
-Ray Data actor pool instead, from a folder or an object-store prefix (:mod:`segkit.ray_predict`).
+The output folder's layout, the naming of files and the resuming rules are in :mod:`segkit.inference.predict_files`.
+Under ``torchrun`` the ranks share the images (:mod:`segkit.inference.sharding`); ``--ray`` runs them through a
+Ray Data actor pool instead, from a folder or an object-store prefix (:mod:`segkit.inference.ray_predict`).
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from segkit.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
+from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
 
 if TYPE_CHECKING:
-    from segkit.predict_files import FolderResult, LabelStudioOptions
+    from segkit.inference.predict_files import FolderResult, LabelStudioOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,13 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; 2 when nothing can be done, 1 when some images could not be read, else 0."""
-    from segkit.checkpoint import CheckpointError
-    from segkit.predict_files import LabelStudioOptions, SourceError
+    from segkit.models.checkpoint import CheckpointError
+    from segkit.inference.predict_files import LabelStudioOptions, SourceError
 
     ls = LabelStudioOptions(args.from_name, args.to_name, args.ls_brush, args.image_root_url)
     try:
         if args.ray is not None:
-            from segkit.ray_predict import predict_with_ray
+            from segkit.inference.ray_predict import predict_with_ray
 
             return predict_with_ray(args, ls)
         return _predict_here(args, ls)
@@ -73,9 +73,9 @@ def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     """This process's part: all of it, or under torchrun its rank's share (rank 0 writes the json files)."""
     import torch
 
-    from segkit.images import IMAGE_EXTENSIONS
-    from segkit.predict_files import SourceError, find_images, predict_to_folder
-    from segkit.sharding import Ranks, cpu_threads, rank_device
+    from segkit.data.images import IMAGE_EXTENSIONS
+    from segkit.inference.predict_files import SourceError, find_images, predict_to_folder
+    from segkit.inference.sharding import Ranks, cpu_threads, rank_device
 
     out = Path(args.out)
     images = find_images(args.sources, exclude=out)

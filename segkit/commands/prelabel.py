@@ -1,7 +1,7 @@
 """``segkit prelabel <project URL> --checkpoint CKPT``: pre-annotate a Label Studio project, least-sure first.
 
 Posts one prediction per task (those without one of this model's version, unless ``--all``) with a score
-that is low where the model is least sure (:func:`segkit.prelabel.task_score`); sort the Data Manager by
+that is low where the model is least sure (:func:`segkit.serve.prelabel.task_score`); sort the Data Manager by
 prediction score to label those first. Interrupted runs resume: the tasks already posted are skipped.
 
 ``torchrun --nproc-per-node N -m segkit prelabel ...`` splits the tasks between N processes (each on its own
@@ -37,13 +37,13 @@ def run(args: argparse.Namespace) -> int:
     """Pre-label; 2 when nothing could be done, 1 when some tasks failed, else 0."""
     import torch
 
-    from segkit.checkpoint import CheckpointError
+    from segkit.models.checkpoint import CheckpointError
     from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
     from segkit.labelstudio.config import LabelConfigError
-    from segkit.predictor import Predictor
-    from segkit.checkpoint import model_version
-    from segkit.prelabel import least_sure, prelabel_project, sort_hint
-    from segkit.sharding import Ranks, cpu_threads, rank_device
+    from segkit.inference.predictor import Predictor
+    from segkit.models.checkpoint import model_version
+    from segkit.serve.prelabel import least_sure, prelabel_project, sort_hint
+    from segkit.inference.sharding import Ranks, cpu_threads, rank_device
 
     ranks = Ranks.from_env()
     if (threads := cpu_threads(ranks)) is not None:

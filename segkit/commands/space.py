@@ -1,6 +1,6 @@
 """``segkit space``: a trained model as a complete Hugging Face Space folder; ``git push`` of it deploys it.
 
-What the folder holds and why it is a Docker Space: :mod:`segkit.space`.
+What the folder holds and why it is a Docker Space: :mod:`segkit.serve.space`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit space``."""
-    from segkit.space import FORMATS
+    from segkit.serve.space import FORMATS
 
     p.add_argument("checkpoint", help="a segkit checkpoint (runs/<name>/best.pt)")
     p.add_argument("--out", required=True, help="the Space's folder: created, or updated in place (a clone of the "
@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the Space and print how to push it; 2 when it cannot be written."""
-    from segkit.checkpoint import CheckpointError
-    from segkit.space import SpaceError, build_space, push_commands
+    from segkit.models.checkpoint import CheckpointError
+    from segkit.serve.space import SpaceError, build_space, push_commands
 
     try:
         out = build_space(args.checkpoint, args.out, args.format, args.space, cpu=not args.gpu,

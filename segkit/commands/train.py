@@ -1,4 +1,4 @@
-"""``segkit train`` (and ``python train.py``): one flag per :class:`segkit.trainer.TrainConfig` field.
+"""``segkit train`` (and ``python train.py``): one flag per :class:`segkit.engine.trainer.TrainConfig` field.
 
 Multi-GPU: ``torchrun --nproc_per_node=N train.py ...``; the trainer joins torchrun's process group.
 """
@@ -8,8 +8,8 @@ import argparse
 import dataclasses
 import sys
 
-from segkit.tracking import TRACKERS, TrackerError, parse_names
-from segkit.trainer import TrainConfig, TrainingStopped, train
+from segkit.engine.tracking import TRACKERS, TrackerError, parse_names
+from segkit.engine.trainer import TrainConfig, TrainingStopped, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

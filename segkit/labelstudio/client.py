@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from segkit.readers.files import DataError
+from segkit.data.readers.files import DataError
 
 API_KEY_ENV = "LABEL_STUDIO_API_KEY"  # the variable Label Studio's own ML backends read
 _PROJECT_URL = re.compile(r"^(?P<server>https?://[^?#]+?)/projects/(?P<id>\d+)(?=$|[/?#])")

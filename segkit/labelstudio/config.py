@@ -9,7 +9,7 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from segkit.records import class_key
+from segkit.data.records import class_key
 
 log = logging.getLogger("segkit.labelstudio")
 

@@ -23,8 +23,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from segkit.atomic import atomic_write, write_json
 from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, redact, resolve_api_key
-from segkit.readers.labelstudio import image_reference, read_labelstudio
-from segkit.records import DatasetRecords, Problem
+from segkit.data.readers.labelstudio import image_reference, read_labelstudio
+from segkit.data.records import DatasetRecords, Problem
 
 
 def default_cache_dir() -> Path:

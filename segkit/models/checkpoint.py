@@ -1,0 +1,117 @@
+"""Self-describing checkpoints: written atomically, read without executing code.
+
+A checkpoint is a plain dict of tensors, numbers, strings and lists, so ``torch.load(weights_only=True)``
+can read it and a file carrying pickled code is refused. It holds everything needed to rebuild the model
+(architecture, class names, image size, score threshold), and, for ``last.pt``, to resume training.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segkit
+from segkit.atomic import atomic_open
+from segkit.models.mask_rcnn import build_model
+from segkit.models.pointrend import mask_head_of
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_size: int,
+                    score_threshold: float = 0.5, frozen_bn: bool = False, task: str = "instance",
+                    **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of ``model``: what :func:`model_from_checkpoint` needs to rebuild it.
+
+    ``task`` is ``"instance"`` (Mask R-CNN) or ``"semantic"`` (:mod:`segkit.models.semantic`); a
+    checkpoint without it is an instance model.
+
+    ``mask_head`` (``"standard"`` or ``"pointrend"``, with ``mask_resolution``) is read from the model:
+    it says which mask head to rebuild, and lets an exporter refuse what its backend cannot run.
+    ``extra`` adds run details: ``epoch``, ``metrics``, ``config``, ``split``, and for resuming the
+    optimizer, scheduler, scaler, ``history``, ``step`` and ``rng``.
+    """
+    return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
+            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), "task": task,
+            **(mask_head_of(model) if task == "instance" else {}), **extra}
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically; a crash or Ctrl-C during the write leaves the previous file intact."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"segkit_version": segkit.__version__, **state}, f)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file.
+
+    An exported model (:mod:`segkit.inference.export`) gives its self-description instead: the same keys less
+    the weights, plus ``export`` (format, frozen settings, source checkpoint).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    from segkit.inference.export import ExportError, artifact_info, is_artifact
+
+    if is_artifact(path):
+        try:
+            return artifact_info(path)
+        except ExportError as e:
+            raise CheckpointError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - each backend's parser fails in its own way
+            raise CheckpointError(f"{path}: not a readable exported model ({type(e).__name__}: {e})") from e
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors have many types
+        raise CheckpointError(f"{path}: not a loadable segkit checkpoint ({type(e).__name__}: {e})."
+                              " Checkpoints that carry code are refused.") from e
+    missing = [k for k in ("model", "arch", "classes", "img_size") if k not in ckpt] if isinstance(ckpt, dict) else ["model"]
+    if missing:
+        raise CheckpointError(f"{path}: not a segkit checkpoint (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset).
+
+    Checkpoints from before PointRend have no ``mask_head``: they are ``"standard"``; checkpoints
+    without ``task`` are instance models.
+    """
+    if task_of(ckpt) == "semantic":
+        from segkit.models.semantic import build_semantic_model
+
+        model = build_semantic_model(ckpt["arch"], len(ckpt["classes"]) + 1, weights=None, img_size=ckpt["img_size"],
+                                     loss=(ckpt.get("config") or {}).get("loss") or "ce+dice")
+        model.load_state_dict(ckpt["model"])
+        return model
+    head = {"mask_head": ckpt.get("mask_head", "standard")}
+    if "mask_resolution" in ckpt:
+        head["mask_resolution"] = int(ckpt["mask_resolution"])
+    model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]) + 1, weights=None,
+                        img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)), **head)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def task_of(ckpt: dict[str, Any]) -> str:
+    """``"instance"`` or ``"semantic"``: what a loaded checkpoint (or exported model's description) predicts."""
+    return ckpt.get("task") or "instance"
+
+
+def model_version(checkpoint: str | Path) -> str:
+    """``segkit-<run>-<8 hex of the file>``: the ``model_version`` of every Label Studio prediction segkit makes
+    from ``checkpoint`` (ML backend, ``segkit prelabel``, ``segkit predict``'s labelstudio.json), so each sees
+    the others' as current; a retrained file at the same path gets a new one."""
+    path = Path(checkpoint)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"segkit-{path.parent.name or path.stem}-{digest.hexdigest()[:8]}"

@@ -1,0 +1,651 @@
+"""segkit as a Label Studio ML backend: ``GET /health``, ``POST /setup``, ``POST /predict``,
+``POST /webhook`` and ``GET /versions`` (Label Studio's protocol, served with FastAPI).
+
+``/predict`` answers one prediction per task, in order, with regions in the project's own tag
+names and labels (see :mod:`segkit.labelstudio.config`), built by the same code as ``segkit
+predict``'s ``labelstudio.json``. "Start training" (and, with ``train_every``, every N new or updated
+annotations) fine-tunes the served checkpoint on the project in a background ``segkit train``
+process; when it succeeds its best checkpoint is served under a new ``model_version``, which makes
+Label Studio ask for fresh predictions; when it fails, the old model keeps serving and ``/versions``
+says why.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from segkit.engine.coco import image_entry
+from segkit.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_scaled
+from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
+from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
+from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
+from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
+from segkit.labelstudio.preannotations import prediction_result
+from segkit.models.checkpoint import model_version
+from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
+from segkit.data.readers.labelstudio import image_reference
+
+log = logging.getLogger("segkit.labelstudio")
+
+
+@dataclass
+class BackendConfig:
+    """How the backend predicts, reaches Label Studio and retrains (``segkit ml-backend --help``)."""
+
+    checkpoint: Path
+    score_threshold: float | None = None  # None: the checkpoint's
+    max_detections: int = 100
+    img_size: int | None = None  # None: the checkpoint's
+    regions: str = "auto"  # auto (polygons when the config has both), polygon or brush
+    device: str | None = None
+    label_studio_url: str | None = None  # default $LABEL_STUDIO_URL, else what /setup says
+    api_key: str | None = None  # default $LABEL_STUDIO_API_KEY, else what /setup says
+    basic_auth: tuple[str, str] | None = None
+    train_every: int = 0  # retrain after this many new/updated annotations (0: only on "Start training")
+    train_epochs: int = 10
+    train_img_size: int | None = None  # None: the checkpoint's
+    train_args: list[str] = field(default_factory=list)  # more `segkit train` options
+    runs_dir: Path = Path("runs/labelstudio")
+    cache_dir: Path | None = None
+    allow_hosts: list[str] = field(default_factory=list)  # private hosts images may come from, besides Label Studio
+    max_download: int = DEFAULT_MAX_DOWNLOAD  # bytes of one image download
+    cache_bytes: int | None = 2 * 2**30  # the image cache's cap (least recently used go first; None: no cap)
+    fetch_timeout: float = 60.0  # seconds for all of one request's downloads: Label Studio gives up at 100
+    fetch_workers: int = 4  # downloads at once per request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
+    prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
+    prelabel_after_training: bool = False  # post the new model's predictions of every task after each retraining
+
+
+class ExposureError(ValueError):
+    """The backend would be reachable by strangers, or would send a key where the user did not send it."""
+
+
+def check_settings(cfg: BackendConfig, host: str, no_auth: bool = False) -> None:
+    """Refuse to start a backend that others could use, or that could hand the key to them.
+
+    A key from the environment or ``--ls-token`` is only ever sent to ``LABEL_STUDIO_URL``, so it
+    needs one; and anything but loopback needs basic auth (or ``--no-auth``, said on purpose, for a
+    trusted network): whoever reaches the port can otherwise retrain, swap the model and make the
+    backend fetch addresses on its network.
+    """
+    if cfg.api_key and not cfg.label_studio_url:
+        raise ExposureError(f"{API_KEY_ENV} is set but LABEL_STUDIO_URL is not: set LABEL_STUDIO_URL to your Label "
+                            f"Studio's address (e.g. http://localhost:8080), the only place the key is sent")
+    if not cfg.basic_auth and not no_auth and not is_loopback(host):
+        raise ExposureError(f"refusing to listen on {host} without credentials: anyone who reaches the port could "
+                            f"retrain and replace the model. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same "
+                            f"in Label Studio's model settings), listen on 127.0.0.1, or pass --no-auth on a "
+                            f"trusted network")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the port to this machine."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def basic_auth_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(BASIC_AUTH_USER, BASIC_AUTH_PASS)``, None when neither is set; one without the other is refused,
+    since silently serving without auth is what the user tried to prevent."""
+    user, password = env.get("BASIC_AUTH_USER") or "", env.get("BASIC_AUTH_PASS") or ""
+    if bool(user) != bool(password):
+        missing = "BASIC_AUTH_PASS" if user else "BASIC_AUTH_USER"
+        raise ExposureError(f"{missing} is not set: basic auth needs both BASIC_AUTH_USER and BASIC_AUTH_PASS")
+    return (user, password) if user else None
+
+
+def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any) -> BackendConfig:
+    """The backend's settings: ``options`` (BackendConfig fields) plus Label Studio's variables from ``env``
+    (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``)."""
+    return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
+                         api_key=options.pop("api_key", None) or env.get(API_KEY_ENV) or None,
+                         basic_auth=basic_auth_from_env(env), **options)
+
+
+class ServedModel:
+    """The predictor being served and its version; swapped whole when a retraining succeeds."""
+
+    def __init__(self, cfg: BackendConfig, predictor=None):
+        self.cfg = cfg
+        self.lock = threading.Lock()  # one forward at a time: torch already uses every core
+        self._swap = threading.Lock()  # predictor and version change together (not held during a forward)
+        self.versions: list[str] = []
+        self.load(cfg.checkpoint, predictor)
+
+    def load(self, checkpoint: Path, predictor=None) -> None:
+        """Serve ``checkpoint`` (``predictor``: the same, already loaded, e.g. the demo's)."""
+        from segkit.inference.predictor import Predictor  # torch: imported when a model is served
+
+        predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
+        if self.cfg.img_size and hasattr(predictor.model, "transform"):
+            predictor.model.transform.min_size = (self.cfg.img_size,)
+        elif self.cfg.img_size:  # a semantic model resizes itself
+            predictor.model.img_size = self.cfg.img_size
+        if self.cfg.score_threshold is not None:
+            predictor.score_threshold = self.cfg.score_threshold
+        version = model_version(checkpoint)
+        with self._swap:
+            self.predictor, self.checkpoint, self.version = predictor, checkpoint, version
+        self.versions.append(version)
+        log.info("serving %s as model_version %s", checkpoint, version)
+
+    def current(self) -> tuple[Any, str]:
+        """(predictor, version), read together: a retraining may swap both at any moment."""
+        with self._swap:
+            return self.predictor, self.version
+
+
+NO_SERVER = "http://label-studio.invalid"  # the client's server when the backend knows no Label Studio
+
+
+@dataclass
+class LabelStudioLink:
+    """Where Label Studio is and which key to send there: each key only ever goes with the URL it came with.
+
+    The user's settings (``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY`` or ``--ls-token``) come first and
+    cannot be changed by a request. Without them, ``/setup`` brings a (hostname, access_token) pair per
+    project, kept together: a later ``/setup`` naming another host cannot take a key sent by an earlier one.
+    """
+
+    url: str | None = None
+    api_key: str | None = None
+    allow_hosts: list[str] = field(default_factory=list)
+    timeout: float = 60.0
+    schemas: dict[str, str] = field(default_factory=dict)  # project id -> labeling config
+    setups: dict[str, tuple[str, str]] = field(default_factory=dict)  # project id -> (hostname, key) from /setup
+
+    def setup(self, project: str, hostname: Any, key: Any) -> None:
+        """Take a ``/setup`` request's server and key, as a pair, unless the user's settings decide."""
+        if not (isinstance(hostname, str) and isinstance(key, str) and key):
+            return
+        try:
+            where = origin(hostname)
+        except (httpx.InvalidURL, ValueError, UnicodeError):
+            return
+        if where[0] not in ("http", "https") or not where[1]:
+            return
+        if self.url and (self.api_key or where != origin(self.url)):
+            return  # the user named the server: a request names neither it nor the key sent there
+        self.setups[project] = (hostname.rstrip("/"), key)
+
+    def server(self, project: str | None) -> tuple[str, str] | None:
+        """(URL, key) of Label Studio for ``project``, or None when the backend does not know both."""
+        if self.url and self.api_key:
+            return self.url.rstrip("/"), self.api_key
+        return self.setups.get(str(project)) if project else None
+
+    def client(self, project: str | None) -> Client:
+        """A client of the project's Label Studio; raises saying what to set when it is unknown."""
+        found = self.server(project)
+        if found is None:
+            raise LabelStudioError(f"the backend does not know Label Studio's URL and key: set LABEL_STUDIO_URL "
+                                   f"and {API_KEY_ENV} where it runs")
+        url, key = found
+        return Client(url, key, timeout=self.timeout,
+                      request_hook=EgressPolicy.create(url, self.allow_hosts).hook)
+
+    def client_or_none(self, project: str | None) -> Client:
+        """A client of Label Studio, or, when it is unknown, one for absolute image URLs only (no key sent)."""
+        if self.server(project):
+            return self.client(project)
+        return Client(NO_SERVER, "-", timeout=self.timeout,
+                      request_hook=EgressPolicy.create(None, self.allow_hosts).hook)
+
+
+class Predictions:
+    """Tasks -> Label Studio predictions with the served model, in the config's tag names and labels.
+
+    A request's images are downloaded concurrently and outside the model's lock, within a deadline, so a
+    slow image server delays only its own request; any failure of one task (its image, its decoding, its
+    prediction) gives that task an empty result, logged with the reason, and the others are answered.
+    """
+
+    def __init__(self, model: ServedModel, link: LabelStudioLink, cfg: BackendConfig):
+        self.model, self.link, self.cfg = model, link, cfg
+        self._targets: dict[tuple[str, tuple[str, ...], bool], tuple[RegionTarget, dict[str, str]]] = {}
+        self._caches: dict[Path, ImageCache] = {}
+        self._features = None  # segkit.serve.prompts.FeatureCache, made on the first prompt (keyed by model version)
+        self._lock = threading.Lock()
+
+    def target(self, label_config: str, classes: list[str],
+               semantic: bool = False) -> tuple[RegionTarget, dict[str, str]]:
+        """The tag to fill and class -> label, worked out (and logged) once per config and class list.
+
+        A semantic model prefers brushes: a class's area is one region, often in many pieces.
+        """
+        key = (label_config, tuple(classes), semantic)
+        if key not in self._targets:
+            prefer = "brush" if self.cfg.regions == "brush" or semantic else "polygon"
+            target = choose_target(label_config, prefer)
+            if self.cfg.regions != "auto" and target.kind != self.cfg.regions:
+                log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
+            self._targets[key] = target, match_labels(classes, target)
+        return self._targets[key]
+
+    def __call__(self, tasks: list, label_config: str, project: str | None, prompts: list | None = None) -> list[dict]:
+        """One prediction per task; with ``prompts`` (Label Studio's auto-annotation: boxes and clicks the
+        annotator drew, :func:`segkit.serve.prompts.prompts_from_context`) the objects they point at instead."""
+        predictor, version = self.model.current()
+        target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
+        cache = self._cache(project)
+        try:
+            with self.link.client_or_none(project) as client:
+                fetched = self._fetch_all(tasks, client, cache)
+                return [self._one(task, found, client, cache, predictor, version, target, labels, prompts)
+                        for task, found in zip(tasks, fetched)]
+        finally:
+            cache.save()
+
+    def _fetch_all(self, tasks: list, client: Client, cache: ImageCache) -> list:
+        """Each task's (URL, cached file), or the exception that kept it; all within ``cfg.fetch_timeout``.
+        Only files are held: each image is decoded just before its forward, one at a time."""
+        deadline = time.monotonic() + self.cfg.fetch_timeout
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.cfg.fetch_workers, len(tasks))),
+                                  thread_name_prefix="segkit-fetch")
+        futures = [pool.submit(self._download, task, client, cache) for task in tasks]
+        found = []
+        for future in futures:
+            try:
+                found.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FuturesTimeout:
+                found.append(TimeoutError(f"no image within {self.cfg.fetch_timeout:.0f} s"))
+            except Exception as e:  # noqa: BLE001 - one task's image, whatever broke, is that task's failure
+                found.append(e)
+        pool.shutdown(wait=False, cancel_futures=True)  # a download past the deadline ends at its own timeout
+        return found
+
+    def _download(self, task: Any, client: Client, cache: ImageCache) -> tuple[str, str, Path]:
+        ref = image_reference(task.get("data")) if isinstance(task, dict) else None
+        url = self._url(ref, task.get("id") if isinstance(task, dict) else None, client)
+        return ref, url, cache.folder / cache.fetch(client, url, ref)
+
+    def _decode(self, found: tuple[str, str, Path], client: Client, cache: ImageCache, max_side: int | None):
+        """(image no larger than the model needs, original size); a copy that does not decode is fetched again."""
+        ref, url, path = found
+        try:
+            return load_scaled(path, max_side, self.cfg.max_pixels)
+        except ImageTooLargeError:
+            raise  # not broken: fetching it again changes nothing
+        except ImageError:
+            cache.forget(url)  # a truncated copy, or the server's file was broken when we fetched it
+            return load_scaled(cache.folder / cache.fetch(client, url, ref), max_side, self.cfg.max_pixels)
+
+    def _one(self, task, found, client, cache, predictor, version, target, labels, prompts=None) -> dict:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            if isinstance(found, BaseException):
+                raise found
+            image, original_size = self._decode(found, client, cache, max_image_side(predictor))
+            score = None  # a prompt's answer: the mean of its masks' scores
+            with self.model.lock:  # one forward at a time: torch already uses every core
+                if prompts:
+                    prediction = self._prompted(predictor, version, (task_id, found[1]), image, prompts, labels)
+                else:  # scored as segkit prelabel scores it, so Label Studio orders tasks least-sure first
+                    prediction, score = labelling_prediction(predictor, image)
+            if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
+                prediction = prediction.as_instances()
+            entry = image_entry(found[0], image.width, image.height, prediction)
+            return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels,
+                                     original_size=original_size, score=score)
+        except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
+            log.warning("task %s: no prediction: %s", task_id, _loggable(e))
+            return {"model_version": version, "score": 0.0, "result": []}
+
+    def _prompted(self, predictor, version: str, key, image, prompts: list, labels: dict[str, str]):
+        """The objects the prompts point at, answered by the served model's heads on cached features."""
+        from segkit.serve.prompts import FeatureCache, PromptEngine
+
+        with self._lock:
+            if self._features is None:
+                self._features = FeatureCache(self.cfg.prompt_cache)
+        label_classes = {label: i for i, name in enumerate(predictor.classes, 1) if (label := labels.get(name))}
+        return PromptEngine(predictor, version, cache=self._features).predict(key, image, prompts, label_classes)
+
+    def _url(self, ref: Any, task_id: Any, client: Client) -> str:
+        if not isinstance(ref, str) or not ref:
+            raise LabelStudioError("the task's data names no image")
+        if ref.startswith(("http://", "https://")):
+            return ref
+        if client.server == NO_SERVER:
+            raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
+                                   f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
+        return image_url(client, ref, task_id)
+
+    def _cache(self, project: str | None) -> ImageCache:
+        # One folder per Label Studio server for every project's predictions, so --cache-mb bounds them all;
+        # a training's own cache (per project) is another process's, which this one must not evict from.
+        server = self.link.server(project)
+        folder = cache_folder(server[0] if server else "external", "predictions", self.cfg.cache_dir)
+        with self._lock:
+            if folder not in self._caches:
+                self._caches[folder] = ImageCache(folder, self.cfg.cache_bytes, self.cfg.max_download)
+            return self._caches[folder]
+
+
+def _loggable(error: BaseException) -> str:
+    """An error as one log line, any URL in it cut before its query (signed links are credentials)."""
+    import re
+
+    text = f"{type(error).__name__}: {error}" if not isinstance(error, (LabelStudioError, ImageError)) else str(error)
+    return re.sub(r"https?://[^\s'\"]+", lambda m: redact(m.group()), text)
+
+
+class Retrainer:
+    """One background ``segkit train`` at a time; each project asking meanwhile keeps its place in the queue.
+
+    The training runs in a process group of its own, which :meth:`stop` ends (the backend calls it when it
+    shuts down): a training left running would hold the GPU and later write into a run nobody serves.
+    """
+
+    def __init__(self, model: ServedModel, link: LabelStudioLink, cfg: BackendConfig):
+        self.model, self.link, self.cfg = model, link, cfg
+        self.status: dict[str, Any] = {"state": "idle", "trainings": 0, "queued": []}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pending: list[str] = []  # projects waiting, in the order they asked, each once
+        self._changes: dict[str, int] = {}  # new/updated annotations per project since its last training
+        self._process: subprocess.Popen | None = None
+        self._stopped = False
+
+    def request(self, project: str) -> str:
+        """Start a training on ``project`` now, or once those before it end; returns "started" or "queued"."""
+        with self._lock:
+            self._changes[project] = 0
+            if self._thread is not None:  # running, until _loop finds the queue empty (under this lock)
+                if project not in self._pending:
+                    self._pending.append(project)
+                self.status["queued"] = list(self._pending)
+                return "queued"
+            self._thread = threading.Thread(target=self._loop, args=(project,), name="segkit-train", daemon=True)
+            self._thread.start()
+            return "started"
+
+    def annotation_changed(self, project: str) -> str | None:
+        """Count an annotation event; with ``train_every`` set, start a training every N of them."""
+        if not self.cfg.train_every:
+            return None
+        with self._lock:
+            self._changes[project] = self._changes.get(project, 0) + 1
+            due = self._changes[project] >= self.cfg.train_every
+        return self.request(project) if due else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the running training's whole process group (SIGTERM, then SIGKILL) and drop the queue."""
+        with self._lock:
+            self._stopped, self._pending, process = True, [], self._process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.info("stopped the training of project %s", self.status.get("project"))
+
+    def _loop(self, project: str | None) -> None:
+        while project and not self._stopped:
+            self._train(project)
+            with self._lock:
+                project = self._pending.pop(0) if self._pending and not self._stopped else None
+                self.status["queued"] = list(self._pending)
+                if project is None:
+                    self._thread = None  # a request from now on starts a new thread
+
+    def _train(self, project: str) -> None:
+        started = time.time()
+        self.status.update(state="running", project=project, started=_iso(started), error=None)
+        try:
+            out = self._next_run(project)
+            self.status["run"] = str(out)
+            checkpoint = self._run_training(project, out)
+            self.model.load(checkpoint)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the old model keeps serving
+            log.error("training on project %s failed; still serving %s: %s", project, self.model.version,
+                      _loggable(e))
+            self.status.update(state="failed", error=_loggable(e), finished=_iso(time.time()))
+            return
+        self.status.update(state="done", finished=_iso(time.time()), model_version=self.model.version,
+                           trainings=self.status["trainings"] + 1, seconds=round(time.time() - started, 1),
+                           **({"prelabel": "running"} if self.cfg.prelabel_after_training else {}))
+        if self.cfg.prelabel_after_training:
+            self._prelabel(project)
+
+    def _prelabel(self, project: str) -> None:
+        """Post the new model's prediction of each task, scored least-sure first, so the Data Manager's order
+        follows the new model without anyone pressing "Retrieve predictions" (and its 100 s limit)."""
+        predictor, version = self.model.current()
+        try:
+            with self.link.client(project) as client:
+                done = prelabel_project(client, int(project), predictor, version, cache_dir=self.cfg.cache_dir,
+                                        max_pixels=self.cfg.max_pixels, progress=False, lock=self.model.lock)
+        except Exception as e:  # noqa: BLE001 - the new model serves whether or not the tasks were re-scored
+            log.error("pre-labelling project %s with %s failed: %s", project, version, _loggable(e))
+            self.status.update(prelabel="failed", prelabel_error=_loggable(e))
+            return
+        log.info("pre-labelled project %s with %s: %d tasks posted, %d already done, %d failed", project, version,
+                 len(done.posted), done.skipped, len(done.failed))
+        self.status.update(prelabel="done", prelabelled=len(done.posted), prelabel_version=version)
+
+    def _next_run(self, project: str) -> Path:
+        from segkit.engine.runs import next_run_dir
+
+        return next_run_dir(self.cfg.runs_dir, f"project-{project}", main=True, world=1)
+
+    def _run_training(self, project: str, out: Path) -> Path:
+        """``segkit train`` from the served checkpoint on the project; the key goes by environment, not argv."""
+        from segkit.models.checkpoint import load_checkpoint
+
+        server = self.link.server(project)
+        if server is None:
+            self.link.client(project)  # raises, saying what to set
+        url, key = server
+        ckpt = load_checkpoint(self.model.checkpoint)
+        cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{url}/projects/{project}",
+               "--weights", str(self.model.checkpoint), "--model", ckpt["arch"],
+               "--task", ckpt.get("task") or "instance",
+               "--img-size", str(self.cfg.train_img_size or ckpt["img_size"]),
+               "--score-threshold", str(ckpt.get("score_threshold", 0.5)),
+               "--epochs", str(self.cfg.train_epochs), "--out", str(out), "--no-progress", *self.cfg.train_args]
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("training on project %s -> %s", project, out)
+        with open(out / "train.log", "wb") as log_file:
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError("the backend is shutting down")
+                env = {**os.environ, API_KEY_ENV: key, ALLOW_HOSTS_ENV: ",".join(self.cfg.allow_hosts)}
+                self._process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+                self.status["pid"] = self._process.pid
+            rc = self._process.wait()
+        if rc != 0:
+            tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"segkit train exited with {rc}: {' | '.join(tail)} (log: {out / 'train.log'})")
+        best = out / "best.pt"
+        return best if best.is_file() else out / "last.pt"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@dataclass
+class Backend:
+    """The parts behind the routes, for tests and for the demo that serves both."""
+
+    model: ServedModel
+    link: LabelStudioLink
+    predictions: Predictions
+    retrainer: Retrainer
+
+
+def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
+    """Load the checkpoint (unless its ``predictor`` is given) and wire the parts; no server is started."""
+    if cfg.api_key and not cfg.label_studio_url:
+        check_settings(cfg, "127.0.0.1")  # raises: a key with nowhere it may go
+    model = ServedModel(cfg, predictor)
+    link = LabelStudioLink(cfg.label_studio_url, cfg.api_key, list(cfg.allow_hosts), cfg.fetch_timeout)
+    return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
+
+
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> FastAPI:
+    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training.
+
+    ``trusted_hosts``: the Host names answered (others get 400). A backend on loopback without auth takes
+    only loopback names, so a web page cannot reach it through a DNS name rebound to 127.0.0.1.
+    """
+    backend = create_backend(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        backend.retrainer.stop()
+
+    app = FastAPI(title="segkit ML backend", lifespan=lifespan)
+    if trusted_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
+    add_routes(app, backend, cfg.basic_auth)
+    return app
+
+
+def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | None = None) -> None:
+    """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles)."""
+    import atexit
+
+    atexit.register(backend.retrainer.stop)  # the demo's app has a lifespan of Gradio's: end a training anyway
+
+    def authorized(request: Request) -> None:
+        if basic_auth and not _basic_auth_ok(request.headers.get("authorization", ""), basic_auth):
+            raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:  # async: never queued behind a long /predict
+        authorized(request)
+        return {"status": "UP", "model_class": "segkit", "model_version": backend.model.version}
+
+    @app.post("/setup")
+    async def setup(request: Request) -> dict:
+        authorized(request)
+        body = await _json_body(request)
+        project = _project_id(body.get("project")) or ""
+        if isinstance(body.get("schema"), str):
+            backend.link.schemas[project] = body["schema"]
+        backend.link.setup(project, body.get("hostname"), body.get("access_token"))
+        return {"model_version": backend.model.version}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        authorized(request)
+        body = await _json_body(request)
+        tasks = body.get("tasks") or []
+        if not isinstance(tasks, list):
+            raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
+        project = _project_id(body.get("project"))
+        label_config = body.get("label_config") or backend.link.schemas.get(project or "")
+        if not isinstance(label_config, str) or not label_config:
+            raise HTTPException(400, "no label_config in the request and no /setup for this project")
+        try:  # in a worker thread: downloads and the forward must not block the event loop
+            prompts = _prompts(body.get("params"))
+            results = await run_in_threadpool(backend.predictions, tasks, label_config, project, prompts)
+        except (LabelConfigError, ValueError) as e:
+            raise HTTPException(400, str(e)) from None
+        return JSONResponse({"results": results, "model_version": backend.model.version})
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> dict:
+        authorized(request)
+        body = await _json_body(request)
+        action, project = body.get("action"), _project_id(body.get("project"))
+        if project is None:
+            return {"status": "ignored", "reason": "no project in the event"}
+        if action == "START_TRAINING":
+            return {"status": backend.retrainer.request(project)}
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            return {"status": backend.retrainer.annotation_changed(project) or "counted"}
+        return {"status": "ignored", "action": action}
+
+    @app.get("/versions")
+    async def versions(request: Request) -> dict:
+        authorized(request)
+        return {"versions": backend.model.versions, "model_version": backend.model.version,
+                "checkpoint": str(backend.model.checkpoint), "training": dict(backend.retrainer.status)}
+
+
+def _prompts(params: Any) -> list:
+    """The boxes and clicks of an auto-annotation request (``params.context``); none for a plain one."""
+    context = params.get("context") if isinstance(params, dict) else None
+    if not context:
+        return []
+    from segkit.serve.prompts import prompts_from_context
+
+    return prompts_from_context(context)
+
+
+async def _json_body(request: Request) -> dict:
+    # JSON only, as Label Studio sends: a web page can post text/plain across sites without asking first
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPException(415, "the body must be JSON (Content-Type: application/json)")
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting past Python's stack
+        raise HTTPException(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
+
+
+def _project_id(project: Any) -> str | None:
+    """Label Studio's project field (``3``, ``"3.1712345"`` or ``{"id": 3}``) as ``"3"``; None when absent
+    or not a number (it names folders: ``"../.."`` must not)."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, bool) or not isinstance(project, (int, str)):
+        return None
+    head = str(project).split(".")[0]
+    return head if head.isascii() and head.isdigit() and len(head) <= 18 else None
+
+
+def _basic_auth_ok(header: str, expected: tuple[str, str]) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded).decode().partition(":")
+    except (ValueError, UnicodeError):
+        return False
+    # bytes: compare_digest refuses non-ASCII str, which would turn a stranger's header into a 500
+    return secrets.compare_digest(user.encode(), expected[0].encode()) & \
+        secrets.compare_digest(password.encode(), expected[1].encode())
