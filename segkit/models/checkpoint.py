@@ -49,13 +49,33 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+HUB_PREFIX = "hf://"  # hf://owner/repo/path/to/file.pt: a file of a Hugging Face Hub repository
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A local path for ``spec``; ``hf://owner/repo/path/file.pt`` is downloaded from the Hugging Face Hub
+    (into its cache, once) and raises CheckpointError when it cannot be."""
+    if not str(spec).startswith(HUB_PREFIX):
+        return Path(spec)
+    parts = str(spec).removeprefix(HUB_PREFIX).split("/")
+    if len(parts) < 3 or not all(parts):
+        raise CheckpointError(f"{spec}: expected hf://owner/repo/path/to/file.pt")
+    try:
+        # lazy: huggingface_hub is optional (segkit[demo]) and only hf:// specs need it
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:])))
+    except Exception as e:  # noqa: BLE001 - not installed, offline, 404, gated repo: all mean "cannot get it"
+        raise CheckpointError(f"{spec}: download failed ({type(e).__name__}: {e})") from e
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file.
 
     An exported model (:mod:`segkit.inference.export`) gives its self-description instead: the same keys less
     the weights, plus ``export`` (format, frozen settings, source checkpoint).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     from segkit.inference.export import ExportError, artifact_info, is_artifact
