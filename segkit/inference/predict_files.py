@@ -159,7 +159,6 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
     The record is written last, so an interrupted run redoes exactly the unfinished images.
     Returns ``(path, error)`` for images that could not be read.
     """
-    from segkit.inference.prediction import SemanticPrediction
     from segkit.inference.visualize import mask_png, overlay, save_png
 
     failed: list[tuple[Path, str]] = []
@@ -177,8 +176,8 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
             for (path, name, image), prediction in zip(ok, predictions):
                 save_png(overlay(image, prediction), out / "overlays" / f"{name}.png")
                 save_png(mask_png(prediction), out / "masks" / f"{name}.png")
-                regions = prediction.as_instances() if isinstance(prediction, SemanticPrediction) else prediction
-                entry = image_entry(str(path), image.width, image.height, regions)
+                # a semantic model's class map becomes one region per class present
+                entry = image_entry(str(path), image.width, image.height, prediction.as_instances())
                 write_json(out / "records" / f"{name}.json",
                            {"source": str(path.resolve()), "run": run_key, "entry": entry})
             bar.update(len(batch))

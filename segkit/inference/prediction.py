@@ -49,6 +49,11 @@ class Prediction:
         """(N,) int64 mask areas in pixels."""
         return self.instance_masks.areas()
 
+    def as_instances(self) -> Prediction:
+        """Itself: the instance-shaped view :meth:`SemanticPrediction.as_instances` gives, so COCO, Label Studio and
+        table writers take either prediction without asking which it is."""
+        return self
+
     def filter(self, keep: np.ndarray) -> Prediction:
         """The instances selected by a boolean or index array."""
         keep = np.asarray(keep)
