@@ -4,13 +4,21 @@ The whole command against a real Label Studio is in tests/test_labelstudio_serve
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from segkit.inference.masks import InstanceMasks
+from segkit.inference.prediction import Prediction
 from segkit.inference.predictor import Predictor
+from segkit.labelstudio.client import Client
+from segkit.labelstudio.project import ImageCache
 from segkit.models.checkpoint import model_version
-from segkit.serve.prelabel import labelling_prediction, task_score
+from segkit.serve.prelabel import _predict_task, labelling_prediction, task_score
 from tests.helpers import TINY_IMAGES
 
 
@@ -64,3 +72,36 @@ def test_a_model_version_names_the_run_and_changes_with_the_file(tmp_path):
     assert model_version(ckpt) == first
     ckpt.write_bytes(b"weights two")  # retrained in place: Label Studio must ask again
     assert model_version(ckpt) != first
+
+
+class _SeesNothing:
+    """A stand-in predictor that finds nothing: enough for the image path of a pre-labelling."""
+
+    task, classes, score_threshold, score_floor = "instance", ["leaf"], 0.5, 0.05
+
+    def __call__(self, image: Image.Image, score_threshold: float | None = None) -> Prediction:
+        return Prediction(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), [], np.zeros(0, np.float32),
+                          InstanceMasks([], image.height, image.width))
+
+
+def test_a_broken_cached_image_is_fetched_again_as_the_ml_backend_does(tmp_path):
+    """prelabel gets a task's image as the ML backend does (segkit.labelstudio.project.TaskImage): a copy that
+    does not decode, because the server's file was broken when it was fetched, is downloaded again, whole."""
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(good, "PNG")
+    served = [b"\x89PNG\r\n\x1a\n but broken", good.getvalue()]
+    asked = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        body = served[min(len(asked), 2) - 1]  # a stream, as a server's answer: Client.download reads it raw
+        return httpx.Response(200, stream=httpx.ByteStream(body), headers={"etag": f'"v{len(asked)}"'})
+
+    client = Client("http://ls.test", "0" * 40, transport=httpx.MockTransport(serve))
+    task = {"id": 7, "data": {"image": "/data/upload/1/leaf.png"}}
+    entry, original_size, score = _predict_task(client, ImageCache(tmp_path / "cache"), task, _SeesNothing(), None,
+                                                None, None, contextlib.nullcontext())
+    assert len(asked) == 2 and "if-none-match" not in asked[1].headers  # the second time unconditionally
+    assert original_size == (40, 30) and (entry["file_name"], entry["width"], entry["annotations"]) == \
+        ("/data/upload/1/leaf.png", 40, [])
+    assert score == 0.0

@@ -3,14 +3,13 @@
 In the project's Settings > Model, connect ``http://HOST:PORT``. Settings that Label Studio's own
 backends read from the environment are read here too: ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``
 (to fetch task images and to retrain), ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``. It refuses to start
-where strangers could use it or learn the key (see ``segkit.serve.backend.check_settings``).
+where strangers could use it or learn the key (see ``segkit.serve.settings.check_settings``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -57,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     import uvicorn
 
-    from segkit.serve.backend import (LOOPBACK_NAMES, ExposureError, backend_config, check_settings,
-                                            create_app, is_loopback)
+    from segkit.serve.backend import create_app
+    from segkit.serve.settings import LOOPBACK_NAMES, ExposureError, config_from_args, is_loopback
     from segkit.engine.runs import newest_best
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -70,15 +69,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        cfg = backend_config(
-            checkpoint, os.environ, api_key=args.ls_token, score_threshold=args.score_threshold,
-            max_detections=args.max_detections, img_size=args.img_size, regions=args.regions, device=args.device,
-            train_every=args.train_every, train_epochs=args.train_epochs, train_img_size=args.train_img_size,
-            train_args=shlex.split(args.train_args), runs_dir=Path(args.runs_dir), allow_hosts=args.allow_host,
-            max_download=int(args.max_download_mb * 2**20), cache_bytes=int(args.cache_mb * 2**20),
-            fetch_timeout=args.fetch_timeout, max_pixels=args.max_pixels,
-            prelabel_after_training=args.prelabel_after_training)
-        check_settings(cfg, args.host, args.no_auth)
+        cfg = config_from_args(checkpoint, args, os.environ)
     except ExposureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,12 +16,16 @@ import os
 import re
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from PIL import Image
+
 from segkit.atomic import atomic_write, write_json
+from segkit.data.images import ImageError, ImageTooLargeError, load_scaled
 from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, redact, resolve_api_key
 from segkit.data.readers.labelstudio import image_reference, read_labelstudio
 from segkit.data.records import DatasetRecords, Problem
@@ -122,6 +126,44 @@ def image_url(client: Client, ref: str, task_id: Any) -> str:
         token = base64.urlsafe_b64encode(ref.encode()).decode()
         return f"/tasks/{task_id}/presign/?fileuri={token}"
     raise LabelStudioError(f"{ref!r} is not a URL Label Studio can serve")
+
+
+@dataclass(frozen=True)
+class TaskImage:
+    """A task's image in an :class:`ImageCache`: how the task names it, the URL it came from, the cached file.
+
+    The one way segkit gets a task's image for a prediction (the ML backend, ``segkit prelabel``), in two
+    steps so that a caller may download many at once and decode each just before its forward pass.
+    """
+
+    ref: str  # as the task's data names it (its image_entry's file name)
+    url: str  # what was downloaded: see image_url
+    path: Path  # the cached copy
+
+    @classmethod
+    def download(cls, client: Client, cache: ImageCache, task: Any) -> TaskImage:
+        """Fetch ``task``'s image into ``cache`` (only what changed since the last time); LabelStudioError
+        when the task names no image or it cannot be fetched."""
+        ref = image_reference(task.get("data")) if isinstance(task, dict) else None
+        if not ref:
+            raise LabelStudioError("the task's data names no image")
+        url = image_url(client, ref, task.get("id"))
+        return cls(ref, url, cache.folder / cache.fetch(client, url, ref))
+
+    def load(self, client: Client, cache: ImageCache, max_side: int | None = None,
+             max_pixels: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+        """(the image, no larger than ``max_side``; its original size), as :func:`segkit.data.images.load_scaled`.
+
+        A copy that does not decode is fetched again, whole, once: it may be truncated, or the server's file
+        may have been broken when it was fetched. One over ``max_pixels`` is not: fetching changes nothing.
+        """
+        try:
+            return load_scaled(self.path, max_side, max_pixels)
+        except ImageTooLargeError:
+            raise
+        except ImageError:
+            cache.forget(self.url)
+            return load_scaled(cache.folder / cache.fetch(client, self.url, self.ref), max_side, max_pixels)
 
 
 DEFAULT_MAX_DOWNLOAD = 50 * 2**20  # bytes of one image; a phone's 50 MP JPEG is 15-25 MB

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
@@ -29,103 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from segkit.data.images import ImageError
+from segkit.data.readers.labelstudio import image_reference
 from segkit.engine.coco import image_entry
-from segkit.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, load_scaled
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
-from segkit.labelstudio.project import DEFAULT_MAX_DOWNLOAD, ImageCache, cache_folder, image_url
 from segkit.labelstudio.preannotations import prediction_result
+from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
 from segkit.models.checkpoint import model_version
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
-from segkit.data.readers.labelstudio import image_reference
+# The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
+from segkit.serve.settings import (LOOPBACK_NAMES, BackendConfig, ExposureError,  # noqa: F401
+                                   backend_config, check_settings, is_loopback)
 
 log = logging.getLogger("segkit.labelstudio")
-
-
-@dataclass
-class BackendConfig:
-    """How the backend predicts, reaches Label Studio and retrains (``segkit ml-backend --help``)."""
-
-    checkpoint: Path
-    score_threshold: float | None = None  # None: the checkpoint's
-    max_detections: int = 100
-    img_size: int | None = None  # None: the checkpoint's
-    regions: str = "auto"  # auto (polygons when the config has both), polygon or brush
-    device: str | None = None
-    label_studio_url: str | None = None  # default $LABEL_STUDIO_URL, else what /setup says
-    api_key: str | None = None  # default $LABEL_STUDIO_API_KEY, else what /setup says
-    basic_auth: tuple[str, str] | None = None
-    train_every: int = 0  # retrain after this many new/updated annotations (0: only on "Start training")
-    train_epochs: int = 10
-    train_img_size: int | None = None  # None: the checkpoint's
-    train_args: list[str] = field(default_factory=list)  # more `segkit train` options
-    runs_dir: Path = Path("runs/labelstudio")
-    cache_dir: Path | None = None
-    allow_hosts: list[str] = field(default_factory=list)  # private hosts images may come from, besides Label Studio
-    max_download: int = DEFAULT_MAX_DOWNLOAD  # bytes of one image download
-    cache_bytes: int | None = 2 * 2**30  # the image cache's cap (least recently used go first; None: no cap)
-    fetch_timeout: float = 60.0  # seconds for all of one request's downloads: Label Studio gives up at 100
-    fetch_workers: int = 4  # downloads at once per request
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
-    prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
-    prelabel_after_training: bool = False  # post the new model's predictions of every task after each retraining
-
-
-class ExposureError(ValueError):
-    """The backend would be reachable by strangers, or would send a key where the user did not send it."""
-
-
-def check_settings(cfg: BackendConfig, host: str, no_auth: bool = False) -> None:
-    """Refuse to start a backend that others could use, or that could hand the key to them.
-
-    A key from the environment or ``--ls-token`` is only ever sent to ``LABEL_STUDIO_URL``, so it
-    needs one; and anything but loopback needs basic auth (or ``--no-auth``, said on purpose, for a
-    trusted network): whoever reaches the port can otherwise retrain, swap the model and make the
-    backend fetch addresses on its network.
-    """
-    if cfg.api_key and not cfg.label_studio_url:
-        raise ExposureError(f"{API_KEY_ENV} is set but LABEL_STUDIO_URL is not: set LABEL_STUDIO_URL to your Label "
-                            f"Studio's address (e.g. http://localhost:8080), the only place the key is sent")
-    if not cfg.basic_auth and not no_auth and not is_loopback(host):
-        raise ExposureError(f"refusing to listen on {host} without credentials: anyone who reaches the port could "
-                            f"retrain and replace the model. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same "
-                            f"in Label Studio's model settings), listen on 127.0.0.1, or pass --no-auth on a "
-                            f"trusted network")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` keeps the port to this machine."""
-    import ipaddress
-
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def basic_auth_from_env(env: Mapping[str, str]) -> tuple[str, str] | None:
-    """``(BASIC_AUTH_USER, BASIC_AUTH_PASS)``, None when neither is set; one without the other is refused,
-    since silently serving without auth is what the user tried to prevent."""
-    user, password = env.get("BASIC_AUTH_USER") or "", env.get("BASIC_AUTH_PASS") or ""
-    if bool(user) != bool(password):
-        missing = "BASIC_AUTH_PASS" if user else "BASIC_AUTH_USER"
-        raise ExposureError(f"{missing} is not set: basic auth needs both BASIC_AUTH_USER and BASIC_AUTH_PASS")
-    return (user, password) if user else None
-
-
-def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any) -> BackendConfig:
-    """The backend's settings: ``options`` (BackendConfig fields) plus Label Studio's variables from ``env``
-    (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``)."""
-    return BackendConfig(checkpoint=checkpoint, label_studio_url=env.get("LABEL_STUDIO_URL") or None,
-                         api_key=options.pop("api_key", None) or env.get(API_KEY_ENV) or None,
-                         basic_auth=basic_auth_from_env(env), **options)
 
 
 class ServedModel:
@@ -263,8 +185,8 @@ class Predictions:
             cache.save()
 
     def _fetch_all(self, tasks: list, client: Client, cache: ImageCache) -> list:
-        """Each task's (URL, cached file), or the exception that kept it; all within ``cfg.fetch_timeout``.
-        Only files are held: each image is decoded just before its forward, one at a time."""
+        """Each task's image in the cache (a :class:`TaskImage`), or the exception that kept it; all within
+        ``cfg.fetch_timeout``. Only files are held: each image is decoded just before its forward, one at a time."""
         deadline = time.monotonic() + self.cfg.fetch_timeout
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.cfg.fetch_workers, len(tasks))),
                                   thread_name_prefix="segkit-fetch")
@@ -280,37 +202,27 @@ class Predictions:
         pool.shutdown(wait=False, cancel_futures=True)  # a download past the deadline ends at its own timeout
         return found
 
-    def _download(self, task: Any, client: Client, cache: ImageCache) -> tuple[str, str, Path]:
+    def _download(self, task: Any, client: Client, cache: ImageCache) -> TaskImage:
         ref = image_reference(task.get("data")) if isinstance(task, dict) else None
-        url = self._url(ref, task.get("id") if isinstance(task, dict) else None, client)
-        return ref, url, cache.folder / cache.fetch(client, url, ref)
-
-    def _decode(self, found: tuple[str, str, Path], client: Client, cache: ImageCache, max_side: int | None):
-        """(image no larger than the model needs, original size); a copy that does not decode is fetched again."""
-        ref, url, path = found
-        try:
-            return load_scaled(path, max_side, self.cfg.max_pixels)
-        except ImageTooLargeError:
-            raise  # not broken: fetching it again changes nothing
-        except ImageError:
-            cache.forget(url)  # a truncated copy, or the server's file was broken when we fetched it
-            return load_scaled(cache.folder / cache.fetch(client, url, ref), max_side, self.cfg.max_pixels)
+        if client.server == NO_SERVER and ref and not ref.startswith(("http://", "https://")):
+            raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
+                                   f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
+        return TaskImage.download(client, cache, task)
 
     def _one(self, task, found, client, cache, predictor, version, target, labels, prompts=None) -> dict:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             if isinstance(found, BaseException):
                 raise found
-            image, original_size = self._decode(found, client, cache, max_image_side(predictor))
+            image, original_size = found.load(client, cache, max_image_side(predictor), self.cfg.max_pixels)
             score = None  # a prompt's answer: the mean of its masks' scores
             with self.model.lock:  # one forward at a time: torch already uses every core
                 if prompts:
-                    prediction = self._prompted(predictor, version, (task_id, found[1]), image, prompts, labels)
+                    prediction = self._prompted(predictor, version, (task_id, found.url), image, prompts, labels)
                 else:  # scored as segkit prelabel scores it, so Label Studio orders tasks least-sure first
                     prediction, score = labelling_prediction(predictor, image)
-            if hasattr(prediction, "as_instances"):  # a semantic model: one region per class
-                prediction = prediction.as_instances()
-            entry = image_entry(found[0], image.width, image.height, prediction)
+            # a semantic model's class map: one region per class
+            entry = image_entry(found.ref, image.width, image.height, prediction.as_instances())
             return prediction_result(entry, version, target.from_name, target.to_name, target.brush, labels,
                                      original_size=original_size, score=score)
         except Exception as e:  # noqa: BLE001 - the other tasks of the batch still get their predictions
@@ -326,16 +238,6 @@ class Predictions:
                 self._features = FeatureCache(self.cfg.prompt_cache)
         label_classes = {label: i for i, name in enumerate(predictor.classes, 1) if (label := labels.get(name))}
         return PromptEngine(predictor, version, cache=self._features).predict(key, image, prompts, label_classes)
-
-    def _url(self, ref: Any, task_id: Any, client: Client) -> str:
-        if not isinstance(ref, str) or not ref:
-            raise LabelStudioError("the task's data names no image")
-        if ref.startswith(("http://", "https://")):
-            return ref
-        if client.server == NO_SERVER:
-            raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
-                                   f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
-        return image_url(client, ref, task_id)
 
     def _cache(self, project: str | None) -> ImageCache:
         # One folder per Label Studio server for every project's predictions, so --cache-mb bounds them all;
@@ -516,9 +418,6 @@ def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
     return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
 
 
-LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
-
-
 def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> FastAPI:
     """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training.
 
@@ -542,66 +441,74 @@ def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> Fa
 
 
 def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | None = None) -> None:
-    """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles)."""
+    """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles); with
+    ``basic_auth``, every route asks for it before reading anything."""
     import atexit
 
     atexit.register(backend.retrainer.stop)  # the demo's app has a lifespan of Gradio's: end a training anyway
+    routes = Routes(backend)
+    auth = [Depends(_require_basic_auth(basic_auth))] if basic_auth else []
+    for method, path, handler in [("GET", "/health", routes.health), ("POST", "/setup", routes.setup),
+                                  ("POST", "/predict", routes.predict), ("POST", "/webhook", routes.webhook),
+                                  ("GET", "/versions", routes.versions)]:
+        app.add_api_route(path, handler, methods=[method], dependencies=auth)
 
-    def authorized(request: Request) -> None:
-        if basic_auth and not _basic_auth_ok(request.headers.get("authorization", ""), basic_auth):
-            raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
 
-    @app.get("/health")
-    async def health(request: Request) -> dict:  # async: never queued behind a long /predict
-        authorized(request)
-        return {"status": "UP", "model_class": "segkit", "model_version": backend.model.version}
+class Routes:
+    """The handlers of :func:`add_routes`: each reads its request and hands the work to the :class:`Backend`."""
 
-    @app.post("/setup")
-    async def setup(request: Request) -> dict:
-        authorized(request)
-        body = await _json_body(request)
-        project = _project_id(body.get("project")) or ""
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    async def health(self) -> dict:  # async: never queued behind a long /predict
+        return {"status": "UP", "model_class": "segkit", "model_version": self.backend.model.version}
+
+    async def setup(self, request: Request) -> dict:
+        body, project = await _project_body(request)
         if isinstance(body.get("schema"), str):
-            backend.link.schemas[project] = body["schema"]
-        backend.link.setup(project, body.get("hostname"), body.get("access_token"))
-        return {"model_version": backend.model.version}
+            self.backend.link.schemas[project or ""] = body["schema"]
+        self.backend.link.setup(project or "", body.get("hostname"), body.get("access_token"))
+        return {"model_version": self.backend.model.version}
 
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        authorized(request)
-        body = await _json_body(request)
+    async def predict(self, request: Request) -> JSONResponse:
+        body, project = await _project_body(request)
         tasks = body.get("tasks") or []
         if not isinstance(tasks, list):
             raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
-        project = _project_id(body.get("project"))
-        label_config = body.get("label_config") or backend.link.schemas.get(project or "")
+        label_config = body.get("label_config") or self.backend.link.schemas.get(project or "")
         if not isinstance(label_config, str) or not label_config:
             raise HTTPException(400, "no label_config in the request and no /setup for this project")
         try:  # in a worker thread: downloads and the forward must not block the event loop
             prompts = _prompts(body.get("params"))
-            results = await run_in_threadpool(backend.predictions, tasks, label_config, project, prompts)
+            results = await run_in_threadpool(self.backend.predictions, tasks, label_config, project, prompts)
         except (LabelConfigError, ValueError) as e:
             raise HTTPException(400, str(e)) from None
-        return JSONResponse({"results": results, "model_version": backend.model.version})
+        return JSONResponse({"results": results, "model_version": self.backend.model.version})
 
-    @app.post("/webhook")
-    async def webhook(request: Request) -> dict:
-        authorized(request)
-        body = await _json_body(request)
-        action, project = body.get("action"), _project_id(body.get("project"))
+    async def webhook(self, request: Request) -> dict:
+        body, project = await _project_body(request)
+        action = body.get("action")
         if project is None:
             return {"status": "ignored", "reason": "no project in the event"}
         if action == "START_TRAINING":
-            return {"status": backend.retrainer.request(project)}
+            return {"status": self.backend.retrainer.request(project)}
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
-            return {"status": backend.retrainer.annotation_changed(project) or "counted"}
+            return {"status": self.backend.retrainer.annotation_changed(project) or "counted"}
         return {"status": "ignored", "action": action}
 
-    @app.get("/versions")
-    async def versions(request: Request) -> dict:
-        authorized(request)
+    async def versions(self) -> dict:
+        backend = self.backend
         return {"versions": backend.model.versions, "model_version": backend.model.version,
                 "checkpoint": str(backend.model.checkpoint), "training": dict(backend.retrainer.status)}
+
+
+def _require_basic_auth(expected: tuple[str, str]) -> Callable[[Request], None]:
+    """A FastAPI dependency answering 401 to a request without ``expected``'s credentials."""
+    def check(request: Request) -> None:
+        if not _basic_auth_ok(request.headers.get("authorization", ""), expected):
+            raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
+
+    return check
 
 
 def _prompts(params: Any) -> list:
@@ -625,6 +532,12 @@ async def _json_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return body
+
+
+async def _project_body(request: Request) -> tuple[dict, str | None]:
+    """The request's JSON object and the project it names (:func:`_project_id`), or None."""
+    body = await _json_body(request)
+    return body, _project_id(body.get("project"))
 
 
 def _project_id(project: Any) -> str | None:

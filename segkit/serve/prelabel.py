@@ -26,12 +26,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from segkit.engine.coco import image_entry
-from segkit.data.images import load_scaled
 from segkit.labelstudio.client import Client, LabelStudioError, redact
 from segkit.labelstudio.config import choose_target, match_labels
-from segkit.labelstudio.project import ImageCache, cache_folder, image_url
 from segkit.labelstudio.preannotations import prediction_result
-from segkit.data.readers.labelstudio import image_reference
+from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
 
 log = logging.getLogger("segkit.serve.prelabel")
 
@@ -127,14 +125,13 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
 
 def _predict_task(client: Client, cache: ImageCache, task: dict, predictor, threshold: float | None,
                   max_side: int | None, max_pixels: int | None, lock) -> tuple[dict, tuple[int, int], float]:
-    ref = image_reference(task.get("data"))
-    if not ref:
-        raise LabelStudioError("the task's data names no image")
-    local = cache.folder / cache.fetch(client, image_url(client, ref, task["id"]), ref)
-    image, original_size = load_scaled(local, max_side, max_pixels)
+    """(the task's image_entry, its image's original size, its task_score); a cached copy that does not
+    decode is fetched again, as the ML backend does."""
+    found = TaskImage.download(client, cache, task)
+    image, original_size = found.load(client, cache, max_side, max_pixels)
     with lock:
         prediction, score = labelling_prediction(predictor, image, threshold)
-    return image_entry(ref, image.width, image.height, prediction), original_size, score
+    return image_entry(found.ref, image.width, image.height, prediction), original_size, score
 
 
 def project_tasks(client: Client, project: int) -> Iterator[dict]:
