@@ -6,7 +6,7 @@ The folder holds everything the Space runs, so ``git push`` of it is the whole d
     Dockerfile        installs requirements.txt, runs app.py
     requirements.txt  segkit's wheel (in this folder) and its pinned dependencies, CPU torch
     segkit-*.whl      segkit itself, built from the source checkout this segkit runs from
-    segkit_demo.py    segkit's demo.py, unchanged: the Gradio app and its one prediction path (the Predictor)
+    segkit_demo.py    segkit's demo.py, unchanged: the Gradio app and its one prediction path, ``predict``
     app.py            a few lines: the demo, serving the model below
     model/            the checkpoint, or its OpenVINO export (model.xml + model.bin)
     examples/         a few of the model's validation images, when found
@@ -18,8 +18,9 @@ The Dockerfile copies the folder first, then runs the same ``pip install -r requ
 runs locally, so what is tested here is what the Space does.
 
 Why the demo travels as a file: the Gradio app lives in the repository's top-level ``demo.py``, not in the
-segkit package; shipping that file unchanged keeps a single demo (and a single prediction path), and
-``app.py`` only points it at this folder's model.
+segkit package (its helpers do, in :mod:`segkit.serve.demo`, and come with the wheel); shipping that file
+unchanged keeps a single demo (and a single prediction path), and ``app.py`` only points it at this
+folder's model.
 """
 from __future__ import annotations
 
