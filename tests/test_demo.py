@@ -185,18 +185,46 @@ def test_import_loads_nothing_and_the_module_level_demo_serves_the_env_checkpoin
 
 
 def test_hf_checkpoint_is_downloaded_from_the_hub(demo_module, untrained_checkpoint, monkeypatch):
+    import huggingface_hub
+
     calls = []
 
     def fake_download(repo_id, filename):
         calls.append((repo_id, filename))
         return str(untrained_checkpoint)
 
-    monkeypatch.setattr(demo_module, "hf_hub_download", fake_download)
+    # segkit.models.checkpoint.resolve_checkpoint imports it when an hf:// spec comes: no internet here
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     predictor, note = demo_module.load_predictor("hf://someone/leaves/runs/exp/best.pt")
     assert calls == [("someone/leaves", "runs/exp/best.pt")]
     assert predictor is not None and predictor.classes == ["leaf", "pebble", "shell"] and note == ""
     predictor, note = demo_module.load_predictor("hf://someone/leaves")
     assert predictor is None and "hf://owner/repo/path" in note
+
+
+def test_a_redraw_reuses_the_model_run_and_answers_as_a_fresh_prediction(demo_module, untrained_checkpoint, images):
+    from segkit.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(untrained_checkpoint, max_detections=8)
+    calls = []
+
+    class Counting:  # the predictor, counting its model runs
+        task, score_threshold = predictor.task, predictor.score_threshold
+
+        def __call__(self, image, score_threshold=None):
+            calls.append(score_threshold)
+            return predictor(image, score_threshold)
+
+    reused = demo_module.ReusedPredictions(Counting())
+    image = load_image(images["good"])
+    for threshold in (0.3, 0.6, 0.3):  # the app's slider: one model run, then filters of it
+        _, shown = demo_module.predict(image, threshold, reused)
+        _, fresh = demo_module.predict(image, threshold, predictor)
+        np.testing.assert_allclose(shown.scores, fresh.scores, atol=1e-5)
+        np.testing.assert_allclose(shown.boxes, fresh.boxes, atol=1e-3)
+    assert calls == [0.0]
+    demo_module.predict(load_image(images["gray"]), 0.5, reused)  # another image: the model runs again
+    assert calls == [0.0, 0.0]
 
 
 def test_newest_run_is_found(demo_module, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from segkit.labelstudio.config import LabelConfigError, choose_target, match_lab
 from segkit.labelstudio.preannotations import prediction_result
 from segkit.inference.prediction import Prediction
 from segkit.data.readers import DataError, load_dataset
+from tests.helpers import REPO
 from tests.lsserver import free_port
 
 CONFIG = """<View>
@@ -154,3 +156,32 @@ def test_failed_training_keeps_the_model_and_says_why(backend_client):
     assert "LABEL_STUDIO_URL" in status["training"]["error"]  # it cannot read the project without them
     assert status["model_version"] == before
     assert backend_client.get("/health", headers=auth).json()["model_version"] == before
+
+
+def test_ml_backend_and_demo_settings_are_built_in_one_place(tmp_path):
+    """segkit.serve.settings.config_from_args reads either command line: every option segkit ml-backend has, and
+    the few the demo has, with Label Studio's variables from the environment; both refuse the same exposure."""
+    import argparse
+    import importlib.util
+
+    from segkit.commands import ml_backend
+    from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
+
+    parser = argparse.ArgumentParser()
+    ml_backend.add_arguments(parser)
+    args = parser.parse_args(["--ls-token", "k", "--max-download-mb", "2", "--cache-mb", "1", "--train-args",
+                              "--lr 0.01 --batch-size 2", "--allow-host", "nas:8000", "--runs-dir", "r"])
+    env = {"LABEL_STUDIO_URL": "http://ls:8080", "BASIC_AUTH_USER": "ann", "BASIC_AUTH_PASS": "pw"}
+    cfg = config_from_args(tmp_path / "best.pt", args, env)
+    assert (cfg.api_key, cfg.label_studio_url, cfg.basic_auth) == ("k", "http://ls:8080", ("ann", "pw"))
+    assert (cfg.max_download, cfg.cache_bytes, cfg.allow_hosts) == (2 * 2**20, 2**20, ["nas:8000"])
+    assert cfg.train_args == ["--lr", "0.01", "--batch-size", "2"] and cfg.runs_dir == Path("r")
+
+    spec = importlib.util.spec_from_file_location("segkit_demo_settings", REPO / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo_args = demo.parse_args(["--max-detections", "7", "--max-pixels", "1000"])
+    cfg = config_from_args(tmp_path / "best.pt", demo_args, {})
+    assert cfg == BackendConfig(tmp_path / "best.pt", max_detections=7, max_pixels=1000)
+    with pytest.raises(ExposureError, match="--no-auth"):
+        config_from_args(tmp_path / "best.pt", demo_args, {}, host="0.0.0.0")

@@ -236,3 +236,26 @@ def test_sources_names_and_errors(tmp_path, untrained_checkpoint):
         ["a__x", f"{tmp_path.name}__b__x", "c__b__x"]
     assert main(["predict", *FAST, "--checkpoint", str(untrained_checkpoint), "--out", str(tmp_path / "o"),
                  str(tmp_path / "missing")]) == 2
+
+
+def test_an_hf_checkpoint_is_downloaded_from_the_hub(untrained_checkpoint, tmp_path, monkeypatch, capsys):
+    """``--checkpoint hf://owner/repo/path.pt`` goes through segkit.models.checkpoint.resolve_checkpoint, as the
+    demo's does: the file comes from the Hub's cache, and the outputs are those of that file."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename):  # no internet here: the Hub answers with the local checkpoint
+        calls.append((repo_id, filename))
+        return str(untrained_checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    image = sorted((SAMPLE / "val" / "images").iterdir())[0]
+    out = tmp_path / "out"
+    assert main(["predict", *FAST, "--checkpoint", "hf://someone/leaves/runs/exp/best.pt", "--out", str(out),
+                 str(image)]) == 0
+    assert calls == [("someone/leaves", "runs/exp/best.pt")]
+    tasks = json.loads((out / "labelstudio.json").read_text())
+    assert tasks[0]["predictions"][0]["model_version"] == model_version(untrained_checkpoint)
+    assert main(["predict", *FAST, "--checkpoint", "hf://someone/leaves", "--out", str(out), str(image)]) == 2
+    assert "expected hf://owner/repo/path/to/file.pt" in capsys.readouterr().err

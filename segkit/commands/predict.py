@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit predict``."""
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="images, folders (searched recursively) or globs")
-    p.add_argument("--checkpoint", required=True, help="a segkit checkpoint (best.pt)")
+    p.add_argument("--checkpoint", required=True, help="a segkit checkpoint (best.pt), or hf://owner/repo/path/best.pt "
+                                                         "(downloaded from the Hugging Face Hub)")
     p.add_argument("--out", required=True, help="output folder; a re-run into it skips images already done")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="keep instances scoring at least this (default: the checkpoint's)")
@@ -54,11 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; 2 when nothing can be done, 1 when some images could not be read, else 0."""
-    from segkit.models.checkpoint import CheckpointError
+    from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
     from segkit.inference.predict_files import LabelStudioOptions, SourceError
 
     ls = LabelStudioOptions(args.from_name, args.to_name, args.ls_brush, args.image_root_url)
     try:
+        # an hf:// checkpoint is downloaded here, once: every later step (and every Ray worker) reads a file
+        args = argparse.Namespace(**{**vars(args), "checkpoint": str(resolve_checkpoint(args.checkpoint))})
         if args.ray is not None:
             from segkit.inference.ray_predict import predict_with_ray
 
