@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
@@ -502,9 +502,9 @@ class Routes:
                 "checkpoint": str(backend.model.checkpoint), "training": dict(backend.retrainer.status)}
 
 
-def _require_basic_auth(expected: tuple[str, str]) -> Callable[[Request], None]:
+def _require_basic_auth(expected: tuple[str, str]) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency answering 401 to a request without ``expected``'s credentials."""
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: on the event loop, as the routes, not in a worker thread
         if not _basic_auth_ok(request.headers.get("authorization", ""), expected):
             raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
 
