@@ -169,7 +169,7 @@ class ReusedPredictions:
         return prediction.filter(prediction.scores >= threshold)
 
 
-def upload_path(payload, scratch: OutputFiles) -> tuple[str, str]:
+def upload_path(payload: str | dict | None, scratch: OutputFiles) -> tuple[str, str]:
     """(server path, name the user gave it) of an image input; the events skip Gradio's preprocessing
     so that unreadable files reach :func:`segkit.data.images.load_image` and get a clear message."""
     if payload is None:
@@ -212,7 +212,7 @@ def _load(path: str, stamp: tuple[int, int], max_side: int, max_pixels: int) -> 
     return load_image(path, max_side, max_pixels=max_pixels)
 
 
-def parse_threshold(value) -> float:
+def parse_threshold(value: object) -> float:
     """The score threshold the user set, in [0, 1]; a gr.Error saying what is wrong otherwise."""
     try:
         threshold = float(value)
