@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import MORE_EPOCHS, REPO, SAMPLE, SHARED, TINY_IMAGES, overfit_config, tiny_config, write_subset
+from tests.helpers import (EXPORT_MAX_DETECTIONS, EXPORT_SUFFIX, MORE_EPOCHS, REPO, SAMPLE, SHARED, TINY_IMAGES,
+                           overfit_config, tiny_config, write_subset)
 
 SEMANTIC_EPOCHS = 40  # x 2 steps of AdamW: U-Net R18 from random init learns the 4 images
 MAX_CHUNKS = 4  # extensions of a fixture's training before it gives up
@@ -90,6 +91,26 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("untrained") / "untrained.pt"
     save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", classes, img_size=128, score_threshold=0.05), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(untrained_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
+    """``exported(fmt)``: ``segkit export`` of the untrained checkpoint to ``fmt``, made once per session (an
+    ONNX or OpenVINO export of Mask R-CNN takes many seconds) in a folder of its own with its companion files.
+    Tests that change an artifact copy its folder first."""
+    made: dict[str, Path] = {}
+
+    def export(fmt: str) -> Path:
+        if fmt not in made:
+            from segkit.cli import main
+
+            out = tmp_path_factory.mktemp(f"export-{fmt}") / f"model{EXPORT_SUFFIX[fmt]}"
+            assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", fmt, "--out", str(out),
+                         "--max-detections", str(EXPORT_MAX_DETECTIONS)]) == 0
+            made[fmt] = out
+        return made[fmt]
+
+    return export
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,12 @@ def overfit_config(data: Path, out: Path, epochs: int = OVERFIT_EPOCHS, **overri
                        schedule="step", **overrides)
 
 
+# segkit export of the untrained checkpoint (conftest's ``exported``): each format's file name, and the
+# detection slots it keeps (a random model fills every slot; 10 keep the mask head and the export cheap)
+EXPORT_SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
+EXPORT_MAX_DETECTIONS = 10
+
+
 def tiny_config(data: Path, out: Path, **overrides):
     """Settings for CPU tests: random init, 128 px, no augmentation, no worker processes."""
     from segkit.engine.trainer import TrainConfig

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,9 @@ import torch
 import segkit.atomic as atomic
 from segkit.cli import main
 from segkit.inference.export import artifact_info
-from tests.helpers import require_module
+from tests.helpers import EXPORT_MAX_DETECTIONS, require_module
 
 HOUR_AGO = time.time() - 3600
-MAX_DETECTIONS = 10  # a random model fills every slot; 10 keep the export cheap
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -60,16 +60,18 @@ SAVES = {"onnx": ("onnx", "save", (".onnx",), ".onnx"),
 
 
 @pytest.mark.parametrize("fmt", list(SAVES))
-def test_failed_reexport_keeps_the_previous_export(fmt, untrained_checkpoint, tmp_path, monkeypatch):
+def test_failed_reexport_keeps_the_previous_export(fmt, untrained_checkpoint, exported, tmp_path, monkeypatch):
     module_name, function, written, suffix = SAVES[fmt]
     module = require_module(module_name)
     if fmt == "openvino":
         require_module("onnx")
-    out = tmp_path / f"model{suffix}"
+    previous = exported(fmt)  # the same command's output, made once per session (conftest)
+    shutil.copytree(previous.parent, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / previous.name
     command = ["export", "--checkpoint", str(untrained_checkpoint), "--format", fmt, "--out", str(out),
-               "--max-detections", str(MAX_DETECTIONS)]
-    assert main(command) == 0
+               "--max-detections", str(EXPORT_MAX_DETECTIONS)]
     before = _files(tmp_path)
+    assert before.keys() >= {out.with_suffix(s).name for s in written}  # a whole export to keep
     monkeypatch.setattr(module, function, _partial_then_fail(*written))
     with pytest.raises(OSError, match="No space left"):
         main(command)

@@ -13,21 +13,18 @@ from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_chec
 from segkit.cli import main
 from segkit.inference.export import ExportError, artifact_info, export, sha256
 from segkit.inference.predictor import Predictor
+from tests.helpers import EXPORT_MAX_DETECTIONS
 
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
-SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
-MAX_DETECTIONS = 10  # a random model fills every slot; 10 keep the mask head and the export cheap
+MAX_DETECTIONS = EXPORT_MAX_DETECTIONS  # the detection slots the session's exports keep
 BF16_MAX_AP_LOSS = 0.03  # README: bf16 moved mask AP by 0.015 on the overfit model; by how much varies with the CPU
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
-def artifact(request, untrained_checkpoint, tmp_path_factory):
+def artifact(request, exported):
     for package in BACKENDS[request.param]:  # in requirements-test.txt: a broken install fails, never skips
         importlib.import_module(package)
-    out = tmp_path_factory.mktemp("export") / f"model{SUFFIX[request.param]}"
-    assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", request.param,
-                 "--out", str(out), "--max-detections", str(MAX_DETECTIONS)]) == 0
-    return out
+    return exported(request.param)  # the session's export of the untrained checkpoint (conftest)
 
 
 def _images(sample_dir):
@@ -35,12 +32,19 @@ def _images(sample_dir):
     return [image, image.resize((300, 200)), image.resize((190, 330))]  # dynamic size, either orientation
 
 
-def test_artifact_gives_the_same_detections_as_eager(artifact, untrained_checkpoint, sample_dir):
-    eager = Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=MAX_DETECTIONS)
+@pytest.fixture(scope="module")
+def eager(untrained_checkpoint, sample_dir) -> tuple[list[str], list]:
+    """(classes, predictions) of the checkpoint itself on ``_images``: what every format is compared with."""
+    predictor = Predictor.from_checkpoint(untrained_checkpoint, device="cpu", max_detections=MAX_DETECTIONS)
+    return predictor.classes, [predictor(image) for image in _images(sample_dir)]  # the checkpoint's threshold, 0.05
+
+
+def test_artifact_gives_the_same_detections_as_eager(artifact, eager, sample_dir):
+    classes, eager_predictions = eager
     exported = Predictor.from_checkpoint(artifact)
-    assert exported.model is None and exported.classes == eager.classes
-    for image in _images(sample_dir):
-        want, got = eager(image), exported(image)  # the checkpoint's threshold, 0.05
+    assert exported.model is None and exported.classes == classes
+    for image, want in zip(_images(sample_dir), eager_predictions):
+        got = exported(image)  # the checkpoint's threshold, 0.05
         assert len(want) == len(got) > 0
         np.testing.assert_array_equal(want.labels, got.labels)
         np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
