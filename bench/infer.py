@@ -126,16 +126,15 @@ def peak_rss_mb(backend: str, checkpoint: Path, folder: Path, image: str, size: 
 
 def ap_of(predictor: Predictor, data: str, ckpt: dict) -> tuple[float, float]:
     """(box AP, mask AP) on the checkpoint's val split of ``data``."""
-    from segkit.engine.metrics import evaluate_predictor
     from segkit.data.readers import load_dataset
-    from segkit.data.records import restrict_to_classes
-    from segkit.data.splits import select_split
+    from segkit.data.splits import model_split
+    from segkit.engine.loops import evaluate_predictor
+    from segkit.engine.metrics import SegmentationEvaluator
 
-    records, _ = select_split(load_dataset(data).images, ckpt.get("split"), "val", Path(data))
-    records, _ = restrict_to_classes(records, ckpt["classes"])
+    records, _, _ = model_split(load_dataset(data).images, ckpt, "val", Path(data))
+    evaluator = SegmentationEvaluator(records, ckpt["classes"], predictor.score_threshold)
     # one image per forward for every backend: a batch pads its images to one size, which moves eager's AP
-    report = evaluate_predictor(predictor, records, ckpt["classes"], predictor.score_threshold, batch_size=1,
-                                show_progress=False).evaluate()
+    report = evaluate_predictor(predictor, records, evaluator, batch_size=1, show_progress=False)
     return report["bbox"]["AP"], report["segm"]["AP"]
 
 

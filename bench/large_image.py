@@ -38,7 +38,7 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
     start = time.perf_counter()
     timing = {}
     try:  # the compact path: time the forward apart from what follows it
-        from segkit.inference.predictor import detect, to_prediction
+        from segkit.inference.forward import detect, to_prediction
         from torchvision.transforms.functional import pil_to_tensor
 
         with torch.inference_mode():

@@ -51,7 +51,7 @@ def time_training(arch: str, img_size: int, steps: int) -> dict:
     from segkit.engine import loops as engine
     from segkit.data.dataset import SegmentationDataset, collate_fn
     from segkit.data.readers import load_dataset
-    from segkit.engine.semantic import SemanticDataset
+    from segkit.data.dataset import SemanticDataset
     from segkit.data.transforms import build_transform
 
     records = load_dataset(SAMPLE / "train")

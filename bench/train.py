@@ -81,7 +81,7 @@ def tutorial_epoch(model, optimizer, loader, device, steps):
 def segkit_loader(root, batch_size, workers):
     from segkit.data.dataset import SegmentationDataset, collate_fn
     from segkit.data.readers import load_dataset
-    from segkit.engine.trainer import EpochSampler
+    from segkit.engine.seeding import EpochSampler
     from segkit.data.transforms import build_transform
 
     records = load_dataset(root)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segkit.cli import main
-from segkit.inference.export import ExportError, artifact_info, export, sha256
+from segkit.inference.artifacts import ExportError, artifact_info, sha256
+from segkit.inference.export import export
 from segkit.inference.predictor import Predictor
 from tests.helpers import EXPORT_MAX_DETECTIONS
 

@@ -125,7 +125,7 @@ def test_checkpoint_heads_follow_their_class_names(tmp_path):
 def test_reordered_labels_detect_the_same_objects_under_their_own_names(trained_checkpoint, sample_dir):
     from PIL import Image
 
-    from segkit.inference.predictor import detect, image_tensors
+    from segkit.inference.forward import detect, image_tensors
 
     ckpt = load_checkpoint(trained_checkpoint)
     served = model_from_checkpoint(ckpt).eval()

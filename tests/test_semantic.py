@@ -17,10 +17,11 @@ from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.cli import main
 from segkit.models.mask_rcnn import WeightsError
 from segkit.inference.prediction import SemanticPrediction
-from segkit.inference.predictor import Predictor, SemanticPredictor
+from segkit.inference.predictor import Predictor
 from segkit.data.readers import load_dataset
 from segkit.data.records import ImageRecord, Instance
-from segkit.engine.semantic import SemanticDataset, SemanticEvaluator
+from segkit.data.dataset import SemanticDataset
+from segkit.engine.semantic_metrics import SemanticEvaluator
 from segkit.models.semantic import build_semantic_model
 from segkit.engine.trainer import TrainingStopped, train
 from tests.helpers import tiny_config
@@ -93,8 +94,8 @@ def test_evaluator_counts_pixels_and_skips_ignored_ones():
     truth = np.array([[0, 1, 1, IGNORE_INDEX], [2, 2, 0, 0]], np.uint8)
     predicted = np.array([[0, 1, 2, 1], [2, 2, 0, 1]], np.uint8)
     evaluator = SemanticEvaluator(["a", "b"])
-    evaluator.process(truth, predicted)
-    report = evaluator.evaluate()
+    evaluator.process([{"semantic": truth}], [SemanticPrediction(predicted, ["a", "b"])])
+    report = evaluator.summarize()
     assert report["pixel_accuracy"] == pytest.approx(5 / 7)  # the ignored pixel is not judged
     assert report["per_class"]["a"]["iou"] == pytest.approx(1 / 3)  # 1 shared of {gt 2} | {pred 2}
     assert report["per_class"]["b"]["iou"] == pytest.approx(2 / 3)
@@ -202,18 +203,17 @@ def test_overfit_reaches_miou_and_writes_semantic_metrics(semantic_overfit_run):
 
 def test_reloaded_checkpoint_predicts_identically_and_matches_the_training_metrics(semantic_checkpoint, tiny_data):
     first, second = Predictor.from_checkpoint(semantic_checkpoint), Predictor.from_checkpoint(semantic_checkpoint)
-    assert isinstance(first, SemanticPredictor)
+    assert first.task == "semantic"
     records = load_dataset(tiny_data / "val").images
     a, b = first.predict_batch([r.path for r in records]), second.predict_batch([r.path for r in records])
     for record, pa, pb in zip(records, a, b):
         assert isinstance(pa, SemanticPrediction) and pa.image_size == (record.width, record.height)
         assert np.array_equal(pa.class_map, pb.class_map)
     # The same images through the predictor score what training measured on them (its val split).
-    evaluator = SemanticEvaluator(first.classes)
-    for record, prediction in zip(records, a):
-        evaluator.process(class_map(record, first.classes), prediction.class_map)
+    evaluator = SemanticEvaluator(first.classes, records)
+    evaluator.process([{"image_id": i} for i in range(len(records))], a)
     saved = torch.load(semantic_checkpoint, weights_only=True)["metrics"]
-    assert evaluator.evaluate()["mIoU"] == pytest.approx(saved["val_miou"], abs=1e-9)
+    assert evaluator.summarize()["mIoU"] == pytest.approx(saved["val_miou"], abs=1e-9)
 
 
 def test_evaluate_json_has_the_per_class_keys(semantic_checkpoint, tmp_path, capsys):
@@ -276,7 +276,7 @@ def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint,
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     predictor, note = demo.load_predictor(str(semantic_checkpoint))
-    assert isinstance(predictor, SemanticPredictor) and note == ""
+    assert predictor.task == "semantic" and note == ""
     image_path = sorted((tiny_data / "val" / "images").iterdir())[0]
     app = demo.build_demo(predictor, [])
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)

@@ -2,7 +2,8 @@
 
 See :mod:`segkit.engine.metrics` for what each number means and which score threshold it uses. A semantic
 checkpoint gets per-class IoU and Dice, mIoU, mDice and pixel accuracy under the same ``semantic``
-key of the JSON (:mod:`segkit.engine.semantic`), and its confusion matrix.
+key of the JSON (:mod:`segkit.engine.semantic_metrics`), and its confusion matrix. What differs is
+asked of the checkpoint's task (:mod:`segkit.tasks`).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.data.records import ImageRecord, restrict_to_classes
+from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
 
 SPLIT_CHOICES = (*SPLITS, "all")
@@ -41,12 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table, write what was asked; 2 when the checkpoint or data cannot be used."""
     from segkit.atomic import write_json
-    from segkit.models.checkpoint import CheckpointError
-    from segkit.engine.metrics import BACKGROUND, EvaluateError, evaluate_predictor, format_table
-    from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
-    from segkit.inference.predictor import Predictor, SemanticPredictor
     from segkit.data.readers import DataError
     from segkit.data.splits import SplitError
+    from segkit.engine.loops import evaluate_predictor
+    from segkit.engine.metrics import BACKGROUND, EvaluateError
+    from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
+    from segkit.inference.predictor import Predictor
+    from segkit.models.checkpoint import CheckpointError
+    from segkit.tasks import get_task
 
     try:
         ckpt, records, which = _load(args)
@@ -55,47 +58,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classes = list(ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
-    if isinstance(predictor, SemanticPredictor):
-        return _run_semantic(args, predictor, records, which)
+    task = get_task(predictor.task)
     threshold = predictor.score_threshold if args.score_threshold is None else args.score_threshold
-    evaluator = evaluate_predictor(predictor, records, classes, threshold, max(1, args.batch_size))
-    report = evaluator.evaluate()
+    evaluator = task.evaluator(records, classes, threshold)
+    report = evaluate_predictor(predictor, records, evaluator, max(1, args.batch_size))
 
     print(f"{len(records)} images: {which}")
-    print(f"COCO AP: all detections (the model's internal score threshold is {predictor.score_floor:g}); "
-          f"IoU/Dice/bIoU: masks with score >= {threshold:g}; bIoU: Boundary IoU, boundary "
-          f"{report['boundary']['dilation_ratio']:.0%} of the image diagonal")
-    print(format_table(report, classes))
+    print(task.evaluation_note(report, threshold, predictor.score_floor))
+    print(task.format_table(report, classes))
     if args.json:
-        write_json(args.json, report, indent=2)
+        write_json(args.json, task.json_report(report), indent=2)
     if args.out:
         out = Path(args.out)
-        plot_confusion_matrix(evaluator.pixels.confusion, [BACKGROUND, *classes], out / "confusion_matrix.png",
-                              f"pixels, masks with score >= {threshold:g}")
-        plot_pr_curves(report, out / "pr_curves.png")
-        print(f"wrote {out}/confusion_matrix.png, pr_curves.png")
-    return 0
-
-
-def _run_semantic(args: argparse.Namespace, predictor, records: list[ImageRecord], which: str) -> int:
-    """``run`` for a semantic checkpoint: class maps against the annotations' (see :mod:`segkit.data.class_map`)."""
-    from segkit.atomic import write_json
-    from segkit.engine.metrics import BACKGROUND
-    from segkit.engine.plots import plot_confusion_matrix
-    from segkit.engine.semantic import evaluate_predictor, format_table
-
-    evaluator = evaluate_predictor(predictor, records, predictor.classes, max(1, args.batch_size))
-    report = {"semantic": evaluator.evaluate()}
-    print(f"{len(records)} images: {which}")
-    print("IoU/Dice: every pixel's most probable class against the annotations (crowd regions not judged)")
-    print(format_table(report["semantic"], predictor.classes))
-    if args.json:
-        write_json(args.json, report, indent=2)
-    if args.out:
-        out = Path(args.out)
-        plot_confusion_matrix(evaluator.confusion, [BACKGROUND, *predictor.classes], out / "confusion_matrix.png",
-                              "pixels, semantic model")
-        print(f"wrote {out}/confusion_matrix.png")
+        plot_confusion_matrix(evaluator.confusion, [BACKGROUND, *classes], out / "confusion_matrix.png",
+                              task.confusion_title(threshold))
+        written = ["confusion_matrix.png"]
+        if task.has_pr_curves:
+            plot_pr_curves(report, out / "pr_curves.png")
+            written.append("pr_curves.png")
+        print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 
@@ -104,17 +85,16 @@ def _load(args: argparse.Namespace) -> tuple[dict, list[ImageRecord], str]:
     from segkit.models.checkpoint import load_checkpoint
     from segkit.engine.metrics import EvaluateError
     from segkit.data.readers import load_dataset
-    from segkit.data.splits import select_split
+    from segkit.data.splits import model_split
 
     ckpt = load_checkpoint(args.checkpoint)
     data = args.data or (ckpt.get("config") or {}).get("data")
     if not data:
         raise EvaluateError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
     dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=args.ls_token)
-    records, which = select_split(dataset.images, ckpt.get("split"), args.split, Path(data))
+    records, which, unknown = model_split(dataset.images, ckpt, args.split, Path(data))
     if not records:
         raise EvaluateError(f"no images to evaluate in {which}; try --split all")
-    records, unknown = restrict_to_classes(records, ckpt["classes"])
     if unknown:
         print(f"note: ground truth of classes the model does not know is ignored: "
               f"{', '.join(f'{k} ({v})' for k, v in sorted(unknown.items()))}")

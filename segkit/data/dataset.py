@@ -1,4 +1,4 @@
-"""Torch dataset over :class:`~segkit.data.records.ImageRecord` lists.
+"""Torch datasets over :class:`~segkit.data.records.ImageRecord` lists.
 
 Images are numbered by their index in the list: ``target["image_id"] == i`` is image ``i`` of
 :func:`segkit.engine.coco.records_to_coco`, so predictions and ground truth meet in pycocotools' COCOeval.
@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from segkit.data.class_map import class_map
 from segkit.data.images import load_image
 from segkit.data.records import ImageRecord, Instance, label_map
 from segkit.data.transforms import build_transform
@@ -56,6 +57,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         image, masks, labels = self.load(i)
         return self.transform(image, masks, labels, image_id=i)
+
+
+class SemanticDataset(SegmentationDataset):
+    """Images with their class maps (``--task semantic``): ``(image, {"semantic": (H, W) int64, "image_id": i})``."""
+
+    def load_class_map(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``i`` before augmentation: HxWx3 uint8 RGB and its (H, W) uint8 class map."""
+        rec = self.images[i]
+        image = np.asarray(load_image(rec.path))
+        return image, class_map(rec, self.classes, *image.shape[:2])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        image, classes = self.load_class_map(i)
+        return self.transform.semantic(image, classes, image_id=i)
 
 
 def collate_fn(batch: Sequence[tuple]) -> tuple:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from segkit.data.records import ImageRecord
+from segkit.data.records import ImageRecord, restrict_to_classes
 
 SPLITS = ("train", "val", "test")
 
@@ -160,3 +161,12 @@ def _record_keys(im: ImageRecord, data: Path) -> set[str]:
     if im.image_id is not None:
         keys.add(str(im.image_id))
     return keys
+
+
+def model_split(images: Sequence[ImageRecord], ckpt: dict, split: str,
+                data: Path) -> tuple[list[ImageRecord], str, dict[str, int]]:
+    """A trained model's ``split`` of ``images`` (see :func:`select_split`), keeping only the classes the
+    model knows: (records, where the choice came from, ignored annotations per unknown class)."""
+    records, which = select_split(images, ckpt.get("split"), split, Path(data))
+    records, unknown = restrict_to_classes(records, ckpt["classes"])
+    return records, which, unknown

@@ -1,19 +1,23 @@
-"""The two loops: ``train_one_epoch`` and ``evaluate`` (losses without gradients, then the metrics)."""
+"""The loops: ``train_one_epoch``, and ``evaluate`` (losses without gradients, then the task's metrics).
+
+They know no task: what a model predicts and how it is scored come from a :class:`segkit.tasks.Task`.
+"""
 from __future__ import annotations
 
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from segkit.engine.metrics import SegmentationEvaluator
-from segkit.inference.predictor import detect, to_prediction
+from segkit.data.images import load_image
+from segkit.data.records import ImageRecord
 
 
 # torchvision's loss names, shortened for the progress bar
@@ -131,41 +135,43 @@ def compute_losses(model, loader: Iterable, device: torch.device, desc: str = "v
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-@torch.inference_mode()
-def predict_into(model, loader: Iterable, device: torch.device, evaluator: SegmentationEvaluator,
-                 desc: str = "val AP", show_progress: bool = True) -> None:
-    """Run the model in eval mode and feed every detection to ``evaluator`` (image ids from the targets).
+def evaluate(model, loader, device: torch.device, task, evaluator, prefix: str = "val",
+             show_progress: bool = True) -> tuple[dict[str, float], dict]:
+    """Losses, then ``task``'s metrics on ``loader``'s dataset (one of ``task.dataset``'s).
 
-    Masks stay at their boxes' size (:func:`segkit.inference.predictor.detect`), as in :class:`Predictor`: 100
-    detections at torchvision's 0.05 floor would otherwise be 100 full-size float images per image.
+    ``task`` is a :class:`segkit.tasks.Task`, ``evaluator`` one of its evaluators over the dataset's
+    images. Returns (flat row of numbers for metrics.csv, the evaluator's full report).
+    """
+    losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
+    evaluator.reset()
+    predict_into(model, loader, device, task, evaluator, f"{prefix} metrics", show_progress)
+    report = evaluator.summarize()
+    return {**{f"{prefix}_{k}": v for k, v in losses.items()}, **task.metrics_row(report, prefix)}, report
+
+
+@torch.inference_mode()
+def predict_into(model, loader: Iterable, device: torch.device, task, evaluator, desc: str = "val metrics",
+                 show_progress: bool = True) -> None:
+    """Run the model in eval mode and feed everything it predicts, at any score, to ``evaluator``.
+
+    Instance masks stay at their boxes' size (:func:`segkit.inference.forward.detect`), as in the
+    Predictor: 100 detections at torchvision's 0.05 floor would otherwise be 100 full-size float images.
     """
     model.eval()
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
         images = [im.to(device, non_blocking=True) for im in images]
-        for out, image, target in zip(detect(model, images), images, targets):
-            prediction = to_prediction(out, evaluator.classes, 0.0, tuple(image.shape[-2:]))
-            evaluator.process(int(target["image_id"]), prediction)
+        evaluator.process(targets, task.predict(model, images, evaluator.classes, 0.0))
 
 
-def evaluate(model, loader, device: torch.device, score_threshold: float, prefix: str = "val",
-             show_progress: bool = True, ground_truth: dict | None = None) -> tuple[dict[str, float], dict]:
-    """Losses, COCO AP and IoU/Dice on ``loader``'s dataset (a :class:`segkit.data.dataset.SegmentationDataset`).
-
-    Returns (flat row of numbers for metrics.csv, the full report of
-    :meth:`segkit.engine.metrics.SegmentationEvaluator.evaluate`); IoU/Dice and Boundary IoU (``biou``) count masks
-    scoring ``score_threshold``.
-    ``ground_truth``: the dataset's :func:`segkit.engine.coco.records_to_coco`, when already made.
-    """
-    losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
-    evaluator = SegmentationEvaluator(loader.dataset.images, loader.dataset.classes, score_threshold, ground_truth)
-    predict_into(model, loader, device, evaluator, f"{prefix} AP", show_progress)
-    report = evaluator.evaluate()
-    row = {f"{prefix}_{k}": v for k, v in losses.items()}
-    for iou_type in ("bbox", "segm"):
-        for key in ("AP", "AP50", "AP75"):
-            row[f"{prefix}_{iou_type}_map{key[2:]}"] = report[iou_type][key]
-    for key in ("mIoU", "mDice"):  # None when no class has pixels in the ground truth or the predictions
-        row[f"{prefix}_{key.lower()}"] = float("nan") if report["semantic"][key] is None else report["semantic"][key]
-    boundary = report["boundary"]["iou"]
-    row[f"{prefix}_biou"] = float("nan") if boundary is None else boundary
-    return row, report
+def evaluate_predictor(predictor, records: Sequence[ImageRecord], evaluator, batch_size: int = 1,
+                       show_progress: bool = True) -> dict[str, Any]:
+    """Run a :class:`segkit.inference.predictor.Predictor` over ``records`` in batches, feeding every
+    prediction (score threshold 0, for COCO AP) to ``evaluator`` (made over ``records``); its report."""
+    evaluator.reset()
+    with tqdm(total=len(records), desc="evaluate", unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            predictions = predictor.predict_batch([load_image(r.path) for r in batch], score_threshold=0.0)
+            evaluator.process([{"image_id": i} for i in range(start, start + len(batch))], predictions)
+            bar.update(len(batch))
+    return evaluator.summarize()

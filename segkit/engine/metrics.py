@@ -105,10 +105,11 @@ def semantic_metrics(pixels: PixelStats, classes: Sequence[str]) -> dict[str, An
 
 
 class SegmentationEvaluator:
-    """COCO AP and semantic IoU/Dice, fed one image at a time so that masks never pile up in memory.
+    """COCO AP and semantic IoU/Dice, fed a batch at a time so that masks never pile up in memory.
 
-    ``process(i, prediction)`` takes the prediction for ``records[i]`` with *all* its detections;
-    ``evaluate()`` returns ``{"bbox", "segm", "semantic", "boundary"}`` (see the module docstring for thresholds).
+    The :class:`segkit.tasks.Evaluator` interface: ``process(targets, predictions)`` takes the predictions
+    for ``records[target["image_id"]]`` with *all* their detections; ``summarize()`` returns
+    ``{"bbox", "segm", "semantic", "boundary"}`` (see the module docstring for thresholds).
     """
 
     def __init__(self, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
@@ -117,15 +118,22 @@ class SegmentationEvaluator:
         # image ids = index in records; ``ground_truth`` is records_to_coco(records, classes) made earlier
         # (training evaluates the same split every epoch: its masks are decoded once)
         self.gt = ground_truth if ground_truth is not None else records_to_coco(self.records, self.classes)
-        self.results: list[dict[str, Any]] = []
-        self.pixels = PixelStats(len(self.classes))
-        self.boundary = BoundaryStats(len(self.classes))
         self._gt_by_image: dict[int, list[dict]] = {}
         for ann in self.gt["annotations"]:
             self._gt_by_image.setdefault(ann["image_id"], []).append(ann)
+        self.reset()
 
-    def process(self, index: int, prediction: Prediction) -> None:
-        """Add the prediction for ``records[index]``: all its detections, whatever their score."""
+    def reset(self) -> None:
+        self.results: list[dict[str, Any]] = []
+        self.pixels = PixelStats(len(self.classes))
+        self.boundary = BoundaryStats(len(self.classes))
+
+    def process(self, targets: Sequence[dict], predictions: Sequence[Prediction]) -> None:
+        """Add the predictions of a batch: all their detections, whatever their score."""
+        for target, prediction in zip(targets, predictions, strict=True):
+            self._add(int(target["image_id"]), prediction)
+
+    def _add(self, index: int, prediction: Prediction) -> None:
         rec = self.records[index]
         shape = (rec.height, rec.width)
         if len(prediction) and prediction.image_size != (rec.width, rec.height):
@@ -140,7 +148,12 @@ class SegmentationEvaluator:
         self.pixels.add(gt, pred, shape)
         self.boundary.add(gt, pred, shape)
 
-    def evaluate(self) -> dict[str, Any]:
+    @property
+    def confusion(self) -> np.ndarray:
+        """The pixel confusion matrix of the masks above the threshold (rows: ground truth; 0: background)."""
+        return self.pixels.confusion
+
+    def summarize(self) -> dict[str, Any]:
         ap = coco_evaluate(self.gt, self.results)
         return {"bbox": ap["bbox"], "segm": ap["segm"], "semantic": semantic_metrics(self.pixels, self.classes),
                 "boundary": self.boundary.report(self.classes)}
@@ -150,9 +163,8 @@ def evaluate_predictions(records: Sequence[ImageRecord], predictions: Sequence[P
                          threshold: float) -> dict[str, Any]:
     """Metrics of ``predictions[i]`` (all detections, any score) against ``records[i]``; see the module docstring."""
     evaluator = SegmentationEvaluator(records, classes, threshold)
-    for i, prediction in enumerate(predictions):
-        evaluator.process(i, prediction)
-    return evaluator.evaluate()
+    evaluator.process([{"image_id": i} for i in range(len(predictions))], predictions)
+    return evaluator.summarize()
 
 
 def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
@@ -172,22 +184,3 @@ def format_table(report: dict[str, Any], classes: Sequence[str]) -> str:
                      boundary["iou"]))
     lines += [row(key, report["bbox"][key], report["segm"][key]) for key in ("AP50", "AP75")]
     return "\n".join(lines)
-
-
-def evaluate_predictor(predictor, records: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
-                       batch_size: int = 1, show_progress: bool = True) -> SegmentationEvaluator:
-    """Run a :class:`segkit.inference.predictor.Predictor` over ``records`` in batches, feeding every detection
-    (score threshold 0, for COCO AP) to a new evaluator; call ``.evaluate()`` on the result."""
-    from tqdm import tqdm
-
-    from segkit.data.images import load_image
-
-    evaluator = SegmentationEvaluator(records, classes, threshold)
-    with tqdm(total=len(records), desc="evaluate", unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            predictions = predictor.predict_batch([load_image(r.path) for r in batch], score_threshold=0.0)
-            for i, prediction in enumerate(predictions, start=start):
-                evaluator.process(i, prediction)
-            bar.update(len(batch))
-    return evaluator

@@ -16,23 +16,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+import segkit
+from segkit.atomic import atomic_write
 from segkit.data.records import ImageRecord
+from segkit.labelstudio.client import redact as redact_url
+from segkit.models.checkpoint import load_checkpoint
+from segkit.tasks import get_task
 
 CARD_NAME = "MODEL_CARD.md"
 SMALL_TRAIN_IMAGES = 100  # fewer training images than this is called a small dataset
 FEW_INSTANCES = 10  # a class with fewer training instances than this is named as a limit
 
-# (metrics.csv key without the split prefix, what the card calls it), in the order shown
-INSTANCE_METRICS = (("segm_map", "mask AP"), ("segm_map50", "mask AP50"), ("bbox_map", "box AP"),
-                    ("miou", "mask IoU (mean over classes)"), ("biou", "Boundary IoU"), ("loss", "loss"))
-SEMANTIC_METRICS = (("miou", "mIoU"), ("mdice", "mDice"), ("pixel_accuracy", "pixel accuracy"), ("loss", "loss"))
-# (per-class key prefix, column title)
-INSTANCE_PER_CLASS = (("bbox_ap_", "box AP"), ("segm_ap_", "mask AP"))
-SEMANTIC_PER_CLASS = (("iou_", "IoU"), ("dice_", "Dice"))
-# the settings a reader needs to judge or repeat the run, in the order shown
+# the settings a reader needs to judge or repeat the run, in the order shown (those of one task only: its
+# ``card_settings``; the task also names the metrics shown, see segkit.tasks.base.Task)
 SETTINGS = ("weights", "img_size", "epochs", "batch_size", "optimizer", "lr", "schedule", "warmup_iters", "aug",
             "mask_head", "roi_batch_size", "trainable_layers", "loss", "score_threshold", "seed", "limit")
-INSTANCE_ONLY, SEMANTIC_ONLY = {"mask_head", "roi_batch_size", "trainable_layers"}, {"loss"}
+TASK_SETTINGS = {"mask_head", "roi_batch_size", "trainable_layers", "loss"}
 
 
 def instance_counts(splits: dict[str, Sequence[ImageRecord]]) -> dict[str, dict[str, int]]:
@@ -43,8 +44,6 @@ def instance_counts(splits: dict[str, Sequence[ImageRecord]]) -> dict[str, dict[
 
 def hardware(device, world: int = 1) -> str:
     """The hardware a run trains on, in words: ``"1 x NVIDIA H100 80GB HBM3"``, ``"CPU (x86_64, 16 cores)"``."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return f"{world} x {torch.cuda.get_device_name(device)}"
@@ -58,8 +57,6 @@ def write_model_card(out: str | os.PathLike, best: dict[str, Any], history: Sequ
     """Write ``out/MODEL_CARD.md`` for the run whose best checkpoint is ``best`` (a checkpoint dict: its
     weights are not read), with the run's ``history`` (metrics.csv rows), ``counts`` (:func:`instance_counts`),
     ``test`` metrics of the best checkpoint and the ``hardware`` string; ``final`` once training is over."""
-    from segkit.atomic import atomic_write
-
     out = Path(out)
     text = render_model_card(best, out / "best.pt", history, counts, test, hardware, final)
     return atomic_write(out / CARD_NAME, text)
@@ -78,9 +75,7 @@ def render_model_card(best: dict[str, Any], checkpoint: str | os.PathLike, histo
 
 
 def _summary(best: dict, history: Sequence[dict], final: bool) -> str:
-    cfg, task = best.get("config") or {}, best.get("task") or "instance"
-    what = ("Semantic segmentation (one class per pixel)" if task == "semantic" else
-            f"Instance segmentation (Mask R-CNN, {best.get('mask_head', 'standard')} mask head)")
+    cfg, what = best.get("config") or {}, get_task(best.get("task")).card_kind(best)
     done = len(history) or best.get("epoch") or 0
     state = ("Training history not recorded in the checkpoint" if not done else
              f"Finished after {done} of {cfg.get('epochs', done)} epochs" if final else
@@ -120,14 +115,14 @@ def _data(best: dict) -> str:
 
 
 def _settings(best: dict) -> str:
-    cfg, task = best.get("config") or {}, best.get("task") or "instance"
-    skip = SEMANTIC_ONLY if task == "instance" else INSTANCE_ONLY
+    cfg = best.get("config") or {}
+    skip = TASK_SETTINGS - get_task(best.get("task")).card_settings
     rows = [f"| {k} | {cfg[k]} |" for k in SETTINGS if k in cfg and k not in skip and cfg[k] is not None]
     return "## Settings\n\n| setting | value |\n|---|---|\n" + "\n".join(rows) if rows else ""
 
 
 def _results(best: dict, history: Sequence[dict], test: dict | None) -> str:
-    semantic = (best.get("task") or "instance") == "semantic"
+    task = get_task(best.get("task"))
     scores = best.get("metrics") or {}
     if not any(k.startswith("val_") for k in scores):
         why = "the run has no val split (best.pt is the last epoch)" if "split" in best else "no metrics recorded"
@@ -138,15 +133,14 @@ def _results(best: dict, history: Sequence[dict], test: dict | None) -> str:
         columns.append((f"last evaluated (epoch {last['epoch']})", "val", last))
     if test:
         columns.append(("test (best checkpoint)", "test", test))
-    what = ("every pixel's most probable class" if semantic else
-            "COCO AP over all detections; IoU of the masks above the score threshold")
+    what = task.card_evaluation
     table = _table(["metric", *(c[0] for c in columns)],
                    [[title, *(_num(row.get(f"{prefix}_{key}")) for _, prefix, row in columns)]
-                    for key, title in (SEMANTIC_METRICS if semantic else INSTANCE_METRICS)
+                    for key, title in task.card_metrics
                     if any(f"{prefix}_{key}" in row for _, prefix, row in columns)])
     # per class: the best epoch's val, and test where there is one
     cells = [(f"{title} ({prefix})", f"{prefix}_{key}", row) for key, title in
-             (SEMANTIC_PER_CLASS if semantic else INSTANCE_PER_CLASS) for prefix, row in
+             task.card_per_class for prefix, row in
              [("val", scores), *([("test", test)] if test else [])]]
     per_class = _table(["class", *(c[0] for c in cells)],
                        [[name, *(_num(row.get(key + name)) for _, key, row in cells)] for name in best["classes"]])
@@ -192,8 +186,7 @@ def _limits(best: dict, history: Sequence[dict], counts: dict | None, final: boo
         limits.append(f"`--limit {cfg['limit']}`: at most {cfg['limit']} images per split were used.")
     if final and history and cfg.get("epochs") and len(history) < cfg["epochs"]:
         limits.append(f"Stopped after {len(history)} of {cfg['epochs']} epochs (early stop or interruption).")
-    if (best.get("task") or "instance") == "semantic":
-        limits.append("Semantic model: touching objects of one class are one region; it does not count objects.")
+    limits += get_task(best.get("task")).card_limits
     return "## Known limits\n\n" + "\n".join(f"- {s}" for s in limits) if limits else ""
 
 
@@ -219,9 +212,6 @@ def write_export_card(checkpoint: str | os.PathLike, artifact: str | os.PathLike
     """The card of an exported model, beside it: the run's MODEL_CARD.md when ``checkpoint`` is a run's
     best.pt that has one (else a card made from the checkpoint alone), then a section on the export with
     its own ``ap`` (``box_ap``, ``mask_ap``; None when not measured) and ``measured``, saying on what."""
-    from segkit.atomic import atomic_write
-    from segkit.models.checkpoint import load_checkpoint
-
     checkpoint, artifact = Path(checkpoint), Path(artifact)
     run_card = checkpoint.with_name(CARD_NAME)
     if checkpoint.name == "best.pt" and run_card.is_file():
@@ -250,11 +240,7 @@ def _export_section(artifact: Path, info: dict[str, Any], ap: dict[str, float] |
 
 def redact(text: str) -> str:
     """A URL without user:password, query or fragment (where keys and signatures hide); paths unchanged."""
-    if "://" not in text:
-        return text
-    from segkit.labelstudio.client import redact as redact_url
-
-    return redact_url(text)
+    return redact_url(text) if "://" in text else text
 
 
 def _num(value) -> str:
@@ -280,6 +266,4 @@ def _cpu_name() -> str:
 
 
 def _version() -> str:
-    import segkit
-
     return segkit.__version__

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from segkit.atomic import write_json
+
 TRACKERS = ("tensorboard", "mlflow")
 STATE_FILE = "tracking.json"  # in the run folder: which MLflow run --resume continues
 DEFAULT_EXPERIMENT = "segkit"  # MLflow experiment, unless $MLFLOW_EXPERIMENT_NAME names another
@@ -258,8 +260,6 @@ def read_state(out: Path) -> dict[str, Any]:
 
 
 def _save_state(out: Path, update: dict[str, Any]) -> None:
-    from segkit.atomic import write_json
-
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / STATE_FILE, {**read_state(out), **update}, indent=2)
 

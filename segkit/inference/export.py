@@ -1,11 +1,11 @@
-"""Export a checkpoint to ONNX, OpenVINO or TorchScript, and run such an artifact.
+"""Export a checkpoint to ONNX, OpenVINO or TorchScript (reading and running one: :mod:`.artifacts`).
 
-What is exported is :func:`segkit.inference.predictor.detect` for one image: a float (3, H, W) image in 0..1
+What is exported is :func:`segkit.inference.forward.detect` for one image: a float (3, H, W) image in 0..1
 of any size goes in; boxes in the image's pixels, labels, scores and the mask head's (N, 1, 28, 28)
 probabilities come out. Pasting each mask into its box stays on the host, in :func:`paste_masks`,
 as for eager models, so every backend gives the same compact :class:`segkit.inference.prediction.Prediction`.
 
-Each artifact describes itself (:func:`artifact_info`): classes, image size, score threshold, the
+Each artifact describes itself (:func:`segkit.inference.artifacts.artifact_info`): classes, image size, score threshold, the
 settings frozen into the graph, segkit's version and the source checkpoint's SHA-256. So
 ``Predictor.from_checkpoint(path)``, and every ``--checkpoint``, runs it with no further option:
 
@@ -17,7 +17,6 @@ The optional packages (``pip install 'segkit[export]'``) are imported only here,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,23 +29,15 @@ from torchvision.models.detection.transform import resize_boxes
 
 import segkit
 from segkit.atomic import atomic_export
+from segkit.inference.artifacts import (FORMATS, META_KEY, ExportError, companions, require_package,
+                                       sha256)
+from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 
-FORMATS = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".torchscript"}
-SUFFIXES = {suffix: fmt for fmt, suffix in FORMATS.items()}
-META_KEY = "segkit"
-INSTALL_HINT = "pip install 'segkit[export]'"
 OPSET = 17
-
-# A detector run: one float (3, H, W) image -> boxes, labels, scores, mask probabilities, as tensors.
-Runner = Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
-
-
-class ExportError(RuntimeError):
-    """A model that cannot be exported, or an optional package that is missing; the message says what to do."""
 
 
 class Detector(nn.Module):
-    """The exported graph: :func:`segkit.inference.predictor.detect` on one image, outputs as a tuple."""
+    """The exported graph: :func:`segkit.inference.forward.detect` on one image, outputs as a tuple."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -85,11 +76,6 @@ class ScriptableDetector(Detector):
         return boxes, det["labels"], det["scores"], det["masks"]
 
 
-def is_artifact(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an exported model (by its suffix) rather than a segkit checkpoint."""
-    return Path(path).suffix.lower() in SUFFIXES
-
-
 def frozen_settings(model: nn.Module) -> dict[str, Any]:
     """The settings an export fixes in the graph: score floor, NMS, detections per image, resize."""
     heads, transform = model.roi_heads, model.transform
@@ -108,8 +94,6 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
     """
     if bf16 and fmt != "openvino":
         raise ExportError("bf16 is an OpenVINO inference setting: use --format openvino")
-    from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     ckpt = load_checkpoint(checkpoint)
@@ -136,12 +120,6 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
     return atomic_export(out, lambda tmp: write(detector, tmp, info), companions(out))
 
 
-def companions(path: str | os.PathLike) -> list[Path]:
-    """The files an artifact at ``path`` needs beside it: an OpenVINO model's weights (.bin)."""
-    path = Path(path)
-    return [path.with_suffix(".bin")] if path.suffix.lower() == FORMATS["openvino"] else []
-
-
 def save_openvino(model: Any, out: str | os.PathLike) -> Path:
     """Write an OpenVINO ``model`` as ``out`` (.xml) and its weights beside it (.bin), atomically; returns ``out``."""
     ov = require_package("openvino")
@@ -156,15 +134,6 @@ def _info(ckpt: dict, path: Path, fmt: str, model: nn.Module) -> dict[str, Any]:
             "score_threshold": float(ckpt.get("score_threshold", 0.5)), "epoch": ckpt.get("epoch"),
             "metrics": ckpt.get("metrics", {}), "split": ckpt.get("split"),
             "config": {"data": (ckpt.get("config") or {}).get("data")}}
-
-
-def sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _example(info: dict) -> Tensor:
@@ -207,61 +176,3 @@ def _write_openvino(detector: Detector, out: Path, info: dict) -> None:
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 
-def require_package(name: str):
-    """Import an optional package, or raise ExportError saying how to install it."""
-    try:
-        return __import__(name)
-    except ImportError:
-        raise ExportError(f"{name} is not installed; exported models need the optional packages: "
-                          f"{INSTALL_HINT}") from None
-
-
-def artifact_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The self-description written by :func:`export`; ExportError when ``path`` is not a readable artifact."""
-    path = Path(path)
-    fmt = SUFFIXES.get(path.suffix.lower())
-    if fmt == "onnx":
-        onnx = require_package("onnx")
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        text = props.get(META_KEY)
-    elif fmt == "openvino":
-        model = require_package("openvino").Core().read_model(str(path))
-        text = model.get_rt_info([META_KEY]).astype(str) if model.has_rt_info([META_KEY]) else None
-    elif fmt == "torchscript":
-        extra = {f"{META_KEY}.json": ""}
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        text = extra[f"{META_KEY}.json"] or None
-    else:
-        raise ExportError(f"{path}: not an exported model (expected {', '.join(SUFFIXES)})")
-    if not text:
-        raise ExportError(f"{path}: not exported by segkit (no {META_KEY!r} metadata)")
-    return json.loads(text)
-
-
-def load_runner(path: str | os.PathLike, info: dict[str, Any], threads: int | None = None) -> Runner:
-    """A function running the artifact at ``path`` on one image, with the backend its format needs."""
-    fmt = info["export"]["format"]
-    path = str(path)
-    if fmt == "torchscript":
-        module = torch.jit.load(path, map_location="cpu").eval()
-        return lambda image: module(image)
-    if fmt == "onnx":
-        ort = require_package("onnxruntime")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return lambda image: tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))
-    ov = require_package("openvino")
-    # OpenVINO picks bf16 on CPUs that have it, which changes detections: f32 unless asked for.
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if info["export"].get("bf16") else "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(path, "CPU", config)
-    request = compiled.create_infer_request()
-
-    def run(image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        result = request.infer({0: image.numpy()})
-        return tuple(torch.from_numpy(result[out].copy()) for out in compiled.outputs)
-
-    return run

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segkit.inference.masks import Crop, InstanceMasks
+from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.data.records import ImageRecord, label_map
+from segkit.inference.masks import Crop, InstanceMasks
 
 
 class Prediction:
@@ -137,8 +138,6 @@ class SemanticPrediction:
     @classmethod
     def from_record(cls, record: ImageRecord, classes: Sequence[str]) -> SemanticPrediction:
         """An image's annotations as a class map (:func:`segkit.data.class_map.class_map`; ignore regions as background)."""
-        from segkit.data.class_map import IGNORE_INDEX, class_map
-
         truth = class_map(record, classes)
         truth[truth == IGNORE_INDEX] = 0
         return cls(truth, classes)

@@ -15,8 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from segkit.inference.export import META_KEY, ExportError, artifact_info, export, require_package, save_openvino
+import numpy as np
+
+from segkit.data.images import load_image
+from segkit.data.readers import load_dataset
 from segkit.data.records import ImageRecord
+from segkit.data.splits import SplitError, model_split
+from segkit.engine.loops import evaluate_predictor
+from segkit.inference.artifacts import META_KEY, ExportError, artifact_info, require_package
+from segkit.inference.export import export, save_openvino
+from segkit.inference.predictor import Predictor
+from segkit.models.checkpoint import load_checkpoint
+from segkit.tasks import get_task
 
 DEFAULT_CALIBRATION_IMAGES = 50  # NNCF's statistics settle within tens of images; each costs one forward
 
@@ -30,8 +40,6 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     val split before and after quantization.
     """
     ov, nncf = require_package("openvino"), require_package("nncf")
-    from segkit.models.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(checkpoint)
     train, val = train_val_records(ckpt, Path(data))
     if not train:
@@ -60,8 +68,6 @@ def report_bf16(artifact: str | os.PathLike, data: str | os.PathLike, show_progr
     Records ``{"val_images", "before", "after"}`` in the artifact (``export.bf16_ap``) and returns it.
     On a CPU without bf16, OpenVINO runs f32 for both and the figures are equal.
     """
-    from segkit.models.checkpoint import load_checkpoint
-
     info = artifact_info(artifact)
     _, val = train_val_records(info, Path(data))
     if not val:
@@ -83,38 +89,26 @@ def _rewrite_info(path: Path, info: dict[str, Any]) -> None:
 
 def train_val_records(ckpt: dict[str, Any], data: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """(train, val) records of ``data``, by the checkpoint's saved split when it has one."""
-    from segkit.data.readers import load_dataset
-    from segkit.data.records import restrict_to_classes
-    from segkit.data.splits import SplitError, select_split
-
     images = load_dataset(data).images
     chosen = []
     for split in ("train", "val"):
         try:
-            records, _ = select_split(images, ckpt.get("split"), split, data)
+            records, _, _ = model_split(images, ckpt, split, data)
         except SplitError:
             records = []
-        chosen.append(restrict_to_classes(records, ckpt["classes"])[0])
+        chosen.append(records)
     return chosen[0], chosen[1]
 
 
-def _model_input(record: ImageRecord):
-    """A record's image as the exported model takes it: float (3, H, W) in 0..1, as a numpy array."""
-    import numpy as np
-
-    from segkit.data.images import load_image
-
+def _model_input(record: ImageRecord) -> np.ndarray:
+    """A record's image as the exported model takes it: float (3, H, W) in 0..1."""
     return np.asarray(load_image(record.path), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
 def artifact_ap(path: Path, records: list[ImageRecord], classes: list[str], show_progress: bool,
         info: dict[str, Any] | None = None) -> dict[str, float]:
     """Box and mask AP of the artifact at ``path`` (run as ``info`` says, default its own description)."""
-    from segkit.models.checkpoint import load_checkpoint
-    from segkit.engine.metrics import evaluate_predictor
-    from segkit.inference.predictor import Predictor
-
     predictor = Predictor.from_loaded_checkpoint(info or load_checkpoint(path), path)
-    report = evaluate_predictor(predictor, records, classes, predictor.score_threshold,
-                                show_progress=show_progress).evaluate()
+    evaluator = get_task(predictor.task).evaluator(records, classes, predictor.score_threshold)
+    report = evaluate_predictor(predictor, records, evaluator, show_progress=show_progress)
     return {"box_ap": report["bbox"]["AP"], "mask_ap": report["segm"]["AP"]}

@@ -25,10 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from segkit.atomic import atomic_write
-from segkit.models.checkpoint import model_version
-from segkit.data.images import IMAGE_EXTENSIONS
+from segkit.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+from segkit.engine.coco import image_entry
+from segkit.inference.predictor import Predictor
+from segkit.inference.visualize import mask_png, overlay
+from segkit.models.checkpoint import load_checkpoint, model_version
+from segkit.tasks import get_task
 from segkit.inference.predict_files import (LabelStudioOptions, SourceError, find_images, unique_names,
                                   write_outputs)
 
@@ -37,15 +42,13 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     """``segkit predict --ray``: 0 when every image was predicted, 1 when some could not be read, 2 on bad input."""
     import dataclasses
 
-    import ray
-
-    from segkit.models.checkpoint import load_checkpoint, task_of
+    import ray  # optional: segkit[ray]
 
     if len(args.sources) != 1:
         raise SourceError("--ray takes one SOURCE: a folder or a URI prefix (s3://bucket/photos/)")
     out = Path(args.out)
     ckpt = load_checkpoint(args.checkpoint)  # refused here, before a cluster is started, if unusable
-    if task_of(ckpt) == "semantic":
+    if get_task(ckpt.get("task")).region == "brush":
         ls = dataclasses.replace(ls, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if args.score_threshold is None else args.score_threshold
     started = not ray.is_initialized()
@@ -141,10 +144,6 @@ class PredictActor:
 
     def __init__(self, checkpoint: str, threshold: float, max_detections: int | None, threads: int,
                  cuda: bool, overlays: bool):
-        import torch
-
-        from segkit.inference.predictor import Predictor
-
         torch.set_num_threads(threads)
         # Ray gives a GPU actor its own device as CUDA_VISIBLE_DEVICES: "cuda" is that one.
         self.predictor = Predictor.from_checkpoint(checkpoint, "cuda" if cuda else "cpu", max_detections)
@@ -153,10 +152,6 @@ class PredictActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         """Each file's entry (COCO json), mask and overlay PNG bytes, or its error; the batch in one forward pass."""
-        from segkit.engine.coco import image_entry
-        from segkit.inference.prediction import SemanticPrediction
-        from segkit.inference.visualize import mask_png, overlay
-
         paths = [str(p) for p in batch["path"]]
         images = [_decode(bytes(data), path) for path, data in zip(paths, batch["bytes"])]
         ok = [image for image in images if not isinstance(image, str)]
@@ -168,8 +163,7 @@ class PredictActor:
                     answer[key].append(empty)
                 continue
             prediction = next(predictions)
-            regions = prediction.as_instances() if isinstance(prediction, SemanticPrediction) else prediction
-            answer["entry"].append(json.dumps(image_entry(path, image.width, image.height, regions)))
+            answer["entry"].append(json.dumps(image_entry(path, image.width, image.height, prediction.as_instances())))
             answer["mask"].append(_png(mask_png(prediction)))
             answer["overlay"].append(_png(overlay(image, prediction)) if self.overlays else b"")
             answer["error"].append("")
@@ -178,8 +172,6 @@ class PredictActor:
 
 def _decode(data: bytes, name: str) -> Any:
     """The image as :func:`segkit.data.images.load_image` reads it from disk (EXIF turn, modes, checks), or the error."""
-    from segkit.data.images import ImageError, load_image
-
     with tempfile.NamedTemporaryFile(suffix=Path(name).suffix) as f:
         f.write(data)
         f.flush()

@@ -15,8 +15,8 @@ import torch
 
 import segkit
 from segkit.atomic import atomic_open
-from segkit.models.mask_rcnn import build_model
-from segkit.models.pointrend import mask_head_of
+from segkit.inference.artifacts import ExportError, artifact_info, is_artifact
+from segkit.tasks import get_task
 
 
 class CheckpointError(RuntimeError):
@@ -38,7 +38,7 @@ def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_s
     """
     return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
             "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), "task": task,
-            **(mask_head_of(model) if task == "instance" else {}), **extra}
+            **get_task(task).checkpoint_fields(model), **extra}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -78,8 +78,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    from segkit.inference.export import ExportError, artifact_info, is_artifact
-
     if is_artifact(path):
         try:
             return artifact_info(path)
@@ -99,25 +97,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset).
-
-    Checkpoints from before PointRend have no ``mask_head``: they are ``"standard"``; checkpoints
-    without ``task`` are instance models.
-    """
-    if task_of(ckpt) == "semantic":
-        from segkit.models.semantic import build_semantic_model
-
-        model = build_semantic_model(ckpt["arch"], len(ckpt["classes"]) + 1, weights=None, img_size=ckpt["img_size"],
-                                     loss=(ckpt.get("config") or {}).get("loss") or "ce+dice")
-        model.load_state_dict(ckpt["model"])
-        return model
-    head = {"mask_head": ckpt.get("mask_head", "standard")}
-    if "mask_resolution" in ckpt:
-        head["mask_resolution"] = int(ckpt["mask_resolution"])
-    model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]) + 1, weights=None,
-                        img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)), **head)
-    model.load_state_dict(ckpt["model"])
-    return model
+    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset), as its task does."""
+    return get_task(task_of(ckpt)).model_from_checkpoint(ckpt)
 
 
 def task_of(ckpt: dict[str, Any]) -> str:

@@ -255,3 +255,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def carried_heads(weights: str | os.PathLike | None, classes: list[str]) -> str | None:
+    """What a start from a segkit checkpoint of other classes keeps (matched by name), said so that a
+    renamed label's fresh start is no surprise; None when there is nothing to say."""
+    if not is_pretrained(weights) or str(weights).lower() == "coco":
+        return None
+    known = checkpoint_classes(weights)
+    if known is None or known == classes:
+        return None
+    known_keys, keys = {class_key(c) for c in known}, {class_key(c) for c in classes}
+    kept = [c for c in classes if class_key(c) in known_keys]
+    new = [c for c in classes if class_key(c) not in known_keys]
+    dropped = [c for c in known if class_key(c) not in keys]
+    return (f"starting from {weights}: trained heads kept for {', '.join(kept) or 'no class'}; "
+            f"new for {', '.join(new) or 'no class'}" + (f"; not in this data: {', '.join(dropped)}" if dropped else ""))

@@ -34,7 +34,8 @@ from torchvision.ops import box_iou
 from segkit.data.images import ImageInput
 from segkit.inference.masks import Crop, InstanceMasks
 from segkit.inference.prediction import Prediction
-from segkit.inference.predictor import Predictor, box_detections, image_tensors, mask_probs, paste_masks
+from segkit.inference.forward import box_detections, image_tensors, mask_probs, paste_masks
+from segkit.inference.predictor import Predictor
 from segkit.data.records import class_key
 
 CLICK_THRESHOLD = 0.05  # detections a click may pick: low, since the annotator's click says where to look
@@ -266,7 +267,7 @@ class PromptEngine:
         return answers
 
     def _full_pass(self, image: Tensor) -> ImageFeatures:
-        """:func:`segkit.inference.predictor.detect`'s steps on one image at ``click_threshold``, keeping the features."""
+        """:func:`segkit.inference.forward.detect`'s steps on one image at ``click_threshold``, keeping the features."""
         model, original = self.model, (int(image.shape[-2]), int(image.shape[-1]))
         batch, _ = model.transform([image])
         features = model.backbone(batch.tensors)

@@ -276,7 +276,7 @@ def model_card(checkpoint: Path, ckpt: dict[str, Any], model: Path, out: Path, s
 
     model_rel = model.relative_to(out).as_posix()
     if model.suffix == ".xml":
-        from segkit.inference.export import artifact_info
+        from segkit.inference.artifacts import artifact_info
 
         written = write_export_card(checkpoint, model, artifact_info(model), None,
                                     f"not measured when the Space was written (`segkit evaluate --checkpoint "

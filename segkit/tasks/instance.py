@@ -1,0 +1,121 @@
+"""Instance segmentation (the default ``--task``): torchvision's Mask R-CNN, COCO AP, polygons."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from segkit.data.dataset import SegmentationDataset
+from segkit.data.records import ImageRecord
+from segkit.engine import metrics
+from segkit.engine.coco import records_to_coco
+from segkit.inference.forward import detect, to_prediction
+from segkit.inference.prediction import Prediction
+from segkit.models.mask_rcnn import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, build_model, freeze_backbone,
+                                     is_pretrained, uses_frozen_bn)
+from segkit.models.pointrend import mask_head_of
+from segkit.tasks.base import Task
+
+
+class InstanceTask(Task):
+    """Objects, each with a class, a score, a box and a mask."""
+
+    name = "instance"
+    architectures = ARCHITECTURES
+    default_model = "maskrcnn_resnet50_fpn"
+    score_key = "val_segm_map"
+    headline = ("segm_map", "mask AP")
+    report_key = "ap"
+    region = "polygon"
+    channels_last = True  # the same detections, faster with oneDNN (bench/infer.py)
+    has_pr_curves = True
+    card_metrics = (("segm_map", "mask AP"), ("segm_map50", "mask AP50"), ("bbox_map", "box AP"),
+                    ("miou", "mask IoU (mean over classes)"), ("biou", "Boundary IoU"), ("loss", "loss"))
+    card_per_class = (("bbox_ap_", "box AP"), ("segm_ap_", "mask AP"))
+    card_settings = frozenset({"mask_head", "roi_batch_size", "trainable_layers"})
+    card_evaluation = "COCO AP over all detections; IoU of the masks above the score threshold"
+
+    def card_kind(self, ckpt: dict[str, Any]) -> str:
+        return f"Instance segmentation (Mask R-CNN, {ckpt.get('mask_head', 'standard')} mask head)"
+
+    def build_model(self, cfg: Any, classes: list[str], resumed: bool) -> nn.Module:
+        model = build_model(cfg.model, len(classes) + 1, None if resumed else cfg.weights, cfg.trainable_layers,
+                            cfg.img_size, frozen_bn=uses_frozen_bn(cfg.model, cfg.weights), mask_head=cfg.mask_head,
+                            mask_resolution=cfg.mask_resolution, classes=classes)
+        if resumed and is_pretrained(cfg.weights):  # the same frozen stages as the run had
+            freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size  # training-time sampling only
+        return model
+
+    def model_from_checkpoint(self, ckpt: dict[str, Any]) -> nn.Module:
+        # checkpoints from before PointRend have no mask_head: they are "standard"
+        head = {"mask_head": ckpt.get("mask_head", "standard")}
+        if "mask_resolution" in ckpt:
+            head["mask_resolution"] = int(ckpt["mask_resolution"])
+        model = build_model(ckpt["arch"], num_classes=len(ckpt["classes"]) + 1, weights=None,
+                            img_size=ckpt["img_size"], frozen_bn=bool(ckpt.get("frozen_bn", False)), **head)
+        model.load_state_dict(ckpt["model"])
+        return model
+
+    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
+        return mask_head_of(model)  # which head to rebuild; lets an exporter refuse what it cannot run
+
+    def frozen_bn(self, cfg: Any) -> bool:
+        return uses_frozen_bn(cfg.model, cfg.weights)
+
+    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform) -> SegmentationDataset:
+        return SegmentationDataset(images, classes, transform)
+
+    def loader_options(self, cfg: Any, train: bool, n_images: int, world: int) -> dict[str, Any]:
+        # val/test go one image per forward, as torchvision's references evaluate: padding a batch to a
+        # common size moves detections, and evaluate, predict and the demo see each image alone
+        return {"batch_size": cfg.batch_size if train else 1, "drop_last": False}
+
+    def ground_truth(self, images: Sequence[ImageRecord], classes: Sequence[str]) -> dict:
+        return records_to_coco(images, classes)  # decoding every mask once, not every epoch
+
+    def evaluator(self, images: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
+                  ground_truth: dict | None = None) -> metrics.SegmentationEvaluator:
+        return metrics.SegmentationEvaluator(images, classes, threshold, ground_truth)
+
+    def predict(self, model: nn.Module, images: list[torch.Tensor], classes: list[str],
+                threshold: float) -> list[Prediction]:
+        # the threshold goes with the call, not on the model: threads share one model
+        outputs = detect(model, images, threshold)
+        return [to_prediction(out, classes, threshold, image.shape[-2:]) for out, image in zip(outputs, images)]
+
+    def score_floor(self, model: nn.Module) -> float:
+        return float(model.roi_heads.score_thresh)
+
+    def cap_detections(self, model: nn.Module, n: int) -> None:
+        model.roi_heads.detections_per_img = n  # the mask head runs once per detection
+
+    def describe(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        return {"mask_head": ckpt.get("mask_head", "standard")}
+
+    def metrics_row(self, report: dict[str, Any], prefix: str) -> dict[str, float]:
+        row = {f"{prefix}_{t}_map{key[2:]}": report[t][key] for t in ("bbox", "segm") for key in ("AP", "AP50", "AP75")}
+        for key in ("mIoU", "mDice"):  # None when no class has pixels in the ground truth or the predictions
+            value = report["semantic"][key]
+            row[f"{prefix}_{key.lower()}"] = float("nan") if value is None else value
+        boundary = report["boundary"]["iou"]
+        row[f"{prefix}_biou"] = float("nan") if boundary is None else boundary
+        row.update({f"{prefix}_{t}_ap_{name}": v for t in ("bbox", "segm") for name, v in report[t]["per_class"].items()})
+        return row
+
+    def epoch_summary(self, row: dict[str, float]) -> list[str]:
+        return [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
+                f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
+
+    def format_table(self, report: dict[str, Any], classes: Sequence[str]) -> str:
+        return metrics.format_table(report, classes)
+
+    def evaluation_note(self, report: dict[str, Any], threshold: float, score_floor: float) -> str:
+        return (f"COCO AP: all detections (the model's internal score threshold is {score_floor:g}); "
+                f"IoU/Dice/bIoU: masks with score >= {threshold:g}; bIoU: Boundary IoU, boundary "
+                f"{report['boundary']['dilation_ratio']:.0%} of the image diagonal")
+
+    def confusion_title(self, threshold: float) -> str:
+        return f"pixels, masks with score >= {threshold:g}"

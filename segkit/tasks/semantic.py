@@ -1,0 +1,85 @@
+"""Semantic segmentation (``--task semantic``): one class per pixel, IoU and Dice, brush regions."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from segkit.data.dataset import SemanticDataset
+from segkit.data.records import ImageRecord
+from segkit.engine import semantic_metrics
+from segkit.inference.forward import predict_maps
+from segkit.inference.prediction import SemanticPrediction
+from segkit.models.semantic import DEFAULT_SEMANTIC_MODEL, SEMANTIC_ARCHITECTURES, build_semantic_model
+from segkit.tasks.base import Task
+
+
+class SemanticTask(Task):
+    """Every pixel's most probable class; touching objects of one class are one region."""
+
+    name = "semantic"
+    architectures = SEMANTIC_ARCHITECTURES
+    default_model = DEFAULT_SEMANTIC_MODEL
+    score_key = "val_miou"
+    headline = ("miou", "mIoU")
+    report_key = "semantic"
+    region = "brush"  # a class's area is one region, often in pieces: a brush keeps it whole
+    card_metrics = (("miou", "mIoU"), ("mdice", "mDice"), ("pixel_accuracy", "pixel accuracy"), ("loss", "loss"))
+    card_per_class = (("iou_", "IoU"), ("dice_", "Dice"))
+    card_settings = frozenset({"loss"})
+    card_evaluation = "every pixel's most probable class"
+    card_limits = ("Semantic model: touching objects of one class are one region; it does not count objects.",)
+
+    def card_kind(self, ckpt: dict[str, Any]) -> str:
+        return "Semantic segmentation (one class per pixel)"
+
+    def build_model(self, cfg: Any, classes: list[str], resumed: bool) -> nn.Module:
+        # every layer trains: --trainable-layers is Mask R-CNN's
+        return build_semantic_model(cfg.model, len(classes) + 1, None if resumed else cfg.weights, cfg.img_size,
+                                    cfg.loss, classes=classes)
+
+    def model_from_checkpoint(self, ckpt: dict[str, Any]) -> nn.Module:
+        model = build_semantic_model(ckpt["arch"], len(ckpt["classes"]) + 1, weights=None, img_size=ckpt["img_size"],
+                                     loss=(ckpt.get("config") or {}).get("loss") or "ce+dice")
+        model.load_state_dict(ckpt["model"])
+        return model
+
+    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform) -> SemanticDataset:
+        return SemanticDataset(images, classes, transform)
+
+    def loader_options(self, cfg: Any, train: bool, n_images: int, world: int) -> dict[str, Any]:
+        # a last batch of one image would stop batch norm over 1x1 features (DeepLabV3's image pooling)
+        return {"batch_size": cfg.batch_size, "drop_last": train and n_images > cfg.batch_size * world}
+
+    def evaluator(self, images: Sequence[ImageRecord], classes: Sequence[str], threshold: float,
+                  ground_truth: Any = None) -> semantic_metrics.SemanticEvaluator:
+        return semantic_metrics.SemanticEvaluator(classes, images)
+
+    def predict(self, model: nn.Module, images: list[torch.Tensor], classes: list[str],
+                threshold: float) -> list[SemanticPrediction]:
+        # no scores to cut: the threshold is accepted for the callers' sake
+        return [SemanticPrediction(m, classes, conf) for m, conf in predict_maps(model, images)]
+
+    def describe(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        return {"mask_head": None}
+
+    def metrics_row(self, report: dict[str, Any], prefix: str) -> dict[str, float]:
+        return semantic_metrics.metrics_row(report, prefix)
+
+    def epoch_summary(self, row: dict[str, float]) -> list[str]:
+        return [f"val loss {row['val_loss']:.3f}", f"mIoU {row['val_miou']:.3f}",
+                f"pixel acc {row['val_pixel_accuracy']:.3f}"]
+
+    def format_table(self, report: dict[str, Any], classes: Sequence[str]) -> str:
+        return semantic_metrics.format_table(report, classes)
+
+    def evaluation_note(self, report: dict[str, Any], threshold: float, score_floor: float) -> str:
+        return "IoU/Dice: every pixel's most probable class against the annotations (crowd regions not judged)"
+
+    def json_report(self, report: dict[str, Any]) -> dict[str, Any]:
+        return {"semantic": report}  # the key the instance report keeps its pixel metrics under
+
+    def confusion_title(self, threshold: float) -> str:
+        return "pixels, semantic model"
