@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from segkit.cli import main
+from tests.helpers import require_module
 from tests.test_predict_distributed import ARGS, _predict_cmd, _run
 
-ray = pytest.importorskip("ray", reason="segkit[ray] is not installed")
+ray = require_module("ray", "pip install 'segkit[ray]'")
 
 ROOT_URL = "/data/local-files/?d=photos/"
 N_IMAGES = 6
