@@ -16,8 +16,8 @@ MAX_FUNCTION_LINES = 60
 LAZY_ALLOWED = {
     "segkit/__init__.py": "the public API is imported on first use: `import segkit` costs nothing",
     "segkit/commands/": "every command's parser is built at start-up: `segkit check` and `--help` must not import torch",
-    "segkit/data/readers/__init__.py": "a project URL is read by segkit.labelstudio.project, which itself "
-                                       "reads exports with the readers: imported when a URL is given",
+    "segkit/data/readers/__init__.py": "a project URL is read by segkit.labelstudio.project (httpx), which "
+                                       "itself reads its export with these readers: imported when a URL is given",
 }
 
 
