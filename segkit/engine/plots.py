@@ -15,8 +15,6 @@ from segkit.atomic import atomic_open  # noqa: E402
 
 LOSS_PARTS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg",
               "loss_ce", "loss_dice")
-AP_KEYS = ("val_bbox_map", "val_bbox_map50", "val_segm_map", "val_segm_map50", "val_segm_map75")
-SEMANTIC_KEYS = ("val_miou", "val_mdice", "val_pixel_accuracy")  # --task semantic: per-class IoU is in metrics.csv
 
 
 def plot_losses(history: list[dict], path: str | Path, test: dict | None = None) -> Path:
@@ -42,20 +40,17 @@ def plot_losses(history: list[dict], path: str | Path, test: dict | None = None)
     return _save(fig, path)
 
 
-def plot_metrics(history: list[dict], path: str | Path) -> Path:
-    """Validation AP curves for boxes and masks; for a semantic model mIoU, mDice, pixel accuracy and per-class IoU."""
+def plot_metrics(history: list[dict], path: str | Path, keys: Sequence[str],
+                 axes: tuple[str, str] = ("AP", "validation AP")) -> Path:
+    """Validation curves of the metrics.csv columns ``keys`` (the task's), with (y label, title) ``axes``."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [row["epoch"] for row in history]
-    is_semantic = any("val_pixel_accuracy" in row for row in history)  # instance rows have val_miou too
-    keys = [*SEMANTIC_KEYS, *sorted({k for row in history for k in row if k.startswith("val_iou_")})] if is_semantic \
-        else AP_KEYS
     for key in keys:
         ys = [row.get(key) for row in history]
         if any(y is not None for y in ys):
             ax.plot(epochs, [float("nan") if y is None else y for y in ys], "-o", ms=3,
                     label=key.removeprefix("val_").replace("_map", " AP").replace("iou_", "IoU "))
-    ylabel, title = ("score", "validation IoU, Dice, pixel accuracy") if is_semantic else ("AP", "validation AP")
-    ax.set(xlabel="epoch", ylabel=ylabel, ylim=(0, 1), title=title)
+    ax.set(xlabel="epoch", ylabel=axes[0], ylim=(0, 1), title=axes[1])
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from segkit.engine import plots
+from segkit.tasks import Task
 from segkit.atomic import atomic_open
 
-CSV_COLUMNS = ["epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds"]
 
 
 def newest_best(root: str | os.PathLike = "runs") -> Path | None:
@@ -36,11 +36,10 @@ def _next_free(root: Path, name: str) -> Path:
     return path
 
 
-def write_history(out: Path, history: list[dict], test: dict | None = None) -> None:
-    """metrics.csv (one row per epoch), loss_curves.png (with the test losses, when given) and metrics.png."""
-    columns = list(CSV_COLUMNS)
-    if any("train_loss_ce" in row or "train_loss_dice" in row for row in history):  # a semantic run: no AP
-        columns = [c for c in columns if not c.startswith(("val_bbox", "val_segm"))]
+def write_history(out: Path, history: list[dict], task: Task, test: dict | None = None) -> None:
+    """metrics.csv (one row per epoch, ``task``'s main columns first), loss_curves.png (with the test losses,
+    when given) and metrics.png (the task's validation curves)."""
+    columns = list(task.csv_columns)
     for row in history:
         columns += [k for k in row if k not in columns]
     with atomic_open(out / "metrics.csv", "w", newline="") as f:
@@ -48,4 +47,4 @@ def write_history(out: Path, history: list[dict], test: dict | None = None) -> N
         writer.writeheader()
         writer.writerows(history)
     plots.plot_losses(history, out / "loss_curves.png", test)
-    plots.plot_metrics(history, out / "metrics.png")
+    plots.plot_metrics(history, out / "metrics.png", task.curve_keys(history), task.curve_axes)

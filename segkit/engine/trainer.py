@@ -163,7 +163,7 @@ def _train_epochs(run: _Run) -> None:
                     best_checkpoint = run.checkpoint(epoch=epoch + 1, metrics=row)
                     save_checkpoint(best_checkpoint, out / "best.pt")
                     _write_card(run, best_checkpoint)
-                runs.write_history(out, run.history)
+                runs.write_history(out, run.history, run.task)
                 _track_epoch(run, row, evaluated)
                 _print_epoch(run, row)
             run.step = 0
@@ -223,7 +223,7 @@ def _finish(run: _Run) -> dict:
     if run.splits["test"]:
         test, report = _evaluate(run, "test")
         write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test, task.report_key: report}, indent=2)
-    runs.write_history(out, run.history, test)
+    runs.write_history(out, run.history, task, test)
     sheet = _preview(run)
     if sheet is not None:
         save_png(sheet, out / "val_predictions.png")

@@ -42,6 +42,8 @@ class Task:
     region: str  # the Label Studio region its predictions are sent as: "polygon" or "brush"
     channels_last: bool = False  # the predictor runs its eager model in channels-last memory format on a CPU
     has_pr_curves: bool = False  # its report holds precision-recall curves (``segkit evaluate --out``)
+    csv_columns: tuple[str, ...]  # metrics.csv's first columns; the rest follow in the rows' order
+    curve_axes: tuple[str, str]  # metrics.png's (y label, title)
     # MODEL_CARD.md: (metrics.csv key without the split prefix, title) in the order shown, per-class
     # (key prefix, column title), the task's own settings, how it was evaluated, and its known limits
     card_metrics: tuple[tuple[str, str], ...]
@@ -49,6 +51,10 @@ class Task:
     card_settings: frozenset[str] = frozenset()
     card_evaluation: str
     card_limits: tuple[str, ...] = ()
+
+    def curve_keys(self, history: Sequence[dict]) -> list[str]:
+        """The metrics.csv columns metrics.png draws."""
+        raise NotImplementedError
 
     def card_kind(self, ckpt: dict[str, Any]) -> str:
         """What the model is, in the card's first words."""

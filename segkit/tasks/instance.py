@@ -31,11 +31,16 @@ class InstanceTask(Task):
     region = "polygon"
     channels_last = True  # the same detections, faster with oneDNN (bench/infer.py)
     has_pr_curves = True
+    csv_columns = ("epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds")
+    curve_axes = ("AP", "validation AP")
     card_metrics = (("segm_map", "mask AP"), ("segm_map50", "mask AP50"), ("bbox_map", "box AP"),
                     ("miou", "mask IoU (mean over classes)"), ("biou", "Boundary IoU"), ("loss", "loss"))
     card_per_class = (("bbox_ap_", "box AP"), ("segm_ap_", "mask AP"))
     card_settings = frozenset({"mask_head", "roi_batch_size", "trainable_layers"})
     card_evaluation = "COCO AP over all detections; IoU of the masks above the score threshold"
+
+    def curve_keys(self, history: Sequence[dict]) -> list[str]:
+        return ["val_bbox_map", "val_bbox_map50", "val_segm_map", "val_segm_map50", "val_segm_map75"]
 
     def card_kind(self, ckpt: dict[str, Any]) -> str:
         return f"Instance segmentation (Mask R-CNN, {ckpt.get('mask_head', 'standard')} mask head)"

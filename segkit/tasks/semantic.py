@@ -26,11 +26,17 @@ class SemanticTask(Task):
     headline = ("miou", "mIoU")
     report_key = "semantic"
     region = "brush"  # a class's area is one region, often in pieces: a brush keeps it whole
+    csv_columns = ("epoch", "train_loss", "val_loss", "lr", "seconds")
+    curve_axes = ("score", "validation IoU, Dice, pixel accuracy")
     card_metrics = (("miou", "mIoU"), ("mdice", "mDice"), ("pixel_accuracy", "pixel accuracy"), ("loss", "loss"))
     card_per_class = (("iou_", "IoU"), ("dice_", "Dice"))
     card_settings = frozenset({"loss"})
     card_evaluation = "every pixel's most probable class"
     card_limits = ("Semantic model: touching objects of one class are one region; it does not count objects.",)
+
+    def curve_keys(self, history: Sequence[dict]) -> list[str]:
+        per_class = sorted({k for row in history for k in row if k.startswith("val_iou_")})
+        return ["val_miou", "val_mdice", "val_pixel_accuracy", *per_class]
 
     def card_kind(self, ckpt: dict[str, Any]) -> str:
         return "Semantic segmentation (one class per pixel)"
