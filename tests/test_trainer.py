@@ -50,7 +50,8 @@ def test_two_epochs_write_every_output_and_resume_appends_a_row(tiny_data, tmp_p
 def test_resuming_with_more_epochs_stretches_the_schedule(tiny_data, tmp_path):
     """``--epochs`` counts in total, also when resuming: a cosine schedule saved at its end (LR 0) must not
     make the added epochs train at LR 0; the decay is stretched over the new total."""
-    out, settings = tmp_path / "run", dict(eval_every=10, schedule="cosine", warmup_iters=1)  # 2 steps an epoch
+    # 2 images, 1 a step: 2 steps an epoch at half the cost of 4 images in pairs
+    out, settings = tmp_path / "run", dict(eval_every=10, schedule="cosine", warmup_iters=1, limit=2, batch_size=1)
     train(tiny_config(tiny_data, out, epochs=1, **settings))
     before = load_checkpoint(out / "last.pt")["model"]
     train(tiny_config(tiny_data, tmp_path / "x", epochs=3, resume=str(out / "last.pt"), **settings))
@@ -63,7 +64,7 @@ def test_resuming_with_more_epochs_stretches_the_schedule(tiny_data, tmp_path):
 
 
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path, monkeypatch):
-    settings = dict(epochs=2, eval_every=10, aug="default")  # 2 steps per epoch, augmentation on
+    settings = dict(epochs=2, eval_every=10, aug="default", limit=2, batch_size=1)  # 2 steps an epoch, augmented
     straight = train(tiny_config(tiny_data, tmp_path / "straight", **settings))
 
     real = engine.train_one_epoch
