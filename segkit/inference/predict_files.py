@@ -52,11 +52,12 @@ from segkit.engine.coco import image_entry, predictions_file
 from segkit.data.images import IMAGE_EXTENSIONS, ImageError, image_files, load_image
 from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME, to_labelstudio
 from segkit.inference.sharding import Ranks, shard
+from segkit.inference.predictor import Predictor
+from segkit.inference.visualize import mask_png, overlay, save_png
+from segkit.models.checkpoint import load_checkpoint, model_version, task_of
 
 if TYPE_CHECKING:
     import torch
-
-    from segkit.inference.predictor import Predictor
 
 
 class SourceError(ValueError):
@@ -98,8 +99,6 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     and rank 0 alone then writes the json files from all records, as one process would have. The
     other ranks' results have no ``entries``.
     """
-    from segkit.models.checkpoint import load_checkpoint, model_version, task_of
-
     ranks = ranks or Ranks()
     ckpt = load_checkpoint(checkpoint)
     labelstudio = labelstudio or LabelStudioOptions()
@@ -118,8 +117,6 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     mine = shard(todo, ranks)
     failed = []
     if mine:  # building the model takes seconds; a finished folder only needs its json rewritten
-        from segkit.inference.predictor import Predictor
-
         predictor = Predictor.from_loaded_checkpoint(ckpt, checkpoint, device, max_detections=max_detections)
         failed = predict_images(predictor, mine, out, threshold, run_key, max(1, batch_size),
                                 progress=ranks.rank == 0)
@@ -159,8 +156,6 @@ def predict_images(predictor: Predictor, todo: list[tuple[Path, str]], out: Path
     The record is written last, so an interrupted run redoes exactly the unfinished images.
     Returns ``(path, error)`` for images that could not be read.
     """
-    from segkit.inference.visualize import mask_png, overlay, save_png
-
     failed: list[tuple[Path, str]] = []
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     # Decoding the next batch's JPEGs in a thread overlaps it with the forward pass.

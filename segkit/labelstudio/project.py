@@ -27,6 +27,7 @@ from PIL import Image
 from segkit.atomic import atomic_write, write_json
 from segkit.data.images import ImageError, ImageTooLargeError, load_scaled
 from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, redact, resolve_api_key
+from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.data.readers.labelstudio import image_reference, read_labelstudio
 from segkit.data.records import DatasetRecords, Problem
 
@@ -80,8 +81,6 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
 def _egress_hook(server: str):
     """The ML backend's rule on where images may come from, for a training it started (None otherwise:
     a user training from the command line reads whatever the tasks name, as they chose)."""
-    from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
-
     if ALLOW_HOSTS_ENV not in os.environ:
         return None
     return EgressPolicy.create(server, os.environ[ALLOW_HOSTS_ENV].split(",")).hook

@@ -36,13 +36,16 @@ from starlette.concurrency import run_in_threadpool
 from segkit.data.images import ImageError
 from segkit.data.readers.labelstudio import image_reference
 from segkit.engine.coco import image_entry
+from segkit.engine.runs import next_run_dir
+from segkit.inference.predictor import Predictor
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.preannotations import prediction_result
 from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
-from segkit.models.checkpoint import model_version
+from segkit.models.checkpoint import load_checkpoint, model_version
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
+from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
 # The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
 from segkit.serve.settings import (LOOPBACK_NAMES, BackendConfig, ExposureError,  # noqa: F401
                                    backend_config, check_settings, is_loopback)
@@ -62,8 +65,6 @@ class ServedModel:
 
     def load(self, checkpoint: Path, predictor=None) -> None:
         """Serve ``checkpoint`` (``predictor``: the same, already loaded, e.g. the demo's)."""
-        from segkit.inference.predictor import Predictor  # torch: imported when a model is served
-
         predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
         if self.cfg.img_size and hasattr(predictor.model, "transform"):
             predictor.model.transform.min_size = (self.cfg.img_size,)
@@ -231,8 +232,6 @@ class Predictions:
 
     def _prompted(self, predictor, version: str, key, image, prompts: list, labels: dict[str, str]):
         """The objects the prompts point at, answered by the served model's heads on cached features."""
-        from segkit.serve.prompts import FeatureCache, PromptEngine
-
         with self._lock:
             if self._features is None:
                 self._features = FeatureCache(self.cfg.prompt_cache)
@@ -358,14 +357,10 @@ class Retrainer:
         self.status.update(prelabel="done", prelabelled=len(done.posted), prelabel_version=version)
 
     def _next_run(self, project: str) -> Path:
-        from segkit.engine.runs import next_run_dir
-
         return next_run_dir(self.cfg.runs_dir, f"project-{project}", main=True, world=1)
 
     def _run_training(self, project: str, out: Path) -> Path:
         """``segkit train`` from the served checkpoint on the project; the key goes by environment, not argv."""
-        from segkit.models.checkpoint import load_checkpoint
-
         server = self.link.server(project)
         if server is None:
             self.link.client(project)  # raises, saying what to set
@@ -516,8 +511,6 @@ def _prompts(params: Any) -> list:
     context = params.get("context") if isinstance(params, dict) else None
     if not context:
         return []
-    from segkit.serve.prompts import prompts_from_context
-
     return prompts_from_context(context)
 
 

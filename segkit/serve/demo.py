@@ -35,6 +35,7 @@ from segkit.engine.coco import image_entry, predictions_file
 from segkit.inference.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay, save_png
+from segkit.serve.backend import add_routes, create_backend
 from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
 
 ALPHA = 0.5  # default mask opacity; the API always uses it
@@ -304,7 +305,5 @@ def add_ls_backend(demo: gr.Blocks, predictor: Predictor, cfg: BackendConfig) ->
     The backend starts with the demo's predictor; a retraining it runs is served by the backend
     routes (the demo keeps its model until restarted).
     """
-    from segkit.serve.backend import add_routes, create_backend  # start-up: loaded only with --ls-backend
-
     add_routes(demo.app, create_backend(cfg, predictor), cfg.basic_auth)
     print(f"segkit demo: Label Studio ML backend at {demo.local_url.rstrip('/')} (/health, /predict, ...)", flush=True)

@@ -37,6 +37,10 @@ from typing import Any
 import segkit
 from segkit.atomic import atomic_write
 from segkit.data.images import image_files
+from segkit.engine.model_card import CARD_NAME, render_model_card, write_export_card
+from segkit.inference.artifacts import artifact_info
+from segkit.inference.export import ExportError, export
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint
 
 FORMATS = ("checkpoint", "openvino")  # what the Space runs: the .pt as it is, or its OpenVINO export
 MODEL_DIR = "model"
@@ -64,8 +68,6 @@ def build_space(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str 
     for a CPU Space). ``space_id`` (``owner/name``) names the Space in its title; ``cpu`` installs torch's CPU
     wheels. ``examples`` is a folder of images to offer (default: the checkpoint's val images, when found).
     """
-    from segkit.models.checkpoint import load_checkpoint
-
     if fmt not in FORMATS:
         raise SpaceError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     source = source_root()
@@ -105,16 +107,12 @@ def place_model(checkpoint: Path, ckpt: dict[str, Any], folder: Path, fmt: str) 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     if fmt == "openvino":
-        from segkit.inference.export import ExportError, export
-
         try:
             return export(checkpoint, "openvino", folder / "model.xml")
         except ExportError as e:
             raise SpaceError(str(e)) from e
     target = folder / checkpoint.name
     if any(k in ckpt for k in RESUME_KEYS):  # last.pt: half its size is the optimizer's state
-        from segkit.models.checkpoint import save_checkpoint
-
         save_checkpoint({k: v for k, v in ckpt.items() if k not in RESUME_KEYS}, target)
     else:
         shutil.copyfile(checkpoint, target)
@@ -272,12 +270,8 @@ def model_card(checkpoint: Path, ckpt: dict[str, Any], model: Path, out: Path, s
     """The card under the Space's front matter (:mod:`segkit.engine.model_card`): the run's MODEL_CARD.md when the
     checkpoint's folder has one, else one made from the checkpoint; for an export, the card ``segkit export``
     writes (its AP is not measured here). Its own YAML block is dropped: the Space's front matter comes first."""
-    from segkit.engine.model_card import CARD_NAME, render_model_card, write_export_card
-
     model_rel = model.relative_to(out).as_posix()
     if model.suffix == ".xml":
-        from segkit.inference.artifacts import artifact_info
-
         written = write_export_card(checkpoint, model, artifact_info(model), None,
                                     f"not measured when the Space was written (`segkit evaluate --checkpoint "
                                     f"{model_rel}` measures it on the val split)")
