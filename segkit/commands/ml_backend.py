@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit ml-backend``."""
-    p.add_argument("--checkpoint", default=None, help="segkit checkpoint to serve (default: newest runs/*/best.pt)")
+    p.add_argument("--checkpoint", default=None, help="segkit checkpoint to serve, or hf://owner/repo/file.pt (default: newest runs/*/best.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, which "
                                                         "needs BASIC_AUTH_USER/BASIC_AUTH_PASS or --no-auth)")
     p.add_argument("--port", type=int, default=9090)
@@ -59,11 +59,16 @@ def run(args: argparse.Namespace) -> int:
     from segkit.serve.backend import create_app
     from segkit.serve.settings import LOOPBACK_NAMES, ExposureError, config_from_args, is_loopback
     from segkit.engine.runs import newest_best
+    from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # httpx logs every request's full URL at INFO: a signed storage link's query is a credential
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    checkpoint = Path(args.checkpoint) if args.checkpoint else newest_best(Path("runs"))
+    try:  # hf://owner/repo/file.pt is downloaded once, here
+        checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint else newest_best(Path("runs"))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if checkpoint is None or not checkpoint.is_file():
         print(f"error: no checkpoint {'at ' + str(checkpoint) if checkpoint else 'in runs/'}; pass --checkpoint",
               file=sys.stderr)

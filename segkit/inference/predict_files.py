@@ -55,6 +55,7 @@ from segkit.inference.sharding import Ranks, shard
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay, save_png
 from segkit.models.checkpoint import load_checkpoint, model_version, task_of
+from segkit.tasks import get_task
 
 if TYPE_CHECKING:
     import torch
@@ -102,7 +103,7 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     ranks = ranks or Ranks()
     ckpt = load_checkpoint(checkpoint)
     labelstudio = labelstudio or LabelStudioOptions()
-    if task_of(ckpt) == "semantic":  # a class's area is one region, often in pieces: a brush keeps it whole
+    if get_task(task_of(ckpt)).region == "brush":  # a semantic model's class area is one region, often in pieces
         labelstudio = dataclasses.replace(labelstudio, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if score_threshold is None else score_threshold
     run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold}

@@ -55,6 +55,22 @@ class Prediction:
         table writers take either prediction without asking which it is."""
         return self
 
+    TABLE_COLUMNS = ["id", "class", "score", "x1", "y1", "x2", "y2", "area (px)"]
+
+    def table_rows(self) -> list[list]:
+        """One row per instance (:data:`TABLE_COLUMNS`): id (as in the instance PNG), class, score, xyxy box, mask area."""
+        return [[i + 1, name, round(float(score), 3), *(round(float(v), 1) for v in box), int(area)]
+                for i, (name, score, box, area) in enumerate(zip(self.class_names, self.scores, self.boxes,
+                                                                  self.areas()))]
+
+    def at_least(self, threshold: float) -> Prediction:
+        """The instances scoring ``threshold`` or more."""
+        return self.filter(self.scores >= threshold)
+
+    def keep_classes(self, names: Sequence[str]) -> Prediction:
+        """The instances of the classes ``names``."""
+        return self.filter(np.array([c in names for c in self.class_names], dtype=bool))
+
     def filter(self, keep: np.ndarray) -> Prediction:
         """The instances selected by a boolean or index array."""
         keep = np.asarray(keep)
@@ -118,6 +134,20 @@ class SemanticPrediction:
     def areas(self) -> np.ndarray:
         """Pixels of each class present."""
         return self.pixel_counts[self.labels]
+
+    TABLE_COLUMNS = ["class", "area (px)", "share (%)", "confidence"]
+
+    def table_rows(self) -> list[list]:
+        """One row per class present (:data:`TABLE_COLUMNS`): its pixels, their share of the image (%) and the
+        model's mean confidence on them, largest first."""
+        total = self.class_map.size
+        rows = [[name, int(area), round(100 * area / total, 2), round(float(score), 3)]
+                for name, area, score in zip(self.class_names, self.areas(), self.scores)]
+        return sorted(rows, key=lambda r: -r[1])
+
+    def at_least(self, threshold: float) -> SemanticPrediction:
+        """Itself: every pixel has its most probable class, there is no score to cut."""
+        return self
 
     def keep_classes(self, names: Sequence[str]) -> SemanticPrediction:
         """The same map with classes not in ``names`` turned into background."""

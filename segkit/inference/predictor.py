@@ -14,7 +14,7 @@ from segkit.data.images import ImageInput
 from segkit.inference.artifacts import Runner, load_runner
 from segkit.inference.forward import image_tensors, to_prediction
 from segkit.inference.prediction import Prediction, SemanticPrediction
-from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint, task_of
+from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, task_of
 from segkit.models.mask_rcnn import coco_pretrained
 from segkit.tasks import get_task
 
@@ -62,7 +62,9 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         max_detections: int | None = None, channels_last: bool | None = None) -> "Predictor":
-        """Build the model from a segkit checkpoint alone, or load an exported model (see below)."""
+        """Build the model from a segkit checkpoint alone, or load an exported model (see below);
+        ``hf://owner/repo/file.pt`` comes from the Hugging Face Hub."""
+        path = resolve_checkpoint(path)
         return cls.from_loaded_checkpoint(load_checkpoint(path), path, device, max_detections, channels_last)
 
     @classmethod

@@ -43,12 +43,13 @@ from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_tar
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.preannotations import prediction_result
 from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
-from segkit.models.checkpoint import load_checkpoint, model_version
+from segkit.models.checkpoint import load_checkpoint, model_version, resolve_checkpoint
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
 from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
 # The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
 from segkit.serve.settings import (LOOPBACK_NAMES, BackendConfig, ExposureError,  # noqa: F401
                                    backend_config, check_settings, is_loopback)
+from segkit.tasks import get_task
 
 log = logging.getLogger("segkit.labelstudio")
 
@@ -64,7 +65,8 @@ class ServedModel:
         self.load(cfg.checkpoint, predictor)
 
     def load(self, checkpoint: Path, predictor=None) -> None:
-        """Serve ``checkpoint`` (``predictor``: the same, already loaded, e.g. the demo's)."""
+        """Serve ``checkpoint`` (``hf://`` from the Hub; ``predictor``: the same, already loaded, e.g. the demo's)."""
+        checkpoint = resolve_checkpoint(checkpoint)
         predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
         if self.cfg.img_size and hasattr(predictor.model, "transform"):
             predictor.model.transform.min_size = (self.cfg.img_size,)
@@ -157,14 +159,15 @@ class Predictions:
         self._lock = threading.Lock()
 
     def target(self, label_config: str, classes: list[str],
-               semantic: bool = False) -> tuple[RegionTarget, dict[str, str]]:
+               region: str = "polygon") -> tuple[RegionTarget, dict[str, str]]:
         """The tag to fill and class -> label, worked out (and logged) once per config and class list.
 
-        A semantic model prefers brushes: a class's area is one region, often in many pieces.
+        ``region`` is the kind the model's task prefers (a semantic model: brushes, as a class's area is one
+        region, often in many pieces); ``--regions brush`` asks brushes of any model.
         """
-        key = (label_config, tuple(classes), semantic)
+        key = (label_config, tuple(classes), region)
         if key not in self._targets:
-            prefer = "brush" if self.cfg.regions == "brush" or semantic else "polygon"
+            prefer = "brush" if self.cfg.regions == "brush" else region
             target = choose_target(label_config, prefer)
             if self.cfg.regions != "auto" and target.kind != self.cfg.regions:
                 log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
@@ -175,7 +178,7 @@ class Predictions:
         """One prediction per task; with ``prompts`` (Label Studio's auto-annotation: boxes and clicks the
         annotator drew, :func:`segkit.serve.prompts.prompts_from_context`) the objects they point at instead."""
         predictor, version = self.model.current()
-        target, labels = self.target(label_config, predictor.classes, predictor.task == "semantic")
+        target, labels = self.target(label_config, predictor.classes, get_task(predictor.task).region)
         cache = self._cache(project)
         try:
             with self.link.client_or_none(project) as client:

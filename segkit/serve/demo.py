@@ -37,11 +37,12 @@ from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay, save_png
 from segkit.serve.backend import add_routes, create_backend
 from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
+from segkit.tasks import get_task
 
 ALPHA = 0.5  # default mask opacity; the API always uses it
 EXAMPLES_DIR = "data/sample/val/images"
-TABLE_COLUMNS = ["id", "class", "score", "x1", "y1", "x2", "y2", "area (px)"]
-CLASS_TABLE_COLUMNS = ["class", "area (px)", "share (%)", "confidence"]  # a semantic model's table
+TABLE_COLUMNS = Prediction.TABLE_COLUMNS
+CLASS_TABLE_COLUMNS = SemanticPrediction.TABLE_COLUMNS  # a semantic model's table
 TRAIN_HELP = """\
 ## No model to serve yet
 
@@ -70,37 +71,20 @@ def train_help_page(note: str = "") -> gr.Blocks:
 def render(image: Image.Image, prediction: Prediction | SemanticPrediction, threshold: float,
            classes: list[str] | None = None,
            alpha: float = ALPHA) -> tuple[Image.Image, Prediction | SemanticPrediction]:
-    """The instances of ``prediction`` scoring at least ``threshold`` (of ``classes``, when given), drawn on ``image``.
+    """What of ``prediction`` scores at least ``threshold`` (of ``classes``, when given), drawn on ``image``.
 
     A semantic prediction has no scores: all its classes (of ``classes``) are drawn.
     """
-    if isinstance(prediction, SemanticPrediction):
-        shown = prediction if classes is None else prediction.keep_classes(classes)
-        return overlay(image, shown, alpha=alpha), shown
-    keep = prediction.scores >= threshold
+    shown = prediction.at_least(threshold)
     if classes is not None:
-        keep &= np.array([c in classes for c in prediction.class_names], dtype=bool)
-    shown = prediction.filter(keep)
+        shown = shown.keep_classes(classes)
     return overlay(image, shown, alpha=alpha), shown
 
 
 def detections_table(prediction: Prediction | SemanticPrediction) -> pd.DataFrame:
-    """One row per instance: id (as in the instance PNG), class, score, xyxy box, mask area.
-
-    For a semantic prediction, one row per class present: its pixels, their share of the image (%) and
-    the model's mean confidence on them, largest first.
-    """
-    if isinstance(prediction, SemanticPrediction):
-        total = prediction.class_map.size
-        rows = sorted([[name, int(area), round(100 * area / total, 2), round(float(score), 3)]
-                       for name, area, score in zip(prediction.class_names, prediction.areas(), prediction.scores)],
-                      key=lambda r: -r[1])
-        return pd.DataFrame(rows, columns=CLASS_TABLE_COLUMNS)
-    areas = prediction.areas()
-    rows = [[i + 1, name, round(float(score), 3), *(round(float(v), 1) for v in box), int(area)]
-            for i, (name, score, box, area) in enumerate(zip(prediction.class_names, prediction.scores,
-                                                              prediction.boxes, areas))]
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    """The answer's table: one row per instance, or per class present for a semantic prediction
+    (see ``table_rows`` of :class:`Prediction` and :class:`SemanticPrediction`)."""
+    return pd.DataFrame(prediction.table_rows(), columns=prediction.TABLE_COLUMNS)
 
 
 def coco_json(prediction: Prediction | SemanticPrediction, classes: list[str], file_name: str) -> dict:
@@ -115,7 +99,7 @@ def write_downloads(folder: Path, name: str, drawn: Image.Image, shown: Predicti
                     predictor: Predictor) -> list[str]:
     """The three downloads of one answer in ``folder``: overlay PNG, instance-id (or class-index) PNG, COCO json."""
     stem = Path(name).stem or "image"
-    masks = "classes" if predictor.task == "semantic" else "instances"
+    masks = get_task(predictor.task).mask_png_name
     files = [save_png(drawn, folder / f"{stem}_overlay.png"), save_png(mask_png(shown), folder / f"{stem}_{masks}.png"),
              write_json(folder / f"{stem}_coco.json", coco_json(shown, predictor.classes, name))]
     return [str(f) for f in files]
@@ -164,10 +148,8 @@ class ReusedPredictions:
             self.recent[key] = prediction
             while len(self.recent) > self.keep:
                 self.recent.popitem(last=False)
-        if self.predictor.task == "semantic":  # every pixel has a class: no threshold
-            return prediction
         threshold = self.predictor.score_threshold if score_threshold is None else score_threshold
-        return prediction.filter(prediction.scores >= threshold)
+        return prediction.at_least(threshold)
 
 
 def upload_path(payload: str | dict | None, scratch: OutputFiles) -> tuple[str, str]:
@@ -244,16 +226,16 @@ def app_layout(predictor: Predictor, examples: list[str], note: str, max_side: i
     """The app's components, made inside the Blocks that ``demo.build_demo`` builds, which connects them: the
     image and its controls (threshold, opacity, classes, the Segment button, examples), the overlay, the
     downloads, the table, and a panel on the model."""
-    semantic = predictor.task == "semantic"
+    task = get_task(predictor.task)
     ui = SimpleNamespace()
-    gr.Markdown(f"# segkit: {'semantic' if semantic else 'instance'} segmentation\n"
+    gr.Markdown(f"# segkit: {task.name} segmentation\n"
                 f"Upload, photograph or paste an image. Images over {max_side} px are downscaled. {note}")
     with gr.Row():
         with gr.Column():
             ui.image = gr.Image(label="Image", type="filepath", sources=["upload", "webcam", "clipboard"],
                                 elem_id="image")
             ui.threshold = gr.Slider(0.0, 1.0, value=predictor.score_threshold, step=0.01,
-                                     label="Score threshold", elem_id="threshold", visible=not semantic)
+                                     label="Score threshold", elem_id="threshold", visible=task.has_scores)
             ui.opacity = gr.Slider(0.0, 1.0, value=ALPHA, step=0.05, label="Mask opacity")
             with gr.Accordion("Classes to show", open=len(predictor.classes) <= 12):
                 ui.classes = gr.CheckboxGroup(predictor.classes, value=predictor.classes, show_label=False)
@@ -262,10 +244,10 @@ def app_layout(predictor: Predictor, examples: list[str], note: str, max_side: i
                 gr.Examples(examples=[[p] for p in examples], inputs=[ui.image], label="Examples")
         with gr.Column():
             ui.drawn = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
-            ui.files = gr.File(label=f"Downloads: overlay, {'class indices' if semantic else 'instance ids'} (PNG), "
+            ui.files = gr.File(label=f"Downloads: overlay, {task.mask_png_words} (PNG), "
                                      "COCO json", file_count="multiple")
-    ui.table = gr.Dataframe(headers=CLASS_TABLE_COLUMNS if semantic else TABLE_COLUMNS,
-                            label="Classes" if semantic else "Detections", interactive=False, max_height=400)
+    ui.table = gr.Dataframe(headers=task.prediction.TABLE_COLUMNS, label=task.table_label, interactive=False,
+                            max_height=400)
     with gr.Accordion("Model", open=False):
         gr.Markdown(model_panel(predictor))
         if predictor.info.get("metrics"):

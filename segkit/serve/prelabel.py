@@ -30,6 +30,7 @@ from segkit.labelstudio.client import Client, LabelStudioError, redact
 from segkit.labelstudio.config import choose_target, match_labels
 from segkit.labelstudio.preannotations import prediction_result
 from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
+from segkit.tasks import get_task
 
 log = logging.getLogger("segkit.serve.prelabel")
 
@@ -53,11 +54,8 @@ def labelling_prediction(predictor, image, threshold: float | None = None):
     A semantic model's class regions (one per class present, scored by mean confidence) are all shown.
     """
     threshold = predictor.score_threshold if threshold is None else threshold
-    if predictor.task == "semantic":
-        prediction = predictor(image).as_instances()
-        return prediction, task_score(prediction.scores, threshold)
     candidates = predictor(image, score_threshold=max(threshold / 2, predictor.score_floor))
-    return candidates.filter(candidates.scores >= threshold), task_score(candidates.scores, threshold)
+    return candidates.at_least(threshold).as_instances(), task_score(candidates.scores, threshold)
 
 
 @dataclass
@@ -88,7 +86,7 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
     """
     settings = client.get_json(f"/api/projects/{project}")
     config = settings.get("label_config") or ""
-    target = choose_target(config, "brush" if predictor.task == "semantic" else "polygon")
+    target = choose_target(config, get_task(predictor.task).region)
     labels = match_labels(predictor.classes, target)
     if not labels:
         raise LabelStudioError(f"project {project}: none of the model's classes {predictor.classes} is a label of "

@@ -42,6 +42,11 @@ class Task:
     region: str  # the Label Studio region its predictions are sent as: "polygon" or "brush"
     channels_last: bool = False  # the predictor runs its eager model in channels-last memory format on a CPU
     has_pr_curves: bool = False  # its report holds precision-recall curves (``segkit evaluate --out``)
+    prediction: type  # what its predictor returns (its ``TABLE_COLUMNS`` head the demo's table)
+    has_scores: bool = True  # its predictions have scores to threshold (the demo's slider)
+    table_label: str  # the demo's table, in a word
+    mask_png_name: str  # the index PNG's suffix in file names, and in words
+    mask_png_words: str
     csv_columns: tuple[str, ...]  # metrics.csv's first columns; the rest follow in the rows' order
     curve_axes: tuple[str, str]  # metrics.png's (y label, title)
     # MODEL_CARD.md: (metrics.csv key without the split prefix, title) in the order shown, per-class

@@ -31,6 +31,9 @@ class InstanceTask(Task):
     region = "polygon"
     channels_last = True  # the same detections, faster with oneDNN (bench/infer.py)
     has_pr_curves = True
+    prediction = Prediction
+    table_label = "Detections"
+    mask_png_name, mask_png_words = "instances", "instance ids"
     csv_columns = ("epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds")
     curve_axes = ("AP", "validation AP")
     card_metrics = (("segm_map", "mask AP"), ("segm_map50", "mask AP50"), ("bbox_map", "box AP"),

@@ -26,6 +26,10 @@ class SemanticTask(Task):
     headline = ("miou", "mIoU")
     report_key = "semantic"
     region = "brush"  # a class's area is one region, often in pieces: a brush keeps it whole
+    prediction = SemanticPrediction
+    has_scores = False  # every pixel gets its most probable class
+    table_label = "Classes"
+    mask_png_name, mask_png_words = "classes", "class indices"
     csv_columns = ("epoch", "train_loss", "val_loss", "lr", "seconds")
     curve_axes = ("score", "validation IoU, Dice, pixel accuracy")
     card_metrics = (("miou", "mIoU"), ("mdice", "mDice"), ("pixel_accuracy", "pixel accuracy"), ("loss", "loss"))
