@@ -29,9 +29,8 @@ ARGS = ["--max-detections", "10", "--score-threshold", "0.05", "--batch-size", "
 
 
 def random_init_checkpoint(folder: Path) -> Path:
-    import torch
+    import torch  # the benchmark's parent process needs no torch until here
 
-    sys.path.insert(0, str(REPO))
     from segkit.models.checkpoint import make_checkpoint, save_checkpoint
     from segkit.models.mask_rcnn import build_model
 
