@@ -34,21 +34,23 @@ class Task:
     """One kind of segmentation; subclasses fill in each part (see :mod:`segkit.tasks`)."""
 
     name: str
-    architectures: dict[str, Any]  # --model choices
+    # training: --model choices and the default, what picks best.pt, what the run reports
+    architectures: dict[str, Any]
     default_model: str
     score_key: str  # the metrics.csv column that picks best.pt and drives early stopping
     headline: tuple[str, str]  # (column without the split prefix, what to call it) for the final summary
     report_key: str  # the key of the full report in test_metrics.json
-    region: str  # the Label Studio region its predictions are sent as: "polygon" or "brush"
-    channels_last: bool = False  # the predictor runs its eager model in channels-last memory format on a CPU
-    has_pr_curves: bool = False  # its report holds precision-recall curves (``segkit evaluate --out``)
+    csv_columns: tuple[str, ...]  # metrics.csv's first columns; the rest follow in the rows' order
+    curve_axes: tuple[str, str]  # metrics.png's (y label, title)
+    # predicting and serving
     prediction: type  # what its predictor returns (its ``TABLE_COLUMNS`` head the demo's table)
+    channels_last: bool = False  # the predictor runs its eager model in channels-last memory format on a CPU
     has_scores: bool = True  # its predictions have scores to threshold (the demo's slider)
+    region: str  # the Label Studio region its predictions are sent as: "polygon" or "brush"
     table_label: str  # the demo's table, in a word
     mask_png_name: str  # the index PNG's suffix in file names, and in words
     mask_png_words: str
-    csv_columns: tuple[str, ...]  # metrics.csv's first columns; the rest follow in the rows' order
-    curve_axes: tuple[str, str]  # metrics.png's (y label, title)
+    has_pr_curves: bool = False  # its report holds precision-recall curves (``segkit evaluate --out``)
     # MODEL_CARD.md: (metrics.csv key without the split prefix, title) in the order shown, per-class
     # (key prefix, column title), the task's own settings, how it was evaluated, and its known limits
     card_metrics: tuple[tuple[str, str], ...]
