@@ -1,2 +1,3 @@
-"""Stage 3, engine: the training loop (``trainer``, ``loops``), evaluation (``metrics``, ``coco``,
-``boundary``, ``semantic``) and what a run leaves behind (``runs``, ``plots``, ``tracking``, ``model_card``)."""
+"""Stage 3, engine: the training run (``trainer``, with ``config``, ``loops``, ``optim``, ``seeding``,
+``distributed``), evaluation (``metrics``, ``semantic_metrics``, ``coco``, ``boundary``) and what a run leaves
+behind (``runs``, ``plots``, ``tracking``, ``model_card``). What differs between tasks comes from :mod:`segkit.tasks`."""
