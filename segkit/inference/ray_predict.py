@@ -32,7 +32,7 @@ from segkit.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from segkit.engine.coco import image_entry
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay
-from segkit.models.checkpoint import load_checkpoint, model_version
+from segkit.models.checkpoint import load_checkpoint, model_version, task_of
 from segkit.tasks import get_task
 from segkit.inference.predict_files import (LabelStudioOptions, SourceError, find_images, unique_names,
                                   write_outputs)
@@ -48,7 +48,7 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
         raise SourceError("--ray takes one SOURCE: a folder or a URI prefix (s3://bucket/photos/)")
     out = Path(args.out)
     ckpt = load_checkpoint(args.checkpoint)  # refused here, before a cluster is started, if unusable
-    if get_task(ckpt.get("task")).region == "brush":
+    if get_task(task_of(ckpt)).region == "brush":
         ls = dataclasses.replace(ls, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if args.score_threshold is None else args.score_threshold
     started = not ray.is_initialized()

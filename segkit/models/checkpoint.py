@@ -6,7 +6,6 @@ can read it and a file carrying pickled code is refused. It holds everything nee
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 
 import segkit
 from segkit.atomic import atomic_open
-from segkit.inference.artifacts import ExportError, artifact_info, is_artifact
+from segkit.inference.artifacts import ExportError, artifact_info, is_artifact, sha256
 from segkit.tasks import get_task
 
 
@@ -111,8 +110,4 @@ def model_version(checkpoint: str | Path) -> str:
     from ``checkpoint`` (ML backend, ``segkit prelabel``, ``segkit predict``'s labelstudio.json), so each sees
     the others' as current; a retrained file at the same path gets a new one."""
     path = Path(checkpoint)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"segkit-{path.parent.name or path.stem}-{digest.hexdigest()[:8]}"
+    return f"segkit-{path.parent.name or path.stem}-{sha256(path)[:8]}"
