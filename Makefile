@@ -48,10 +48,13 @@ demo: setup
 	$(BIN)/python demo.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 # The three installs are independent: side by side (fresh clone, warm pip cache, loaded 2-core machine:
-# 155 s against 173 s one after another). --durations lists where the suite's time went.
+# 155 s against 173 s one after another). pytest-xdist runs a worker per core (at most 4), each taking
+# whole modules (their servers start once) in the order tests/conftest.py sets; --durations lists where
+# the suite's time went.
+XDIST ?= -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 test:
 	$(MAKE) --no-print-directory -j3 --output-sync=target setup browser labelstudio
-	SEGKIT_TEST_STRICT=1 $(BIN)/python -m pytest -q --durations=15 tests $(ARGS)
+	SEGKIT_TEST_STRICT=1 $(BIN)/python -m pytest -q $(XDIST) --durations=15 tests $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/data.py

@@ -9,10 +9,13 @@ seed, to show the suite passes on others than 0.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import (EXPORT_MAX_DETECTIONS, EXPORT_SUFFIX, MORE_EPOCHS, REPO, SAMPLE, SHARED, TINY_IMAGES,
                            overfit_config, tiny_config, write_subset)
@@ -42,9 +45,6 @@ def train_until(cfg, reached: Callable[[dict], bool], more: int = MORE_EPOCHS, c
 def record_fixture(name: str, summary: dict, seed: int) -> dict:
     """Append what a fixture's training reached to test-artifacts/fixtures.jsonl: the spread over seeds,
     thread counts and machines is read from there (README, Tests)."""
-    import json
-    import os
-
     ARTIFACTS.mkdir(exist_ok=True)
     row = {"fixture": name, "seed": seed, "threads": os.environ.get("OMP_NUM_THREADS"), "epochs": summary["epochs"],
            **{k: round(v, 4) for k, v in summary["best_metrics"].items() if k.startswith("val_") and "loss" not in k}}
@@ -62,6 +62,55 @@ def learned_instances(metrics: dict) -> bool:
 def learned_pixels(metrics: dict) -> bool:
     """Every class painted: mIoU >= 0.85 on the 4 images."""
     return metrics.get("val_miou", 0) >= 0.85
+
+
+# pytest-xdist (make test runs ``-n auto``): each worker is a process of its own, so the cores are shared out
+# between them instead of every worker's torch spreading over all of them and fighting for them.
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and for the processes the tests start
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+TRAINED = ("overfit_run", "semantic_overfit_run")  # the session's trainings, each made once (``made_once``)
+STARTERS = ("test_trainer.py", "test_semantic.py")  # the modules whose tests train them first
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order modules so that no pytest-xdist worker waits on another's training: the two that train the
+    shared fixtures first (the worker that takes each trains it), then those that need no trained model,
+    then those that do. Within a starter, its tests that ask for a training directly go first. Plain pytest
+    runs the same order."""
+    def module_rank(module: str) -> int:
+        if module in STARTERS:
+            return STARTERS.index(module)
+        needs_a_model = any(set(TRAINED) & set(item.fixturenames) for item in items if item.path.name == module)
+        return len(STARTERS) + needs_a_model
+
+    ranks = {module: module_rank(module) for module in {item.path.name for item in items}}
+
+    def trains_later(item: pytest.Item) -> bool:
+        return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
+
+    items.sort(key=lambda item: (ranks[item.path.name], trains_later(item)))
+
+
+def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:
+    """``make()``, once per session even under pytest-xdist, where each worker has its own session fixtures:
+    the first worker to ask makes it holding a lock, the others wait and read its JSON (xdist's pattern)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make()
+    done = tmp_path_factory.getbasetemp().parent / f"{name}.json"
+    with FileLock(f"{done}.lock"):
+        if done.is_file():
+            return json.loads(done.read_text())
+        result = make()
+        done.write_text(json.dumps(result))
+        return result
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +142,22 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def hub_downloads(untrained_checkpoint, monkeypatch) -> list[tuple[str, str]]:
+    """There is no internet here: huggingface_hub's download answers every ``hf://`` checkpoint with the
+    untrained one. The list fills with the (repo_id, filename) asked for."""
+    import huggingface_hub
+
+    calls = []
+
+    def download(repo_id: str, filename: str) -> str:
+        calls.append((repo_id, filename))
+        return str(untrained_checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def exported(untrained_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
     """``exported(fmt)``: ``segkit export`` of the untrained checkpoint to ``fmt``, made once per session (an
@@ -122,8 +187,11 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
     """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 cores)."""
-    cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
-    return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)
+    def make() -> dict:
+        cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
+        return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)
+
+    return made_once("overfit_run", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")
@@ -135,12 +203,14 @@ def trained_checkpoint(overfit_run) -> Path:
 @pytest.fixture(scope="session")
 def semantic_overfit_run(tiny_data, tmp_path_factory) -> dict:
     """``--task semantic``: a U-Net (ResNet-18) from random init, overfit on the 4 tiny images at 128 px."""
-    cfg = tiny_config(tiny_data, tmp_path_factory.mktemp("semantic") / "run", task="semantic", model="unet_resnet18",
-                      optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=SEMANTIC_EPOCHS,
-                      eval_every=SEMANTIC_EPOCHS // 2, warmup_iters=5)
-    summary = record_fixture("semantic_overfit_run", train_until(cfg, learned_pixels, more=SEMANTIC_EPOCHS // 2),
-                             cfg.seed)
-    return {**summary, "arch": cfg.model}
+    def make() -> dict:
+        cfg = tiny_config(tiny_data, tmp_path_factory.mktemp("semantic") / "run", task="semantic",
+                          model="unet_resnet18", optimizer="adamw", lr=1e-3, weight_decay=1e-4, epochs=SEMANTIC_EPOCHS,
+                          eval_every=SEMANTIC_EPOCHS // 2, warmup_iters=5)
+        summary = train_until(cfg, learned_pixels, more=SEMANTIC_EPOCHS // 2)
+        return {**record_fixture("semantic_overfit_run", summary, cfg.seed), "arch": cfg.model}
+
+    return made_once("semantic_overfit_run", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")

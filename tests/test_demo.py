@@ -184,19 +184,9 @@ def test_import_loads_nothing_and_the_module_level_demo_serves_the_env_checkpoin
     assert len(coco["annotations"]) == len(prediction)  # the same model, image and threshold
 
 
-def test_hf_checkpoint_is_downloaded_from_the_hub(demo_module, untrained_checkpoint, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    def fake_download(repo_id, filename):
-        calls.append((repo_id, filename))
-        return str(untrained_checkpoint)
-
-    # segkit.models.checkpoint.resolve_checkpoint imports it when an hf:// spec comes: no internet here
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+def test_hf_checkpoint_is_downloaded_from_the_hub(demo_module, hub_downloads):
     predictor, note = demo_module.load_predictor("hf://someone/leaves/runs/exp/best.pt")
-    assert calls == [("someone/leaves", "runs/exp/best.pt")]
+    assert hub_downloads == [("someone/leaves", "runs/exp/best.pt")]
     assert predictor is not None and predictor.classes == ["leaf", "pebble", "shell"] and note == ""
     predictor, note = demo_module.load_predictor("hf://someone/leaves")
     assert predictor is None and "hf://owner/repo/path" in note

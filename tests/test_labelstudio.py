@@ -187,33 +187,30 @@ def test_ml_backend_and_demo_settings_are_built_in_one_place(tmp_path):
         config_from_args(tmp_path / "best.pt", demo_args, {}, host="0.0.0.0")
 
 
-def test_ml_backend_serves_an_hf_checkpoint_downloaded_from_the_hub(untrained_checkpoint, tmp_path, monkeypatch):
+def test_ml_backend_serves_an_hf_checkpoint_downloaded_from_the_hub(hub_downloads, untrained_checkpoint, tmp_path,
+                                                                   monkeypatch, capsys):
     """``segkit ml-backend --checkpoint hf://owner/repo/path.pt`` serves the downloaded file under that file's
     model_version; a spec without a path stops before serving, saying what is expected."""
-    import huggingface_hub
     import uvicorn
     from fastapi.testclient import TestClient
 
     from segkit.cli import main
     from segkit.models.checkpoint import model_version
 
-    calls, served = [], []
-
-    def fake_download(repo_id, filename):  # no internet here: the Hub answers with the local checkpoint
-        calls.append((repo_id, filename))
-        return str(untrained_checkpoint)
+    served = []
 
     def fake_run(app, **kwargs):  # instead of listening: ask the app what it serves, as Label Studio would
         # the Host header of a browser on this machine: off loopback names the app answers 400
         with TestClient(app, base_url=f"http://127.0.0.1:{kwargs['port']}") as client:
             served.append(client.get("/health").json())
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(uvicorn, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         monkeypatch.delenv(name, raising=False)
     assert main(["ml-backend", "--checkpoint", "hf://someone/leaves/runs/exp/best.pt"]) == 0
-    assert calls == [("someone/leaves", "runs/exp/best.pt")]
+    assert hub_downloads == [("someone/leaves", "runs/exp/best.pt")]
     assert [s["model_version"] for s in served] == [model_version(untrained_checkpoint)]
+    capsys.readouterr()
     assert main(["ml-backend", "--checkpoint", "hf://someone/leaves"]) == 2 and len(served) == 1
+    assert "expected hf://owner/repo/path/to/file.pt" in capsys.readouterr().err

@@ -238,23 +238,14 @@ def test_sources_names_and_errors(tmp_path, untrained_checkpoint):
                  str(tmp_path / "missing")]) == 2
 
 
-def test_an_hf_checkpoint_is_downloaded_from_the_hub(untrained_checkpoint, tmp_path, monkeypatch, capsys):
+def test_an_hf_checkpoint_is_downloaded_from_the_hub(hub_downloads, untrained_checkpoint, tmp_path, capsys):
     """``--checkpoint hf://owner/repo/path.pt`` goes through segkit.models.checkpoint.resolve_checkpoint, as the
     demo's does: the file comes from the Hub's cache, and the outputs are those of that file."""
-    import huggingface_hub
-
-    calls = []
-
-    def fake_download(repo_id, filename):  # no internet here: the Hub answers with the local checkpoint
-        calls.append((repo_id, filename))
-        return str(untrained_checkpoint)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     image = sorted((SAMPLE / "val" / "images").iterdir())[0]
     out = tmp_path / "out"
     assert main(["predict", *FAST, "--checkpoint", "hf://someone/leaves/runs/exp/best.pt", "--out", str(out),
                  str(image)]) == 0
-    assert calls == [("someone/leaves", "runs/exp/best.pt")]
+    assert hub_downloads == [("someone/leaves", "runs/exp/best.pt")]
     tasks = json.loads((out / "labelstudio.json").read_text())
     assert tasks[0]["predictions"][0]["model_version"] == model_version(untrained_checkpoint)
     assert main(["predict", *FAST, "--checkpoint", "hf://someone/leaves", "--out", str(out), str(image)]) == 2
