@@ -78,13 +78,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 TRAINED = ("overfit_run", "semantic_overfit_run")  # the session's trainings, each made once (``made_once``)
 STARTERS = ("test_trainer.py", "test_semantic.py")  # the modules whose tests train them first
+# the longest modules after those (make test's --durations): first in their rank, since one started last
+# keeps a worker busy after the others have finished
+LONGEST = ("test_labelstudio_server.py", "test_ddp.py", "test_export.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order modules so that no pytest-xdist worker waits on another's training: the two that train the
     shared fixtures first (the worker that takes each trains it), then those that need no trained model,
-    then those that do. Within a starter, its tests that ask for a training directly go first. Plain pytest
-    runs the same order."""
+    then those that do, the longest first. Within a starter, its tests that ask for a training directly go
+    first. Plain pytest runs the same order."""
     def module_rank(module: str) -> int:
         if module in STARTERS:
             return STARTERS.index(module)
@@ -96,7 +99,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def trains_later(item: pytest.Item) -> bool:
         return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
 
-    items.sort(key=lambda item: (ranks[item.path.name], trains_later(item)))
+    def longest(module: str) -> int:
+        return LONGEST.index(module) if module in LONGEST else len(LONGEST)
+
+    items.sort(key=lambda item: (ranks[item.path.name], longest(item.path.name), trains_later(item)))
 
 
 def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:

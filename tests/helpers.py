@@ -69,8 +69,9 @@ MORE_EPOCHS = 25  # a fixture that has not learned them yet trains this many mor
 
 
 def overfit_config(data: Path, out: Path, epochs: int = OVERFIT_EPOCHS, **overrides):
-    """The overfit fixture's settings (also ``bench/pointrend_quality.py``'s), evaluated once per chunk."""
-    return tiny_config(data, out, epochs=epochs, eval_every=MORE_EPOCHS, lr=0.02, warmup_iters=10,
+    """The overfit fixture's settings (also ``bench/pointrend_quality.py``'s), evaluated once per chunk: at
+    ``epochs``, and at the end of each extension (training always evaluates after its last epoch)."""
+    return tiny_config(data, out, epochs=epochs, eval_every=epochs, lr=0.02, warmup_iters=10,
                        schedule="step", **overrides)
 
 
