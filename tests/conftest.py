@@ -65,11 +65,12 @@ def learned_pixels(metrics: dict) -> bool:
 
 
 # pytest-xdist (make test runs ``-n auto``): each worker is a process of its own, so the cores are shared out
-# between them instead of every worker's torch spreading over all of them and fighting for them.
+# between them instead of every worker's torch spreading over all of them and fighting for them. An
+# OMP_NUM_THREADS set by the user wins.
 def pytest_configure(config: pytest.Config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // int(workers)))
         os.environ["OMP_NUM_THREADS"] = str(threads)  # and for the processes the tests start
         import torch
 
