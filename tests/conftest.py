@@ -89,21 +89,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     shared fixtures first (the worker that takes each trains it), then those that need no trained model,
     then those that do, the longest first. Within a starter, its tests that ask for a training directly go
     first. Plain pytest runs the same order."""
-    def module_rank(module: str) -> int:
-        if module in STARTERS:
-            return STARTERS.index(module)
-        needs_a_model = any(set(TRAINED) & set(item.fixturenames) for item in items if item.path.name == module)
-        return len(STARTERS) + needs_a_model
+    need_a_model = {item.path.name for item in items if set(TRAINED) & set(item.fixturenames)}
 
-    ranks = {module: module_rank(module) for module in {item.path.name for item in items}}
-
-    def trains_later(item: pytest.Item) -> bool:
-        return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
+    def rank(module: str) -> int:
+        return STARTERS.index(module) if module in STARTERS else len(STARTERS) + (module in need_a_model)
 
     def longest(module: str) -> int:
         return LONGEST.index(module) if module in LONGEST else len(LONGEST)
 
-    items.sort(key=lambda item: (ranks[item.path.name], longest(item.path.name), trains_later(item)))
+    def trains_later(item: pytest.Item) -> bool:
+        return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
+
+    items.sort(key=lambda item: (rank(item.path.name), longest(item.path.name), trains_later(item)))
 
 
 def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:
@@ -193,7 +190,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
-    """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 cores)."""
+    """Train from random init on the 4 tiny images until it has learned them (about 5 minutes on 2 idle cores,
+    10 on one worker of ``make test`` beside the other)."""
     def make() -> dict:
         cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
         return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)

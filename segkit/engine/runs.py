@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from segkit.engine import plots as plotting
+from segkit.engine import plots
 from segkit.tasks import Task
 from segkit.atomic import atomic_open
 
@@ -36,8 +36,9 @@ def _next_free(root: Path, name: str) -> Path:
     return path
 
 
-def write_history(out: Path, history: list[dict], task: Task, test: dict | None = None, plots: bool = True) -> None:
-    """metrics.csv (one row per epoch, ``task``'s main columns first) and, with ``plots``, loss_curves.png
+def write_history(out: Path, history: list[dict], task: Task, test: dict | None = None,
+                  draw: bool = True) -> None:
+    """metrics.csv (one row per epoch, ``task``'s main columns first) and, with ``draw``, loss_curves.png
     (with the test losses, when given) and metrics.png (the task's validation curves)."""
     columns = list(task.csv_columns)
     for row in history:
@@ -46,7 +47,7 @@ def write_history(out: Path, history: list[dict], task: Task, test: dict | None 
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
-    if not plots:
+    if not draw:
         return
-    plotting.plot_losses(history, out / "loss_curves.png", test)
-    plotting.plot_metrics(history, out / "metrics.png", task.curve_keys(history), task.curve_axes)
+    plots.plot_losses(history, out / "loss_curves.png", test)
+    plots.plot_metrics(history, out / "metrics.png", task.curve_keys(history), task.curve_axes)
