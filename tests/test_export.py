@@ -18,7 +18,10 @@ from tests.helpers import EXPORT_MAX_DETECTIONS
 
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
 MAX_DETECTIONS = EXPORT_MAX_DETECTIONS  # the detection slots the session's exports keep
-BF16_MAX_AP_LOSS = 0.03  # README: bf16 moved mask AP by 0.015 on the overfit model; by how much varies with the CPU
+# bf16 moved the overfit model's mask AP by 0.015 on one CPU and by 0.044 on a Xeon with AMX (README, export):
+# on 4 val images (18 objects) one detection that changes rank moves AP by up to ~0.05, so the bound is
+# two of those. A broken bf16 artifact scores near 0 against f32's 0.5-0.7.
+BF16_MAX_AP_LOSS = 0.1
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
