@@ -70,9 +70,10 @@ MORE_EPOCHS = 25  # a fixture that has not learned them yet trains this many mor
 
 def overfit_config(data: Path, out: Path, epochs: int = OVERFIT_EPOCHS, **overrides):
     """The overfit fixture's settings (also ``bench/pointrend_quality.py``'s), evaluated once per chunk: at
-    ``epochs``, and at the end of each extension (training always evaluates after its last epoch)."""
+    ``epochs``, and at the end of each extension (training always evaluates after its last epoch). It samples
+    128 proposals per image, not ``tiny_config``'s 64: with 64, 50 epochs reached mask AP50 0.863 (2026-12-03)."""
     return tiny_config(data, out, epochs=epochs, eval_every=epochs, lr=0.02, warmup_iters=10,
-                       schedule="step", **overrides)
+                       schedule="step", roi_batch_size=128, **overrides)
 
 
 # segkit export of the untrained checkpoint (conftest's ``exported``): each format's file name, and the
@@ -82,11 +83,13 @@ EXPORT_MAX_DETECTIONS = 10
 
 
 def tiny_config(data: Path, out: Path, **overrides):
-    """Settings for CPU tests: random init, 128 px, no augmentation, no worker processes."""
+    """Settings for CPU tests: random init, 128 px, no augmentation, no worker processes, 64 sampled proposals
+    per image (on a CPU the mask head on the positive ones is most of a step: 1.7 s against 2.9 s at 128)."""
     from segkit.engine.trainer import TrainConfig
 
     settings = dict(data=str(data), weights="none", img_size=128, batch_size=2, workers=0, aug="none",
-                    lr=0.01, warmup_iters=5, epochs=2, roi_batch_size=128, out=str(out), progress=False, seed=fixture_seed())
+                    lr=0.01, warmup_iters=5, epochs=2, roi_batch_size=64, out=str(out), progress=False,
+                    seed=fixture_seed())
     return TrainConfig(**{**settings, **overrides})
 
 

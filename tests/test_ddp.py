@@ -14,7 +14,7 @@ def _torchrun(tiny_data: Path, cwd: Path, *extra: str) -> subprocess.CompletedPr
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train.py"), "--data", str(tiny_data),
            "--weights", "none", "--img-size", "128", "--batch-size", "1", "--workers", "0",
-           "--limit", "2", "--aug", "none", "--no-progress", "--name", "ddp", *extra]
+           "--limit", "2", "--aug", "none", "--roi-batch-size", "64", "--no-progress", "--name", "ddp", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -66,8 +66,8 @@ def test_two_nodes_train_one_run(tiny_data, tmp_path):
         cmd = [str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
                str(REPO / "train.py"), "--data", str(tiny_data), "--weights", "none", "--img-size", "64",
-               "--batch-size", "1", "--workers", "0", "--limit", "2", "--aug", "none", "--no-progress",
-               "--name", "nodes", "--epochs", "1"]
+               "--batch-size", "1", "--workers", "0", "--limit", "2", "--aug", "none", "--roi-batch-size", "64",
+               "--no-progress", "--name", "nodes", "--epochs", "1"]
         nodes.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     logs = [node.communicate(timeout=600)[0] for node in nodes]
