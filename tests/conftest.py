@@ -132,18 +132,23 @@ def shared_realdata() -> Path:
 
 @pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory) -> Path:
-    """A random-init checkpoint in segkit's format: fast, for tests that only need a loadable model."""
-    import torch
+    """A random-init checkpoint in segkit's format: fast, for tests that only need a loadable model. Written
+    once per session, so that every worker's tests (and the exports made from it) see the same model."""
+    def make() -> dict:
+        import torch
 
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
-    from segkit.models.mask_rcnn import build_model
+        from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+        from segkit.models.mask_rcnn import build_model
 
-    torch.manual_seed(0)
-    classes = ["leaf", "pebble", "shell"]
-    model = build_model("maskrcnn_resnet50_fpn", len(classes) + 1, weights=None, img_size=128)
-    path = tmp_path_factory.mktemp("untrained") / "untrained.pt"
-    save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", classes, img_size=128, score_threshold=0.05), path)
-    return path
+        torch.manual_seed(0)
+        classes = ["leaf", "pebble", "shell"]
+        model = build_model("maskrcnn_resnet50_fpn", len(classes) + 1, weights=None, img_size=128)
+        path = tmp_path_factory.mktemp("untrained") / "untrained.pt"
+        save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", classes, img_size=128, score_threshold=0.05),
+                        path)
+        return {"path": str(path)}
+
+    return Path(made_once("untrained_checkpoint", tmp_path_factory, make)["path"])
 
 
 @pytest.fixture
@@ -170,13 +175,16 @@ def exported(untrained_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
     made: dict[str, Path] = {}
 
     def export(fmt: str) -> Path:
-        if fmt not in made:
+        def make() -> dict:
             from segkit.cli import main
 
             out = tmp_path_factory.mktemp(f"export-{fmt}") / f"model{EXPORT_SUFFIX[fmt]}"
             assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", fmt, "--out", str(out),
                          "--max-detections", str(EXPORT_MAX_DETECTIONS)]) == 0
-            made[fmt] = out
+            return {"path": str(out)}
+
+        if fmt not in made:
+            made[fmt] = Path(made_once(f"exported_{fmt}", tmp_path_factory, make)["path"])
         return made[fmt]
 
     return export
