@@ -6,6 +6,7 @@ use the random-init checkpoint: its scores reach ~0.9, so a 0.5 threshold still 
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -338,3 +339,16 @@ def test_browser_example_then_segment_shows_the_overlay(server, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "demo.png"))  # also kept when the test fails: shows why
         browser.quit()
+
+
+def test_download_folders_keep_the_newest_and_leave_nothing_behind_when_the_app_goes():
+    from segkit.serve.demo import OutputFiles
+
+    files = OutputFiles(keep=2)
+    folders = [files.new_folder() for _ in range(3)]
+    (folders[-1] / "x_overlay.png").write_bytes(b"png")
+    assert [f.is_dir() for f in folders] == [False, True, True]
+    root = files.root
+    del files
+    gc.collect()
+    assert not root.exists()  # each demo run used to leave a segkit-demo-* folder in /tmp

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,10 +107,12 @@ def write_downloads(folder: Path, name: str, drawn: Image.Image, shown: Predicti
 
 
 class OutputFiles:
-    """Per-request folders for the downloads; only the newest ``keep`` survive (Gradio copies them on return)."""
+    """Per-request folders for the downloads; only the newest ``keep`` survive (Gradio copies them on return),
+    and the root goes with this object: when it is collected or Python exits normally (not on SIGKILL/SIGTERM)."""
 
     def __init__(self, keep: int = 32):
         self.root = Path(tempfile.mkdtemp(prefix="segkit-demo-"))
+        weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
         self.recent: collections.deque[Path] = collections.deque()
         self.keep = keep
 
