@@ -93,6 +93,41 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tiny_data, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
+def _record_saves(monkeypatch) -> list[tuple[str, int, int]]:
+    """(file name, epochs done, step) of each checkpoint training writes."""
+    import segkit.engine.trainer as trainer
+
+    saves, real = [], trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda state, path: (
+        saves.append((path.name, state["epoch"], state.get("step", 0))), real(state, path))[1])
+    return saves
+
+
+@pytest.mark.parametrize("interval, written", [(60.0, [3]), (0.0, [1, 2, 3])])
+def test_last_checkpoint_is_written_at_most_every_interval_and_always_at_the_end(tiny_data, tmp_path, monkeypatch,
+                                                                                 interval, written):
+    saves = _record_saves(monkeypatch)
+    train(tiny_config(tiny_data, tmp_path / "run", epochs=3, limit=2, eval_every=10, save_interval=interval))
+    assert [epoch for name, epoch, _ in saves if name == "last.pt"] == written
+    assert [epoch for name, epoch, _ in saves if name == "best.pt"] == [3]  # the only evaluation
+
+
+def test_ctrl_c_between_epochs_saves_the_finished_epoch_the_interval_skipped(tiny_data, tmp_path, monkeypatch):
+    import segkit.engine.trainer as trainer
+
+    saves = _record_saves(monkeypatch)
+
+    def interrupt(run, row):
+        raise KeyboardInterrupt  # after epoch 1's row is in the history, before its line is printed
+
+    monkeypatch.setattr(trainer, "_print_epoch", interrupt)
+    with pytest.raises(TrainingStopped, match="resume with"):
+        train(tiny_config(tiny_data, tmp_path / "run", epochs=3, limit=2, eval_every=10))
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saves == [("last.pt", 1, 0)]
+    assert (saved["epoch"], saved["step"], len(saved["history"])) == (1, 0, 1)
+
+
 def test_bad_data_stops_before_training_naming_the_file(tmp_path):
     bad = tmp_path / "export"
     bad.mkdir()

@@ -61,6 +61,8 @@ class TrainConfig:
     test_frac: float = _opt(0.15, "fraction of images for testing when the export has no splits")
     limit: int | None = _opt(None, "use at most this many images per split (quick trials)")
     eval_every: int = _opt(1, "evaluate on val every N epochs (and always after the last)")
+    save_interval: float = _opt(60.0, "write last.pt at most every this many seconds (and always after the last "
+                                      "epoch, with a new best.pt and on Ctrl-C; 0: after every epoch)")
     patience: int = _opt(0, "stop after this many epochs without a better val mask AP (semantic: mIoU; 0: never)")
     score_threshold: float = _opt(0.5, "default score threshold stored in the checkpoint for predict and demo")
     seed: int = _opt(0, "random seed: runs on CPU with the same seed are identical")
@@ -90,7 +92,8 @@ def resumed_config(cli: TrainConfig, saved_config: dict) -> TrainConfig:
     trackers, and where the data is now (``--data``/``--images`` of a dataset that moved: the split is saved
     relative to it)."""
     saved = {f.name: saved_config.get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
-    keep = ("epochs", "patience", "device", "workers", "progress", "resume", "data", "images", "tracker", "mlflow_uri")
+    keep = ("epochs", "patience", "device", "workers", "progress", "save_interval", "resume", "data", "images", "tracker",
+            "mlflow_uri")
     defaults = TrainConfig()
     changed = {k: getattr(cli, k) for k in keep if getattr(cli, k) != getattr(defaults, k)}
     return TrainConfig(**{**saved, "resume": cli.resume, **changed})
