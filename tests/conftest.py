@@ -21,7 +21,7 @@ from tests.helpers import (EXPORT_MAX_DETECTIONS, EXPORT_SUFFIX, MORE_EPOCHS, RE
                            overfit_config, tiny_config, write_subset)
 
 SEMANTIC_EPOCHS = 40  # x 2 steps of AdamW: U-Net R18 from random init learns the 4 images
-MAX_CHUNKS = 4  # extensions of a fixture's training before it gives up
+MAX_CHUNKS = 6  # extensions of a fixture's training before it gives up
 ARTIFACTS = REPO / "test-artifacts"
 
 
