@@ -198,8 +198,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
-    """Train from random init on the 4 tiny images until it has learned them (5.3 minutes on one worker of
-    ``make test`` beside the other in the last run; more on a slower day)."""
+    """Train from random init on the 4 tiny images until it has learned them (5.0 and 5.3 minutes on one
+    worker of ``make test`` beside the other in the last two runs; more on a slower day)."""
     def make() -> dict:
         cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
         return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)
