@@ -11,6 +11,7 @@ import torch
 from tests.helpers import instance_scores, tiny_config
 
 from segkit.engine import loops as engine
+from segkit.engine import trainer
 from segkit.models.checkpoint import load_checkpoint
 from segkit.inference.predictor import Predictor
 from segkit.engine.trainer import TrainingStopped, train
@@ -65,8 +66,6 @@ def test_resuming_with_more_epochs_stretches_the_schedule(tiny_data, tmp_path):
 
 def _record_saves(monkeypatch) -> list[tuple[str, int, int]]:
     """(file name, epochs done, step) of each checkpoint training writes."""
-    import segkit.engine.trainer as trainer
-
     saves, real = [], trainer.save_checkpoint
 
     def save(state, path):
@@ -112,8 +111,6 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tiny_data, tmp_
 
 
 def test_ctrl_c_between_epochs_saves_the_finished_epoch_the_interval_skipped(tiny_data, tmp_path, monkeypatch):
-    import segkit.engine.trainer as trainer
-
     saves = _record_saves(monkeypatch)
 
     def interrupt(run, row):

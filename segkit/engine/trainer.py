@@ -149,7 +149,7 @@ def _train_epochs(run: _Run) -> None:
     key = run.task.score_key
     best = max((row.get(key, -1.0) for row in run.history), default=-1.0)
     stale, epoch, run.step = 0, run.start_epoch, run.start_step
-    last = _LastCheckpoint(run, saved=(run.start_epoch, run.start_step))
+    last = _LastCheckpoint(run)
     try:
         for epoch in range(run.start_epoch, cfg.epochs):
             evaluated = has_val and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
@@ -199,8 +199,9 @@ class _LastCheckpoint:
     of Mask R-CNN is ~350 MB, and writing one after each epoch of a small dataset took a fifth of its training
     (4 images on a CPU: 95 of 421 s). A crash loses at most that interval; Ctrl-C loses nothing."""
 
-    def __init__(self, run: _Run, saved: tuple[int, int]):
-        self.run, self.saved, self.saved_at = run, saved, time.monotonic()
+    def __init__(self, run: _Run):
+        # a resumed run's last.pt holds where it starts; a new run's holds nothing past (0, 0)
+        self.run, self.saved, self.saved_at = run, (run.start_epoch, run.start_step), time.monotonic()
 
     def position(self, epoch: int) -> tuple[int, int]:
         """How far training is in the loop's ``epoch``: (epochs finished, batches of the next one trained).
