@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
 from tests.helpers import instance_scores, tiny_config
 
+from segkit.cli import main
 from segkit.engine import loops as engine
 from segkit.engine import trainer
 from segkit.models.checkpoint import load_checkpoint
@@ -110,18 +113,25 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(tiny_data, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
-def test_ctrl_c_between_epochs_saves_the_finished_epoch_the_interval_skipped(tiny_data, tmp_path, monkeypatch):
+def test_sigterm_between_epochs_saves_the_finished_epoch_the_interval_skipped(tiny_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    """``kill``, ``docker stop`` or a scheduler's preemption (SIGTERM) stop ``segkit train`` as Ctrl-C does."""
     saves = _record_saves(monkeypatch)
 
-    def interrupt(run, row):
-        raise KeyboardInterrupt  # after epoch 1's row is in the history, before its line is printed
+    def terminate(run, row):
+        os.kill(os.getpid(), signal.SIGTERM)  # after epoch 1's row is in the history, before its line is printed
 
-    monkeypatch.setattr(trainer, "_print_epoch", interrupt)
-    with pytest.raises(TrainingStopped, match="resume with"):
-        train(tiny_config(tiny_data, tmp_path / "run", epochs=3, limit=2, eval_every=10, save_interval=3600))
-    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    monkeypatch.setattr(trainer, "_print_epoch", terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--weights", "none", "--img-size", "128",
+                 "--batch-size", "2", "--workers", "0", "--aug", "none", "--roi-batch-size", "64", "--epochs", "3",
+                 "--limit", "2", "--eval-every", "10", "--save-interval", "3600", "--no-progress"]) == 130
+    assert f"resume with: python train.py --resume {out / 'last.pt'}" in capsys.readouterr().err
+    saved = load_checkpoint(out / "last.pt")
     assert saves == [("last.pt", 1, 0)]
     assert (saved["epoch"], saved["step"], len(saved["history"])) == (1, 0, 1)
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
 
 
 def test_bad_data_stops_before_training_naming_the_file(tmp_path):

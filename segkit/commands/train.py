@@ -5,8 +5,12 @@ Multi-GPU: ``torchrun --nproc_per_node=N train.py ...``; the trainer joins torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from segkit.engine.tracking import TRACKERS, TrackerError, parse_names
 from segkit.engine.trainer import TrainConfig, TrainingStopped, train
@@ -33,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C)."""
+    """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C or
+    SIGTERM)."""
     try:
         trackers = parse_names(args.tracker)
     except TrackerError as e:
@@ -42,8 +47,25 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)},
                          "tracker": trackers})
     try:
-        train(cfg, api_key=args.ls_token)
+        with _sigterm_as_ctrl_c():
+            train(cfg, api_key=args.ls_token)
     except TrainingStopped as e:
         print(f"\n{e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM stops training as Ctrl-C does, saving last.pt where training is: it is how ``kill``, ``docker
+    stop``, a cluster's preemption, torchrun (ending the other ranks) and the ML backend stop a process, and
+    otherwise everything since the last ``--save-interval`` save is lost. Python lets only the main thread
+    set a handler; the previous one comes back after training (``main`` may be called from a program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -62,7 +62,8 @@ class TrainConfig:
     limit: int | None = _opt(None, "use at most this many images per split (quick trials)")
     eval_every: int = _opt(1, "evaluate on val every N epochs (and always after the last)")
     save_interval: float = _opt(60.0, "write last.pt at most every this many seconds (and always after the last "
-                                      "epoch, with a best.pt chosen on val and on Ctrl-C; 0: after every epoch)")
+                                      "epoch, with a best.pt chosen on val, on Ctrl-C and on SIGTERM; 0: after every "
+                                      "epoch)")
     patience: int = _opt(0, "stop after this many epochs without a better val mask AP (semantic: mIoU; 0: never)")
     score_threshold: float = _opt(0.5, "default score threshold stored in the checkpoint for predict and demo")
     seed: int = _opt(0, "random seed: runs on CPU with the same seed are identical")
