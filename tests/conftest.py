@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,28 +80,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 TRAINED = ("overfit_run", "semantic_overfit_run")  # the session's trainings, each made once (``made_once``)
 STARTERS = ("test_trainer.py", "test_semantic.py")  # the modules whose tests train them first
-# the longest modules after those (make test's --durations): first in their rank, since one started last
-# keeps a worker busy after the others have finished
-LONGEST = ("test_labelstudio_server.py", "test_ddp.py", "test_export.py")
+# the modules that take a worker 40 s or more (make test's timings, 2 cores): they go before all the short ones,
+# so that the short ones fill the end evenly instead of one long module running alone after the others are done
+# (test_labelstudio_server.py, 160 s, ran last on its worker in 2 of 3 runs: a minute with one worker idle)
+LONG = ("test_labelstudio_server.py", "test_ddp.py", "test_ray_predict.py", "test_export.py", "test_tracking.py",
+        "test_backend_attacks.py", "test_predict_distributed.py", "test_space.py", "test_atomic.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order modules so that no pytest-xdist worker waits on another's training: the two that train the
-    shared fixtures first (the worker that takes each trains it), then those that need no trained model,
-    then those that do, the longest first. Within a starter, its tests that ask for a training directly go
-    first. Plain pytest runs the same order."""
+    """Order modules so that no pytest-xdist worker waits on another's training and none runs on alone: the two
+    that train the shared fixtures first (the worker that takes each trains it), then the long modules, then
+    the short ones; in each group those that need no trained model before those that do, longest first.
+    Within a starter, its tests that ask for a training directly go first. Plain pytest runs the same order."""
     need_a_model = {item.path.name for item in items if set(TRAINED) & set(item.fixturenames)}
 
-    def rank(module: str) -> int:
-        return STARTERS.index(module) if module in STARTERS else len(STARTERS) + (module in need_a_model)
-
-    def longest(module: str) -> int:
-        return LONGEST.index(module) if module in LONGEST else len(LONGEST)
+    def rank(module: str) -> tuple[int, int, int]:
+        if module in STARTERS:
+            return (STARTERS.index(module), 0, 0)
+        long = LONG.index(module) if module in LONG else len(LONG)
+        return (len(STARTERS) + (module not in LONG), module in need_a_model, long)
 
     def trains_later(item: pytest.Item) -> bool:
         return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
 
-    items.sort(key=lambda item: (rank(item.path.name), longest(item.path.name), trains_later(item)))
+    items.sort(key=lambda item: (rank(item.path.name), trains_later(item)))
 
 
 def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:
@@ -230,3 +233,14 @@ def semantic_overfit_run(tiny_data, tmp_path_factory) -> dict:
 def semantic_checkpoint(semantic_overfit_run) -> Path:
     """best.pt of the semantic overfit run."""
     return Path(semantic_overfit_run["best"])
+
+
+@pytest.fixture(scope="module")
+def gradio_client_downloads(tmp_path_factory) -> Iterator[Path]:
+    """gradio_client downloads each result through a folder it makes in the temp dir and never removes
+    (``Client._download_file``: ``secrets.token_hex(20)``): the empty 40-hex-digit folders a run left in /tmp.
+    Modules that call a Gradio app send them to a folder of pytest's, which it cleans up."""
+    folder = tmp_path_factory.mktemp("gradio-client")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder

@@ -25,6 +25,8 @@ from PIL import Image, ImageDraw
 from segkit.data.images import load_image
 from tests.helpers import chrome
 
+pytestmark = pytest.mark.usefixtures("gradio_client_downloads")  # conftest: gradio_client's temp folders
+
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 THRESHOLD = 0.5

@@ -269,7 +269,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint, tiny_data):
+def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint, tiny_data, gradio_client_downloads):
     from gradio_client import Client, handle_file
 
     spec = importlib.util.spec_from_file_location("segkit_demo_semantic", REPO / "demo.py")

@@ -26,6 +26,8 @@ from PIL import Image
 from segkit.cli import main
 from tests.helpers import REPO, SAMPLE
 
+pytestmark = pytest.mark.usefixtures("gradio_client_downloads")  # conftest: gradio_client's temp folders
+
 BOOT_TIMEOUT = 180  # seconds: importing torch and gradio (and compiling an OpenVINO model) on a busy 2-core machine
 THRESHOLD = 0.1
 EXAMPLE = sorted((SAMPLE / "val" / "images").iterdir())[0]
