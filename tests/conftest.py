@@ -90,7 +90,8 @@ LONG = ("test_labelstudio_server.py", "test_ddp.py", "test_ray_predict.py", "tes
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order modules so that no pytest-xdist worker waits on another's training and none runs on alone: the two
     that train the shared fixtures first (the worker that takes each trains it), then the long modules, then
-    the short ones; in each group those that need no trained model before those that do, longest first.
+    the short ones; in each group those that need no trained model before those that do, the long ones longest
+    first.
     Within a starter, its tests that ask for a training directly go first. Plain pytest runs the same order."""
     need_a_model = {item.path.name for item in items if set(TRAINED) & set(item.fixturenames)}
 
@@ -201,8 +202,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def overfit_run(tiny_data, tmp_path_factory) -> dict:
-    """Train from random init on the 4 tiny images until it has learned them (5.0 and 5.3 minutes on one
-    worker of ``make test`` beside the other in the last two runs; more on a slower day)."""
+    """Train from random init on the 4 tiny images until it has learned them (4.8 and 5.0 minutes on one
+    worker of ``make test`` beside the other in the last two fresh clones; more on a slower day)."""
     def make() -> dict:
         cfg = overfit_config(tiny_data, tmp_path_factory.mktemp("overfit") / "run")
         return record_fixture("overfit_run", train_until(cfg, learned_instances), cfg.seed)

@@ -96,6 +96,13 @@ def tiny_config(data: Path, out: Path, **overrides):
     return TrainConfig(**{**settings, **overrides})
 
 
+def tiny_train_args(data: Path, out: Path, epochs: int = 2, *extra: str) -> list[str]:
+    """``segkit train`` on 2 images at 64 px from random init: one step an epoch."""
+    return ["train", "--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "64",
+            "--epochs", str(epochs), "--batch-size", "2", "--limit", "2", "--workers", "0", "--aug", "none",
+            "--roi-batch-size", "64", "--warmup-iters", "2", "--no-progress", *extra]
+
+
 def chrome(profile: Path):
     """Debian's headless Chromium through selenium, its profile in ``profile`` (a test's tmp_path, so
     pytest cleans it up); skips the test when either is missing."""

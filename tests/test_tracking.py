@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from segkit.cli import main
-from tests.helpers import require_module
+from tests.helpers import require_module, tiny_train_args
 
 require_module("tensorboard")
 require_module("mlflow")
@@ -23,13 +23,6 @@ require_module("mlflow")
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "config.json", "MODEL_CARD.md", "val_predictions.png")
 ARTIFACTS = {"best.pt", "MODEL_CARD.md", "config.json", "metrics.csv", "loss_curves.png", "metrics.png",
              "val_predictions.png"}
-
-
-def tiny_train_args(data: Path, out: Path, epochs: int = 2, *extra: str) -> list[str]:
-    """``segkit train`` on 2 images at 64 px from random init: one step an epoch."""
-    return ["train", "--data", str(data), "--out", str(out), "--weights", "none", "--img-size", "64",
-            "--epochs", str(epochs), "--batch-size", "2", "--limit", "2", "--workers", "0", "--aug", "none",
-            "--roi-batch-size", "64", "--warmup-iters", "2", "--no-progress", *extra]
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from tests.helpers import instance_scores, tiny_config
+from tests.helpers import instance_scores, tiny_config, tiny_train_args
 
 from segkit.cli import main
 from segkit.engine import loops as engine
@@ -124,9 +124,7 @@ def test_sigterm_between_epochs_saves_the_finished_epoch_the_interval_skipped(ti
     monkeypatch.setattr(trainer, "_print_epoch", terminate)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_data), "--out", str(out), "--weights", "none", "--img-size", "128",
-                 "--batch-size", "2", "--workers", "0", "--aug", "none", "--roi-batch-size", "64", "--epochs", "3",
-                 "--limit", "2", "--eval-every", "10", "--save-interval", "3600", "--no-progress"]) == 130
+    assert main(tiny_train_args(tiny_data, out, 3, "--eval-every", "10", "--save-interval", "3600")) == 130
     assert f"resume with: python train.py --resume {out / 'last.pt'}" in capsys.readouterr().err
     saved = load_checkpoint(out / "last.pt")
     assert saves == [("last.pt", 1, 0)]

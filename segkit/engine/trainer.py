@@ -197,7 +197,8 @@ def _train_epochs(run: _Run) -> None:
 class _LastCheckpoint:
     """last.pt, written when due and otherwise at most every ``--save-interval`` seconds: a resumable checkpoint
     of Mask R-CNN is ~350 MB, and writing one after each epoch of a small dataset took a fifth of its training
-    (4 images on a CPU: 95 of 421 s). A crash or SIGKILL loses at most that interval; Ctrl-C (and SIGTERM under the CLI) loses nothing."""
+    (4 images on a CPU: 95 of 421 s). A crash or SIGKILL loses at most that interval; Ctrl-C (and SIGTERM under
+    the CLI) loses nothing."""
 
     def __init__(self, run: _Run):
         # a resumed run's last.pt holds where it starts; a new run's holds nothing past (0, 0)
