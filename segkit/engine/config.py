@@ -36,11 +36,14 @@ class TrainConfig:
                                    f"{DEFAULT_SEMANTIC_MODEL})",
                              choices=[arch for task in TASKS.values() for arch in task.architectures])
     loss: str = _opt("ce+dice", "semantic: cross-entropy plus Dice, or either alone", choices=list(LOSSES))
-    weights: str = _opt("coco", "starting weights: coco, none (random init) or a .pt/.pth path")
+    weights: str = _opt("coco", "starting weights: coco (COCO, or an ImageNet backbone where torchvision has no COCO "
+                                "model), imagenet, none (random init), or a .pt/.pth path: a checkpoint, a state dict, "
+                                "or a backbone-only state dict (offline: ImageNet features of the backbone)")
     mask_head: str = _opt("standard", "standard (torchvision's 28x28 masks) or pointrend (refined at high "
                                       "resolution; its point head starts from random init)", choices=list(MASK_HEADS))
     mask_resolution: int = _opt(DEFAULT_RESOLUTION, "pointrend: side of the rendered mask (112, 224 or 448)")
-    trainable_layers: int | None = _opt(None, "ResNet stages to fine-tune (0-5); default 3 with pretrained weights")
+    trainable_layers: int | None = _opt(None, "backbone stages to fine-tune (ResNet 0-5, MobileNet 0-6); default 3 with "
+                                                    "pretrained weights")
     roi_batch_size: int = _opt(512, "sampled proposals per image for the box/mask heads (torchvision: 512; "
                                     "128 trains faster and is enough for small datasets)")
     epochs: int = _opt(20, "epochs to train (in total, also when resuming)")

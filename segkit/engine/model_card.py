@@ -118,7 +118,11 @@ def _settings(best: dict) -> str:
     cfg = best.get("config") or {}
     skip = TASK_SETTINGS - get_task(best.get("task")).card_settings
     rows = [f"| {k} | {cfg[k]} |" for k in SETTINGS if k in cfg and k not in skip and cfg[k] is not None]
-    return "## Settings\n\n| setting | value |\n|---|---|\n" + "\n".join(rows) if rows else ""
+    text = "## Settings\n\n| setting | value |\n|---|---|\n" + "\n".join(rows) if rows else ""
+    if best.get("start"):  # where each part of the model started from
+        starts = "\n".join(f"| {part} | {redact(str(source))} |" for part, source in best["start"].items())
+        text += "\n\n### Starting weights\n\n| part | started from |\n|---|---|\n" + starts
+    return text
 
 
 def _results(best: dict, history: Sequence[dict], test: dict | None) -> str:

@@ -32,7 +32,7 @@ from segkit.engine.seeding import EpochSampler, rng_state, seed_epoch, seed_ever
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import preview_sheet, save_png
 from segkit.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from segkit.models.mask_rcnn import WeightsError, carried_heads, count_parameters
+from segkit.models.mask_rcnn import WeightsError, carried_heads, count_parameters, format_start
 from segkit.tasks import Task, get_task
 
 __all__ = ["EpochSampler", "TrainConfig", "TrainingStopped", "train"]
@@ -81,6 +81,7 @@ class _Run:
     ground_truth: dict[str, dict]  # COCO ground truth of val and test (rank 0 only), made once
     history: list[dict]
     data_source: dict | None = None  # a live Label Studio project: server, project, export time
+    start: dict[str, str] | None = None  # where each part of the model started from (instance models)
     start_epoch: int = 0
     start_step: int = 0  # batches of start_epoch already trained before an interruption
     resume_rng: dict | None = None
@@ -91,7 +92,8 @@ class _Run:
         """The model's checkpoint with this run's description (``extra``: epoch, metrics, resume state)."""
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
                                self.task.frozen_bn(self.cfg), task=self.cfg.task, config=dataclasses.asdict(self.cfg),
-                               split=split_paths(self.splits, self.cfg.data), data_source=self.data_source, **extra)
+                               split=split_paths(self.splits, self.cfg.data), data_source=self.data_source,
+                               **({"start": self.start} if self.start else {}), **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
         """last.pt: the checkpoint plus everything needed to continue exactly where training is."""
@@ -133,7 +135,8 @@ def _setup(cfg: TrainConfig, rank: int, world: int, local_rank: int, api_key: st
             model, device_ids=[device.index] if device.type == "cuda" else None)
     ground_truth = {s: task.ground_truth(splits[s], classes) for s in ("val", "test") if main and splits[s]}
     run = _Run(cfg, task, out, main, world, device, classes, splits, loaders, model, train_model, optimizer,
-               scheduler, scaler, ground_truth, history=[], data_source=records.origin)
+               scheduler, scaler, ground_truth, history=[], data_source=records.origin,
+               start=resume.get("start") if resume else task.starting_weights(cfg))
     if resume:
         run.history, run.start_epoch, run.start_step = resume["history"], resume["epoch"], resume.get("step", 0)
         run.resume_rng = resume.get("rng")
@@ -335,12 +338,15 @@ def _make_loaders(cfg: TrainConfig, task: Task, splits: dict, classes: list[str]
 def _start_run_folder(run: _Run, origin: dict | None, resumed: bool) -> None:
     """config.json, split.json and where the data came from; open the trackers; say what is about to run."""
     cfg, out = run.cfg, run.out
-    write_json(out / "config.json", dataclasses.asdict(cfg), indent=2)
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), **({"start": run.start} if run.start else {})},
+               indent=2)
     write_json(out / "split.json", split_paths(run.splits, cfg.data), indent=2)
     if origin:
         write_json(out / "data_source.json", origin, indent=2)
     if not resumed and (carried := carried_heads(cfg.weights, run.classes)):
         print(carried)
+    if run.start:
+        print(format_start(run.start))
     run.tracker = _open_trackers(cfg, out, resumed)
     trainable, total = count_parameters(run.model)
     print(f"segkit: {cfg.model} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trainable), "

@@ -9,15 +9,20 @@ added on top of the 28 x 28 mask head, which stays as its coarse predictor.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import ResNet101_Weights, resnet50, resnet101
-from torchvision.models.detection import MaskRCNN
+from torchvision.models import (MobileNet_V2_Weights, MobileNet_V3_Large_Weights, ResNet50_Weights, ResNet101_Weights,
+                                resnet50, resnet101)
+from torchvision.models._api import WeightsEnum
+from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weights, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection._utils import overwrite_eps
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, mobilenet_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
@@ -27,36 +32,66 @@ from segkit.models.pointrend import (DEFAULT_RESOLUTION, MASK_HEADS, FullResolut
 from segkit.data.records import class_key
 
 COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
+MOBILE_TEST_PROPOSALS = 1000
 
 
 class WeightsError(RuntimeError):
     """Starting weights could not be found or loaded; the message says what to do instead."""
 
 
-def _r50_v1(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
-    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=norm), trainable_layers=5)
-    return MaskRCNN(backbone, num_classes=COCO_CLASSES, **kwargs)
+def _resnet_fpn(classifier):
+    def build(norm: type[nn.Module], **kwargs) -> MaskRCNN:
+        body = classifier(weights=None, norm_layer=norm)
+        return MaskRCNN(_resnet_fpn_extractor(body, trainable_layers=5), num_classes=COCO_CLASSES, **kwargs)
+    return build
 
 
-def _r50_v2(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
+def _r50_v2(norm: type[nn.Module], **kwargs) -> MaskRCNN:
     # torchvision's v2 recipe uses plain BatchNorm everywhere; its builder is the one place that knows it.
     return tv_mask_rcnn.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=COCO_CLASSES, **kwargs)
 
 
-def _r101(norm: type[nn.Module], imagenet: bool, **kwargs) -> MaskRCNN:
-    # torchvision has no COCO weights for this one: "coco" means an ImageNet backbone.
-    weights = ResNet101_Weights.IMAGENET1K_V2 if imagenet else None
-    body = _load_or_explain(lambda: resnet101(weights=weights, norm_layer=norm), weights)
-    return MaskRCNN(_resnet_fpn_extractor(body, trainable_layers=5), num_classes=COCO_CLASSES, **kwargs)
+def _mobilenet_fpn(name: str):
+    """torchvision's mobile detector recipe (``fasterrcnn_mobilenet_v3_large_fpn``) with a mask head: FPN on the
+    last two stages (strides 16 and 32) plus a pooled level, five anchor sizes on every level."""
+    def build(norm: type[nn.Module], **kwargs) -> MaskRCNN:
+        backbone = mobilenet_backbone(backbone_name=name, weights=None, fpn=True, norm_layer=norm, trainable_layers=6)
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        return MaskRCNN(backbone, num_classes=COCO_CLASSES, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,
+                        **kwargs)
+    return build
 
 
-# name -> (builder, COCO weights enum or None, whether pretrained weights come with frozen batch norm)
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the model table: how to build it and where each pretrained start comes from."""
+
+    build: Callable[..., MaskRCNN]  # (norm layer, **MaskRCNN kwargs) -> a model with COCO's 91 class slots
+    backbone: str  # the torchvision classifier whose ImageNet weights start the backbone
+    imagenet: WeightsEnum  # those weights
+    coco: WeightsEnum | None = None  # torchvision's COCO weights: all of Mask R-CNN, or of a detector (below)
+    coco_masks: bool = True  # False: ``coco`` is a Faster R-CNN; the mask head starts fresh
+    frozen_bn: bool = True  # pretrained starts keep batch norm frozen, as torchvision builds them
+    # Proposals kept after the RPN's NMS at inference (torchvision: 1000). Fewer make the box and mask
+    # heads cheaper; the mobile value is measured in bench/speed.py (latency and mask AP against 1000).
+    test_proposals: int = 1000
+
+
 ARCHITECTURES = {
-    "maskrcnn_resnet50_fpn": (_r50_v1, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, True),
-    "maskrcnn_resnet50_fpn_v2": (_r50_v2, tv_mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, False),
-    "maskrcnn_resnet101_fpn": (_r101, None, True),
+    "maskrcnn_resnet50_fpn": Architecture(_resnet_fpn(resnet50), "resnet50", ResNet50_Weights.IMAGENET1K_V1,
+                                          tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
+    "maskrcnn_resnet50_fpn_v2": Architecture(_r50_v2, "resnet50", ResNet50_Weights.IMAGENET1K_V1,
+                                             tv_mask_rcnn.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, frozen_bn=False),
+    # torchvision has no COCO weights for these two: "coco" starts them from an ImageNet backbone.
+    "maskrcnn_resnet101_fpn": Architecture(_resnet_fpn(resnet101), "resnet101", ResNet101_Weights.IMAGENET1K_V2),
+    "maskrcnn_mobilenet_v2_fpn": Architecture(_mobilenet_fpn("mobilenet_v2"), "mobilenet_v2",
+                                              MobileNet_V2_Weights.IMAGENET1K_V1, test_proposals=MOBILE_TEST_PROPOSALS),
+    "maskrcnn_mobilenet_v3_large_fpn": Architecture(
+        _mobilenet_fpn("mobilenet_v3_large"), "mobilenet_v3_large", MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, coco_masks=False, test_proposals=MOBILE_TEST_PROPOSALS),
 }
-DEFAULT_TRAINABLE_LAYERS = 3  # torchvision's default when fine-tuning from pretrained weights
+DEFAULT_TRAINABLE_LAYERS = 3  # torchvision's default when fine-tuning from pretrained weights (ResNet and mobile)
+WEIGHTS_CHOICES = "coco, imagenet, none (random init) or a .pt/.pth path"
 
 
 def image_size_kwargs(img_size: int) -> dict:
@@ -68,9 +103,16 @@ def is_pretrained(weights: str | os.PathLike | None) -> bool:
     return weights is not None and str(weights).lower() != "none"
 
 
+def architecture(arch: str) -> Architecture:
+    """The model table's row for ``arch``; an unknown name raises ValueError listing the known ones."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
 def uses_frozen_bn(arch: str, weights: str | os.PathLike | None) -> bool:
-    """Pretrained v1 and ResNet-101 models keep batch norm frozen, as torchvision builds them."""
-    return is_pretrained(weights) and ARCHITECTURES[arch][2]
+    """Pretrained starts keep batch norm frozen where torchvision builds them so (all but R50 v2)."""
+    return is_pretrained(weights) and architecture(arch).frozen_bn
 
 
 def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None = "coco",
@@ -79,31 +121,32 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
                 mask_resolution: int = DEFAULT_RESOLUTION, classes: list[str] | None = None) -> MaskRCNN:
     """Mask R-CNN for ``num_classes`` classes plus background.
 
-    ``weights``: ``"coco"`` (torchvision's COCO weights, downloaded to torch's cache), ``None`` or
-    ``"none"`` (random init), or a path to a torchvision-format state dict or a segkit checkpoint.
+    ``weights``: ``"coco"`` (torchvision's COCO weights, downloaded to torch's cache; for an architecture
+    torchvision has no COCO Mask R-CNN of, its COCO detector without the mask head, or else an ImageNet
+    backbone), ``"imagenet"`` (torchvision's ImageNet backbone, the rest fresh), ``None`` or ``"none"``
+    (random init), or a path: a torchvision-format state dict of this model, a segkit checkpoint, or a
+    backbone-only state dict (``torchvision.models.<backbone>().features``, or a ResNet without ``fc``).
     From a segkit checkpoint, given the new ``classes`` (names, without the background), each class
     the checkpoint knows keeps its trained head rows, matched by name whatever its position; new
     classes start from random init. A plain state dict keeps its heads only for the same class count.
-    ``trainable_layers`` (0..5) freezes the earliest ResNet stages as torchvision does; from random
-    init everything trains. ``frozen_bn`` overrides the batch-norm choice (used when reloading).
+    ``trainable_layers`` (ResNet 0..5, MobileNet 0..6) freezes the earliest backbone stages as torchvision
+    does; from random init everything trains. ``frozen_bn`` overrides the batch-norm choice (used when reloading).
     ``mask_head``: ``"standard"`` (torchvision's 28 x 28 masks) or ``"pointrend"`` (masks refined up to
     ``mask_resolution`` squared; the point head starts from random init whatever ``weights`` say).
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    spec = architecture(arch)
     if mask_head not in MASK_HEADS:
         raise ValueError(f"unknown mask head {mask_head!r}; choose one of: {', '.join(MASK_HEADS)}")
     if mask_head == "pointrend":
         check_resolution(mask_resolution)  # before any download
-    builder, coco_weights, _ = ARCHITECTURES[arch]
     pretrained = is_pretrained(weights)
     frozen = uses_frozen_bn(arch, weights) if frozen_bn is None else frozen_bn
     norm = misc_nn_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
-    imagenet = pretrained and str(weights).lower() == "coco" and coco_weights is None
-    model = builder(norm, imagenet, **image_size_kwargs(img_size))
-    file_classes = None
+    model = spec.build(norm, rpn_pre_nms_top_n_test=spec.test_proposals, rpn_post_nms_top_n_test=spec.test_proposals,
+                       **image_size_kwargs(img_size))
+    file_classes, heads_loaded = None, False
     if pretrained:
-        file_classes = _load_starting_weights(model, arch, weights, coco_weights)
+        file_classes, heads_loaded = _load_starting_weights(model, arch, weights)
         freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if trainable_layers is None else trainable_layers)
     if file_classes is not None and classes is not None:
         # Retraining a served model on its project: a label added, removed or reordered in Label
@@ -113,22 +156,41 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
         shared = {k: v for k, v in predictors.items() if k not in CLASS_ROWS}  # e.g. the mask deconvolution
         model.load_state_dict({**shared, **match_class_rows(predictors, model.state_dict(), CLASS_ROWS,
                                                             file_classes, classes)}, strict=False)
-    else:
+    elif not (heads_loaded and model.roi_heads.box_predictor.cls_score.out_features == num_classes):
         # A state dict of the same class count keeps its heads; COCO's 91 slots, or another count, get new ones.
-        same_classes = str(weights).lower() != "coco" and \
-            model.roi_heads.box_predictor.cls_score.out_features == num_classes
-        if not (pretrained and same_classes):
-            replace_heads(model, num_classes)
+        replace_heads(model, num_classes)
     if mask_head == "pointrend":
         model.roi_heads = PointRendRoIHeads.from_roi_heads(model.roi_heads, num_classes, mask_resolution)
         model.transform = FullResolutionTransform.from_transform(model.transform)  # point labels at full resolution
     return model
 
 
+def _backbone_blocks(model: MaskRCNN) -> list[tuple[str, nn.Module]]:
+    return list(model.backbone.body.named_children())
+
+
+def max_trainable_layers(model: MaskRCNN) -> int:
+    """How many backbone stages ``trainable_layers`` can name: 5 for a ResNet, 6 for a MobileNet."""
+    return 5 if "layer1" in model.backbone.body else len(_mobilenet_stages(model))
+
+
+def _mobilenet_stages(model: MaskRCNN) -> list[int]:
+    # torchvision's _mobilenet_extractor: a stage starts at each strided block (_is_cn), plus the first and last
+    blocks = [b for _, b in _backbone_blocks(model)]
+    return [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+
+
 def freeze_backbone(model: MaskRCNN, trainable_layers: int) -> None:
-    """Freeze all but the last ``trainable_layers`` ResNet stages, exactly as torchvision's extractor does."""
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable layers must be 0..5, got {trainable_layers}")
+    """Freeze all but the last ``trainable_layers`` backbone stages, exactly as torchvision's extractors do."""
+    limit = max_trainable_layers(model)
+    if not 0 <= trainable_layers <= limit:
+        raise ValueError(f"trainable layers must be 0..{limit} for this backbone, got {trainable_layers}")
+    if "layer1" not in model.backbone.body:
+        blocks, stages = _backbone_blocks(model), _mobilenet_stages(model)
+        freeze_before = len(blocks) if trainable_layers == 0 else stages[len(stages) - trainable_layers]
+        for _, block in blocks[:freeze_before]:
+            block.requires_grad_(False)
+        return
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         layers_to_train.append("bn1")
@@ -169,17 +231,33 @@ def replace_heads(model: MaskRCNN, num_classes: int) -> None:
     model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, num_classes)
 
 
-def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) -> list[str] | None:
-    """Load ``weights`` (heads sized as in the file); the class names a segkit checkpoint records, else None."""
-    classes = None
-    if str(weights).lower() == "coco":
-        if coco_weights is None:
-            return None  # the builder loaded the ImageNet backbone
-        state = _load_or_explain(lambda: coco_weights.get_state_dict(progress=True, check_hash=True), coco_weights)
-    else:
-        state, classes = read_weights(Path(weights))
-        # a PointRend checkpoint as starting weights: its point head is per class, and starts anew like the predictors
-        state = {k: v for k, v in state.items() if not k.startswith("roi_heads.point_head.")}
+MASK_PARTS = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")  # what a COCO detector's weights lack
+
+
+def _load_starting_weights(model: MaskRCNN, arch: str, weights) -> tuple[list[str] | None, bool]:
+    """Load ``weights`` into ``model``; (the class names a segkit checkpoint records, else None; whether the
+    box and mask predictors came from the file, sized as in it)."""
+    spec, name = ARCHITECTURES[arch], str(weights).lower()
+    if name == "coco" and spec.coco is not None:
+        state = _load_or_explain(lambda: spec.coco.get_state_dict(progress=True, check_hash=True), spec.coco)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if spec.coco_masks or not k.startswith(MASK_PARTS)]
+        if missing or unexpected:
+            raise WeightsError(f"{spec.coco.url}: not {arch}'s COCO weights (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        if spec.coco is tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
+            overwrite_eps(model, 0.0)  # as torchvision does for these weights: they were trained with eps=0
+        return None, False
+    if name in ("coco", "imagenet"):
+        state = _load_or_explain(lambda: spec.imagenet.get_state_dict(progress=True, check_hash=True), spec.imagenet)
+        _load_backbone(model, backbone_state(state), spec.imagenet.url)
+        return None, False
+    state, classes = read_weights(Path(weights))
+    # a PointRend checkpoint as starting weights: its point head is per class, and starts anew like the predictors
+    state = {k: v for k, v in state.items() if not k.startswith("roi_heads.point_head.")}
+    if not is_whole_model(state):
+        _load_backbone(model, _fitting_backbone(model, arch, state, weights), weights)
+        return None, False
     num_in_file = state["roi_heads.box_predictor.cls_score.weight"].shape[0] if \
         "roi_heads.box_predictor.cls_score.weight" in state else COCO_CLASSES
     if num_in_file != COCO_CLASSES:
@@ -188,9 +266,83 @@ def _load_starting_weights(model: MaskRCNN, arch: str, weights, coco_weights) ->
     if missing or unexpected:
         raise WeightsError(f"{weights}: not a {arch} state dict (missing {len(missing)} keys, e.g. "
                            f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]})")
-    if coco_weights is tv_mask_rcnn.MaskRCNN_ResNet50_FPN_Weights.COCO_V1:
-        overwrite_eps(model, 0.0)  # as torchvision does for these weights: they were trained with eps=0
-    return classes
+    return classes, True
+
+
+def is_whole_model(state: dict) -> bool:
+    """A detector's state dict (its keys start at ``backbone.``, ``rpn.``, ...) rather than a backbone's alone."""
+    return any(k.startswith("backbone.") for k in state)
+
+
+def backbone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A classifier's state dict as the detector's backbone holds it: ``features.`` dropped, classifier left out."""
+    return {k.removeprefix("features."): v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+
+
+def _tensor_keys(state: dict) -> list[str]:
+    return [k for k in state if not k.endswith("num_batches_tracked")]  # frozen batch norm keeps no counter
+
+
+def _fitting_backbone(model: MaskRCNN, arch: str, state: dict, path) -> dict[str, Tensor]:
+    """``state`` as the backbone's when it is one of this architecture's; else an error saying what was expected."""
+    spec, body = ARCHITECTURES[arch], model.backbone.body.state_dict()
+    candidate = backbone_state(state)
+    expected, found = _tensor_keys(body), _tensor_keys(candidate)
+    if set(expected) == set(found):
+        wrong = [k for k in expected if candidate[k].shape != body[k].shape]
+        if not wrong:
+            return candidate
+        detail = (f"the names fit but not the shapes, e.g. {wrong[0]}: {tuple(candidate[wrong[0]].shape)} "
+                  f"against {tuple(body[wrong[0]].shape)}")
+    else:
+        detail = f"found {len(found)} tensors, e.g. {found[:3]}"
+    what = f"torchvision.models.{spec.backbone}().features" if "layer1" not in model.backbone.body else \
+        f"torchvision.models.{spec.backbone}() without fc"
+    raise WeightsError(f"{path}: fits neither {arch} (keys backbone.*, rpn.*, roi_heads.*) nor its backbone "
+                       f"(a state dict of {what}: {len(expected)} tensors, e.g. {expected[:3]}); {detail}")
+
+
+def _load_backbone(model: MaskRCNN, state: dict[str, Tensor], source) -> None:
+    missing, unexpected = model.backbone.body.load_state_dict(state, strict=False)
+    missing = _tensor_keys(missing)
+    if missing or unexpected:
+        raise WeightsError(f"{source}: not a backbone of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+# The parts of Mask R-CNN whose starting weights a run reports, in the model's order
+PARTS = ("backbone", "FPN", "RPN", "box head", "mask head", "class predictors")
+
+
+def starting_weights(arch: str, weights: str | os.PathLike | None) -> dict[str, str]:
+    """Where each part of ``arch`` starts from with ``weights``: for the run's first lines, config.json and
+    the model card. Decided as :func:`build_model` loads (a file is read without its tensors)."""
+    spec, name, fresh = architecture(arch), str(weights).lower(), "random init"
+    if not is_pretrained(weights):
+        return dict.fromkeys(PARTS, fresh)
+    if name == "coco" and spec.coco is not None:
+        source = f"COCO ({type(spec.coco).__name__}.{spec.coco.name})"
+        return {**dict.fromkeys(PARTS[:4], source), "mask head": source if spec.coco_masks else fresh,
+                "class predictors": "new, for these classes"}
+    if name in ("coco", "imagenet"):
+        return {"backbone": f"ImageNet ({type(spec.imagenet).__name__}.{spec.imagenet.name})",
+                **dict.fromkeys(PARTS[1:], fresh)}
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        whole = is_whole_model(obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj)
+    except Exception:  # noqa: BLE001 - a file that is not a zip-format state dict is reported when it is loaded
+        whole = True
+    if whole:
+        return {**dict.fromkeys(PARTS[:5], f"file {weights}"), "class predictors": f"file {weights} (same classes), "
+                "else new"}
+    return {"backbone": f"backbone file {weights}", **dict.fromkeys(PARTS[1:], fresh)}
+
+
+def format_start(start: dict[str, str]) -> str:
+    """``starting weights: backbone ImageNet (...); FPN, RPN, ...: random init`` (parts with the same source together)."""
+    groups: dict[str, list[str]] = {}
+    for part, source in start.items():
+        groups.setdefault(source, []).append(part)
+    return "starting weights: " + "; ".join(f"{', '.join(parts)}: {source}" for source, parts in groups.items())
 
 
 def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
@@ -245,7 +397,7 @@ def _load_or_explain(load, weights_enum, target: str | None = None):
 
 def coco_pretrained() -> tuple[MaskRCNN, list[str]]:
     """torchvision's COCO Mask R-CNN as published (91 class slots) and its class names, for the demo."""
-    weights = ARCHITECTURES["maskrcnn_resnet50_fpn"][1]
+    weights = ARCHITECTURES["maskrcnn_resnet50_fpn"].coco
     model = _load_or_explain(lambda: tv_mask_rcnn.maskrcnn_resnet50_fpn(weights=weights), weights)
     return model, list(weights.meta["categories"][1:])
 

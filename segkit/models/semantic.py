@@ -111,6 +111,9 @@ def build_semantic_model(arch: str, num_classes: int, weights: str | os.PathLike
         raise ValueError(f"unknown semantic model {arch!r}; choose one of: {', '.join(SEMANTIC_ARCHITECTURES)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+    if str(weights).lower() == "imagenet":
+        raise WeightsError("--weights imagenet is for instance models; a semantic model's --weights coco already "
+                           "starts from ImageNet (U-Net's encoder) or COCO (torchvision's DeepLabV3, LR-ASPP)")
     builder, head = SEMANTIC_ARCHITECTURES[arch]
     word = is_pretrained(weights) and str(weights).lower() == "coco"
     net = builder(num_classes, word)

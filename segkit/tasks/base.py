@@ -71,6 +71,10 @@ class Task:
         """The model for training run ``cfg``; resumed runs get their weights from last.pt afterwards."""
         raise NotImplementedError
 
+    def starting_weights(self, cfg: Any) -> dict[str, str] | None:
+        """Where each part of run ``cfg``'s model starts from, for the run's first lines and its card; None: not told."""
+        return None
+
     def model_from_checkpoint(self, ckpt: dict[str, Any]) -> nn.Module:
         """The trained model, rebuilt from a loaded checkpoint alone (no download, no dataset)."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from segkit.engine.coco import records_to_coco
 from segkit.inference.forward import detect, to_prediction
 from segkit.inference.prediction import Prediction
 from segkit.models.mask_rcnn import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, build_model, freeze_backbone,
-                                     is_pretrained, uses_frozen_bn)
+                                     is_pretrained, starting_weights, uses_frozen_bn)
 from segkit.models.pointrend import mask_head_of
 from segkit.tasks.base import Task
 
@@ -56,6 +56,9 @@ class InstanceTask(Task):
             freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size  # training-time sampling only
         return model
+
+    def starting_weights(self, cfg: Any) -> dict[str, str]:
+        return starting_weights(cfg.model, cfg.weights)
 
     def model_from_checkpoint(self, ckpt: dict[str, Any]) -> nn.Module:
         # checkpoints from before PointRend have no mask_head: they are "standard"
