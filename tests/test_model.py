@@ -40,7 +40,7 @@ def test_coco_weights_load_through_torchvision_enum_and_heads_are_replaced(coco_
 
     monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", fake_download)  # only the download
     model = build_model("maskrcnn_resnet50_fpn", 4, weights="coco", trainable_layers=3)
-    assert urls == [model_lib.ARCHITECTURES["maskrcnn_resnet50_fpn"][1].url]
+    assert urls == [model_lib.ARCHITECTURES["maskrcnn_resnet50_fpn"].coco.url]
     _assert_backbone_loaded_heads_new(model, state, 4)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any(n.startswith("backbone.body.layer1") for n in frozen)
