@@ -20,17 +20,17 @@ from segkit.serve.demo import model_panel
 from tests.helpers import REPO, SHARED, TINY_IMAGES, tiny_config
 
 SHARED_MOBILENET_V2 = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
-EPOCHS = 6  # x 2 steps: enough for detections to exist, not to learn the images (the bench measures learning)
+EPOCHS = 4  # x 2 steps: enough for detections to exist, not to learn the images (the bench measures learning)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> dict[str, dict]:
-    """One tiny training of each mobile architecture (192 px, 4 images); name -> train()'s summary."""
+    """One tiny training of each mobile architecture (160 px, 4 images); name -> train()'s summary."""
     weights = str(SHARED_MOBILENET_V2) if SHARED_MOBILENET_V2.is_file() else "none"
     out = tmp_path_factory.mktemp("mobile")
     made = {}
     for arch, start in (("maskrcnn_mobilenet_v2_fpn", weights), ("maskrcnn_mobilenet_v3_large_fpn", "none")):
-        cfg = tiny_config(tiny_data, out / arch, model=arch, weights=start, img_size=192, epochs=EPOCHS, lr=0.02,
+        cfg = tiny_config(tiny_data, out / arch, model=arch, weights=start, img_size=160, epochs=EPOCHS, lr=0.02,
                           eval_every=EPOCHS, save_interval=0)
         made[arch] = {**train(cfg), "cfg": cfg}
     return made
@@ -90,8 +90,8 @@ def test_export_of_a_mobile_model_gives_the_eager_detections(runs, tiny_data, tm
     assert main(["export", "--checkpoint", checkpoint, "--format", fmt, "--out", str(out),
                  "--max-detections", "10"]) == 0
     image = _image(tiny_data)
-    want = Predictor.from_checkpoint(checkpoint, device="cpu", max_detections=10, score_threshold=0.05)(image)
-    got = Predictor.from_checkpoint(out, score_threshold=0.05)(image)
+    want = Predictor.from_checkpoint(checkpoint, device="cpu", max_detections=10)(image, score_threshold=0.05)
+    got = Predictor.from_checkpoint(out)(image, score_threshold=0.05)
     assert len(want) == len(got) > 0
     np.testing.assert_array_equal(want.labels, got.labels)
     np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
