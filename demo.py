@@ -31,7 +31,7 @@ from segkit.inference.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
 from segkit.serve.demo import (ALPHA, CLASS_TABLE_COLUMNS, EXAMPLES_DIR, OutputFiles, ReusedPredictions,  # noqa: F401
-                               add_ls_backend, app_layout, detections_table, find_examples, ls_backend_config,
+                               add_ls_backend, app_layout, detections_table, ls_backend_config, model_examples,
                                parse_threshold, read_upload, render, share_failure_reason, train_help_page, upload_path,
                                write_downloads)
 
@@ -137,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also ask Gradio for a temporary public link")
-    parser.add_argument("--examples", default=EXAMPLES_DIR, help="folder of example images")
+    parser.add_argument("--examples", default=None,
+                        help="folder of example images (default: the model's own val images where its data is on "
+                             f"this machine, else {EXAMPLES_DIR} for a model of the sample's classes)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     parser.add_argument("--ls-backend", action="store_true",
@@ -162,7 +164,7 @@ def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predicto
     predictor, note = load_predictor(find_checkpoint(args.checkpoint), args.max_detections)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
-    return build_demo(predictor, find_examples(args.examples), note=note, max_side=args.max_side,
+    return build_demo(predictor, model_examples(predictor, args.examples), note=note, max_side=args.max_side,
                       max_pixels=args.max_pixels), predictor
 
 

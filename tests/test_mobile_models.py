@@ -15,8 +15,8 @@ from PIL import Image
 from segkit.cli import main
 from segkit.engine.trainer import train
 from segkit.inference.predictor import Predictor
-from segkit.models.checkpoint import load_checkpoint
-from segkit.serve.demo import model_panel
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint
+from segkit.serve.demo import model_examples, model_panel
 from tests.helpers import REPO, SHARED, TINY_IMAGES, tiny_config
 
 SHARED_MOBILENET_V2 = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
@@ -112,3 +112,15 @@ def test_the_demo_serves_a_mobile_checkpoint(runs, tiny_data):
     drawn, *_ = demo.predict(image, 0.05, predictor)
     assert drawn.size == image.size
     assert np.any(np.asarray(drawn) != np.asarray(image))  # something was drawn on it
+    # the app offers the model's own val images, not the embedded sample's
+    examples = model_examples(predictor)
+    assert examples and all(Path(p).resolve().is_relative_to(tiny_data.resolve()) for p in examples)
+
+
+def test_a_model_of_other_classes_whose_images_are_gone_offers_no_sample_examples(runs, tmp_path):
+    ckpt = load_checkpoint(runs["maskrcnn_mobilenet_v3_large_fpn"]["best"])
+    other = {**ckpt, "classes": ["apple", "pear", "plum"], "config": {**ckpt["config"], "data": str(tmp_path / "gone")}}
+    save_checkpoint(other, tmp_path / "fruits.pt")
+    predictor = Predictor.from_checkpoint(tmp_path / "fruits.pt")
+    assert model_examples(predictor) == []
+    assert model_examples(predictor, REPO / "data" / "sample" / "val" / "images")  # a folder given is used

@@ -135,6 +135,18 @@ def select_split(images: list[ImageRecord], saved: dict[str, list] | None, split
     return images, "all images (neither the checkpoint nor the dataset has splits)"
 
 
+def saved_split_images(ckpt: dict, split: str = "val", limit: int | None = None) -> list[Path]:
+    """The image files of a checkpoint's saved ``split`` that are on this machine, in split order (at most
+    ``limit``): the model's own examples. None for a live Label Studio project (its images are not files here)."""
+    data = (ckpt.get("config") or {}).get("data")
+    names = (ckpt.get("split") or {}).get(split) or []
+    if not data or "://" in str(data):
+        return []
+    root = _root(Path(data))
+    paths = [p if p.is_absolute() else root / p for p in map(Path, names)]
+    return [p for p in paths if p.is_file()][:limit]
+
+
 def _root(data: Path) -> Path:
     """The folder relative split paths start from: the dataset folder, or the folder of a dataset file."""
     return data if data.is_dir() else data.parent

@@ -32,10 +32,12 @@ from PIL import Image
 
 from segkit.atomic import write_json
 from segkit.data.images import ImageError, ImageTooLargeError, image_files, load_image
+from segkit.data.splits import saved_split_images
 from segkit.engine.coco import image_entry, predictions_file
 from segkit.inference.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay, save_png
+from segkit.models.checkpoint import CheckpointError, load_checkpoint
 from segkit.serve.backend import add_routes, create_backend
 from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
 from segkit.tasks import get_task
@@ -60,6 +62,27 @@ python demo.py --checkpoint runs/<name>/best.pt
 def find_examples(folder: str | os.PathLike = EXAMPLES_DIR, limit: int = 4) -> list[str]:
     """Up to ``limit`` example images from ``folder`` (none when it does not exist)."""
     return [str(p) for p in image_files(folder)[:limit]]
+
+
+SAMPLE_CLASSES = frozenset({"leaf", "pebble", "shell"})  # the embedded sample's (data/sample)
+
+
+def model_examples(predictor: Predictor | None, folder: str | os.PathLike | None = None, limit: int = 4) -> list[str]:
+    """The examples the app offers: ``folder``'s images when given; else the model's own val images where its
+    data is on this machine (a fruits model shows fruits); else the sample's for a model of the sample's classes."""
+    if folder:
+        return find_examples(folder, limit)
+    checkpoint = (predictor.info.get("checkpoint") if predictor else None) or ""
+    if Path(checkpoint).is_file():
+        try:
+            own = saved_split_images(load_checkpoint(checkpoint), "val", limit)
+        except CheckpointError:
+            own = []
+        if own:
+            return [str(p) for p in own]
+    if predictor is not None and SAMPLE_CLASSES & set(predictor.classes):
+        return find_examples(EXAMPLES_DIR, limit)
+    return []
 
 
 def train_help_page(note: str = "") -> gr.Blocks:

@@ -37,6 +37,7 @@ from typing import Any
 import segkit
 from segkit.atomic import atomic_write
 from segkit.data.images import image_files
+from segkit.data.splits import saved_split_images
 from segkit.engine.model_card import CARD_NAME, render_model_card, write_export_card
 from segkit.inference.artifacts import artifact_info
 from segkit.inference.export import ExportError, export
@@ -246,7 +247,7 @@ def copy_examples(folder: str | os.PathLike | None, ckpt: dict[str, Any], dest: 
     """Up to :data:`MAX_EXAMPLES` images into ``dest`` (emptied first): from ``folder``, else the checkpoint's
     val split where its dataset is on this machine. None found is fine: the demo then shows no examples."""
     shutil.rmtree(dest, ignore_errors=True)
-    found = image_files(folder)[:MAX_EXAMPLES] if folder else _val_images(ckpt)
+    found = image_files(folder)[:MAX_EXAMPLES] if folder else saved_split_images(ckpt, "val", MAX_EXAMPLES)
     if not found:
         return []
     dest.mkdir(parents=True)
@@ -254,16 +255,6 @@ def copy_examples(folder: str | os.PathLike | None, ckpt: dict[str, Any], dest: 
     for i, path in enumerate(found):
         copied.append(Path(shutil.copyfile(path, dest / f"{i + 1}_{Path(path).name}")))
     return copied
-
-
-def _val_images(ckpt: dict[str, Any]) -> list[Path]:
-    data = (ckpt.get("config") or {}).get("data")
-    names = (ckpt.get("split") or {}).get("val") or []
-    if not data or "://" in str(data):  # a Label Studio project: its images are not files here
-        return []
-    root = Path(data) if Path(data).is_dir() else Path(data).parent
-    paths = [p if p.is_absolute() else root / p for p in map(Path, names)]
-    return [p for p in paths if p.is_file()][:MAX_EXAMPLES]
 
 
 def model_card(checkpoint: Path, ckpt: dict[str, Any], model: Path, out: Path, space_id: str | None) -> str:
