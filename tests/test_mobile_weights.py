@@ -145,3 +145,21 @@ def test_mobile_models_keep_fewer_proposals_at_inference_only(arch):
     rpn = model.rpn
     assert rpn._post_nms_top_n["testing"] == ARCHITECTURES[arch].test_proposals
     assert rpn._post_nms_top_n["training"] == 2000  # torchvision's, unchanged
+
+
+@pytest.mark.parametrize("arch", MOBILE)
+def test_pointrend_runs_on_the_mobile_models(arch):
+    """PointRend's point head samples the finest FPN level, stride 16 here instead of 4: it trains and predicts."""
+    torch.manual_seed(0)
+    model = build_model(arch, 3, weights=None, img_size=160, mask_head="pointrend", mask_resolution=112)
+    image = torch.rand(3, 160, 200)
+    masks = torch.zeros(1, 160, 200, dtype=torch.uint8)
+    masks[0, 40:100, 50:120] = 1
+    target = {"boxes": torch.tensor([[50.0, 40.0, 120.0, 100.0]]), "labels": torch.tensor([1]), "masks": masks}
+    losses = model([image], [target])
+    assert losses["loss_mask_point"].item() > 0 and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([image])[0]
+    assert out["masks"].shape[-2:] == (160, 200)
