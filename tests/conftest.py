@@ -83,7 +83,7 @@ STARTERS = ("test_trainer.py", "test_semantic.py")  # the modules whose tests tr
 # the modules that take a worker 40 s or more (make test's timings, 2 cores): they go before all the short ones,
 # so that the short ones fill the end evenly instead of one long module running alone after the others are done
 # (test_labelstudio_server.py, 160 s, ran last on its worker in 2 of 3 runs: a minute with one worker idle)
-LONG = ("test_labelstudio_server.py", "test_ddp.py", "test_ray_predict.py", "test_export.py", "test_tracking.py",
+LONG = ("test_labelstudio_server.py", "test_mobile_models.py", "test_ddp.py", "test_ray_predict.py", "test_export.py", "test_tracking.py",
         "test_backend_attacks.py", "test_predict_distributed.py", "test_space.py", "test_atomic.py")
 
 
