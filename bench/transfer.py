@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=EXTRA TRAIN FLAGS: one more ImageNet-start run with these flags (repeatable)")
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
+    p.add_argument("--variants-only", action="store_true", help="only the --variant runs (the baselines ran before)")
     p.add_argument("--out", default="bench-out/transfer")
     p.add_argument("--report", help="also write the table as a Markdown page here")
     return p.parse_args(argv)
@@ -116,8 +117,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    runs = [("imagenet", ["--weights", args.imagenet])]
-    if not args.no_random:
+    runs = [] if args.variants_only else [("imagenet", ["--weights", args.imagenet])]
+    if not (args.no_random or args.variants_only):
         runs.append(("random-init", ["--weights", "none"]))
     for spec in args.variant:
         name, _, flags = spec.partition("=")

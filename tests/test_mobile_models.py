@@ -124,3 +124,18 @@ def test_a_model_of_other_classes_whose_images_are_gone_offers_no_sample_example
     predictor = Predictor.from_checkpoint(tmp_path / "fruits.pt")
     assert model_examples(predictor) == []
     assert model_examples(predictor, REPO / "data" / "sample" / "val" / "images")  # a folder given is used
+
+
+def test_the_prompt_engine_answers_a_box_and_a_click_with_a_mobile_model(runs, tiny_data):
+    from segkit.serve.prompts import PromptEngine
+
+    predictor = Predictor.from_checkpoint(runs["maskrcnn_mobilenet_v2_fpn"]["best"], device="cpu")
+    image = _image(tiny_data)
+    engine = PromptEngine(predictor)
+    box = (40.0, 30.0, 150.0, 120.0)
+    mask, cls, _ = engine.box("img", image, box, label=1)
+    ys, xs = np.nonzero(mask)
+    assert mask.shape == (image.height, image.width) and cls == 1
+    assert len(xs) == 0 or (xs.min() >= 39 and xs.max() <= 151 and ys.min() >= 29 and ys.max() <= 121)
+    answers = engine.clicks("img", image, [(90.0, 70.0)], [])
+    assert all(a.mask.shape == (image.height, image.width) for a in answers)
