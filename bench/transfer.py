@@ -43,12 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants-only", action="store_true", help="only the --variant runs (the baselines ran before)")
     p.add_argument("--out", default="bench-out/transfer")
     p.add_argument("--report", help="also write the table as a Markdown page here")
+    p.add_argument("--reuse", action="store_true", help="take runs finished by an earlier call from --out")
     return p.parse_args(argv)
 
 
 def run_training(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     """One ``segkit train`` run in its own process: its metrics.csv rows, test AP, CPU seconds and peak RSS."""
     out = Path(args.out) / name
+    saved = out.with_suffix(".json")
+    if args.reuse and saved.is_file():  # a finished run of an earlier call: its numbers, not a new training
+        return json.loads(saved.read_text())
     cmd = [sys.executable, str(REPO / "train.py"), "--data", args.data, "--model", args.model,
            "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--seed", str(args.seed),
            "--out", str(out), "--no-progress", "--save-interval", "0", *extra]
@@ -64,9 +68,16 @@ def run_training(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     test = json.loads((out / "test_metrics.json").read_text()) if (out / "test_metrics.json").is_file() else {}
-    return {"name": name, "cmd": cmd, "rows": rows, "test": test, "wall": time.perf_counter() - start,
-            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "rss_mb": after.ru_maxrss / 1024}
+    result = {"name": name, "cmd": cmd, "rows": rows, "test": test, "wall": time.perf_counter() - start,
+              "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+              "rss_mb": after.ru_maxrss / 1024}
+    saved.write_text(json.dumps(result))
+    return result
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as the README shows it: paths under the repository's parent written from the repository."""
+    return shlex.join(cmd).replace(str(REPO.parent) + "/", "../").replace(str(REPO) + "/", "")
 
 
 def table(results: list[dict]) -> str:
@@ -94,16 +105,16 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Against epochs: every run does the same work per epoch (CPU time in the legend), while wall time per
+    # epoch moves with whatever else the machine runs
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
-        times, elapsed = [], 0.0
-        for row in r["rows"]:
-            elapsed += float(row["seconds"])
-            times.append(elapsed / 60)
+        epochs = [int(row["epoch"]) for row in r["rows"]]
         for ax, key in zip(axes, ("val_segm_map", "val_segm_map50")):
-            ax.plot(times, [float(row[key]) for row in r["rows"]], marker="o", label=r["name"])
+            ax.plot(epochs, [float(row[key]) for row in r["rows"]], marker="o",
+                    label=f"{r['name']} ({r['cpu'] / 60:.0f} CPU-min)")
     for ax, what in zip(axes, ("val mask AP", "val mask AP50")):
-        ax.set_xlabel("training time (min)")
+        ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -129,7 +140,7 @@ def main(argv=None) -> None:
         results.append(run_training(name.replace(" ", "_"), args, extra))
         results[-1]["name"] = name
     for r in results:
-        print(f"  {r['name']}: {shlex.join(r['cmd'][1:])}")
+        print(f"  {r['name']}: {shown(r['cmd'][1:])}")
     text = table(results)
     print(text)
     title = f"{args.model} on {Path(args.data).name}, {args.img_size} px"
@@ -145,8 +156,11 @@ def main(argv=None) -> None:
             f"# Transfer learning: {title}\n\n"
             f"Written by `bench/transfer.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
             f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, no GPU.\n\n"
-            f"    python bench/transfer.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n\n"
-            + "\n".join(f"- {r['name']}: `{shlex.join(['train.py', *r['cmd'][2:]])}`" for r in results)
+            f"    python bench/transfer.py {shown(sys.argv[1:] if argv is None else argv)}\n\n"
+            + "\n".join(f"- {r['name']}: `{shown(['train.py', *r['cmd'][2:]])}`" for r in results)
+            + "\n\nTrain time: the epochs' wall seconds as metrics.csv records them (they move with whatever else the "
+              "machine runs); each run's CPU time is in the second table. Val: the run's held-out val split "
+              "(scored every epoch); test: its test split, scored once with best.pt."
             + f"\n\n{text}\n\n![curves]({shutil_png.name})\n")
         print(f"report: {report}")
 
