@@ -139,12 +139,24 @@ def test_offline_coco_start_of_a_mobile_model_says_where_to_put_the_file(monkeyp
     assert "--weights none" in str(err.value)
 
 
-@pytest.mark.parametrize("arch", MOBILE)
-def test_mobile_models_keep_fewer_proposals_at_inference_only(arch):
+@pytest.mark.parametrize("arch", [*MOBILE, "maskrcnn_resnet50_fpn"])
+def test_each_architecture_keeps_its_own_proposals_and_rois(arch):
+    """The mobile models keep fewer proposals (measured in bench/speed.py and bench/transfer.py); the ResNets
+    torchvision's 1000 / 2000 / 512. A run's --roi-batch-size still wins over the architecture's."""
+    from segkit.engine.config import TrainConfig
+    from segkit.tasks import get_task
+
     model = build_model(arch, 3, weights=None, img_size=256)
-    rpn = model.rpn
-    assert rpn._post_nms_top_n["testing"] == ARCHITECTURES[arch].test_proposals
-    assert rpn._post_nms_top_n["training"] == 2000  # torchvision's, unchanged
+    rpn, sampler = model.rpn, model.roi_heads.fg_bg_sampler
+    mobile = arch in MOBILE
+    assert rpn._post_nms_top_n["testing"] == rpn._pre_nms_top_n["testing"] == (150 if mobile else 1000)
+    assert rpn._post_nms_top_n["training"] == (500 if mobile else 2000)
+    assert sampler.batch_size_per_image == (128 if mobile else 512)
+    task = get_task("instance")
+    assert task.build_model(TrainConfig(model=arch, weights="none"), ["a", "b"], False) \
+        .roi_heads.fg_bg_sampler.batch_size_per_image == (128 if mobile else 512)
+    assert task.build_model(TrainConfig(model=arch, weights="none", roi_batch_size=64), ["a", "b"], False) \
+        .roi_heads.fg_bg_sampler.batch_size_per_image == 64
 
 
 @pytest.mark.parametrize("arch", MOBILE)

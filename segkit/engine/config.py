@@ -44,8 +44,9 @@ class TrainConfig:
     mask_resolution: int = _opt(DEFAULT_RESOLUTION, "pointrend: side of the rendered mask (112, 224 or 448)")
     trainable_layers: int | None = _opt(None, "backbone stages to fine-tune (ResNet 0-5, MobileNet 0-6); default 3 with "
                                                     "pretrained weights")
-    roi_batch_size: int = _opt(512, "sampled proposals per image for the box/mask heads (torchvision: 512; "
-                                    "128 trains faster and is enough for small datasets)")
+    roi_batch_size: int | None = _opt(None, "sampled proposals per image for the box/mask heads (default: the "
+                                            "model's: ResNet 512 as torchvision, MobileNet 128; 128 trains faster "
+                                            "and is enough for small datasets)")
     epochs: int = _opt(20, "epochs to train (in total, also when resuming)")
     batch_size: int = _opt(2, "images per step per process")
     workers: int = _opt(2, "DataLoader worker processes")

@@ -78,6 +78,11 @@ class Architecture:
     # Proposals kept after the RPN's NMS at inference (torchvision: 1000). Fewer make the box and mask
     # heads cheaper; the mobile value is measured in bench/speed.py (latency and mask AP against 1000).
     test_proposals: int = 1000
+    # Training: proposals kept after the RPN's NMS per image (torchvision: 2000), and the RoIs sampled from them
+    # for the box and mask heads (--roi-batch-size; torchvision: 512). On the mobile models these heads are
+    # most of a step: 128 and 500 make it 0.2-0.3x R50-FPN's (bench/speed.py; bench/transfer.py: the AP).
+    train_proposals: int = 2000
+    train_rois: int = 512
 
 
 ARCHITECTURES = {
@@ -88,10 +93,12 @@ ARCHITECTURES = {
     # torchvision has no COCO weights for these two: "coco" starts them from an ImageNet backbone.
     "maskrcnn_resnet101_fpn": Architecture(_resnet_fpn(resnet101), "resnet101", ResNet101_Weights.IMAGENET1K_V2),
     "maskrcnn_mobilenet_v2_fpn": Architecture(_mobilenet_fpn("mobilenet_v2"), "mobilenet_v2",
-                                              MobileNet_V2_Weights.IMAGENET1K_V1, test_proposals=MOBILE_TEST_PROPOSALS),
+                                              MobileNet_V2_Weights.IMAGENET1K_V1, test_proposals=MOBILE_TEST_PROPOSALS,
+                                              train_proposals=500, train_rois=128),
     "maskrcnn_mobilenet_v3_large_fpn": Architecture(
         _mobilenet_fpn("mobilenet_v3_large"), "mobilenet_v3_large", MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, coco_masks=False, test_proposals=MOBILE_TEST_PROPOSALS),
+        FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, coco_masks=False, test_proposals=MOBILE_TEST_PROPOSALS,
+        train_proposals=500, train_rois=128),
 }
 DEFAULT_TRAINABLE_LAYERS = 3  # torchvision's default when fine-tuning from pretrained weights (ResNet and mobile)
 WEIGHTS_CHOICES = "coco, imagenet, none (random init) or a .pt/.pth path"
@@ -146,7 +153,8 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike | None =
     frozen = uses_frozen_bn(arch, weights) if frozen_bn is None else frozen_bn
     norm = misc_nn_ops.FrozenBatchNorm2d if frozen else nn.BatchNorm2d
     model = spec.build(norm, rpn_pre_nms_top_n_test=spec.test_proposals, rpn_post_nms_top_n_test=spec.test_proposals,
-                       **image_size_kwargs(img_size))
+                       rpn_pre_nms_top_n_train=spec.train_proposals, rpn_post_nms_top_n_train=spec.train_proposals,
+                       box_batch_size_per_image=spec.train_rois, **image_size_kwargs(img_size))
     file_classes, heads_loaded = None, False
     if pretrained:
         file_classes, heads_loaded = _load_starting_weights(model, arch, weights)

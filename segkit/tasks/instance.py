@@ -54,7 +54,8 @@ class InstanceTask(Task):
                             mask_resolution=cfg.mask_resolution, classes=classes)
         if resumed and is_pretrained(cfg.weights):  # the same frozen stages as the run had
             freeze_backbone(model, DEFAULT_TRAINABLE_LAYERS if cfg.trainable_layers is None else cfg.trainable_layers)
-        model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size  # training-time sampling only
+        if cfg.roi_batch_size is not None:  # else the architecture's own (training-time sampling only)
+            model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.roi_batch_size
         return model
 
     def starting_weights(self, cfg: Any) -> dict[str, str]:
