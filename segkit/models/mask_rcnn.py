@@ -32,10 +32,10 @@ from segkit.models.pointrend import (DEFAULT_RESOLUTION, MASK_HEADS, FullResolut
 from segkit.data.records import class_key
 
 COCO_CLASSES = 91  # torchvision's COCO heads, background and "N/A" slots included
-# The mobile models' inference proposals: torchvision's mobile 320 detector keeps 150. Measured (bench/speed.py,
-# the ImageNet-started MobileNetV2 vehicles model, 15 val photos): mask AP 0.608 at 1000, 0.610 at 150, in about
-# half the time; 150 still leaves room for the 100 detections COCO AP counts.
-MOBILE_TEST_PROPOSALS = 150
+# The mobile models' proposals and sampled RoIs (see Architecture). Inference: torchvision's mobile 320 detector
+# keeps 150; measured (bench/speed.py, the ImageNet-started MobileNetV2 vehicles model, 15 val photos): mask AP
+# 0.608 at 1000, 0.610 at 150, in about half the time; 150 still leaves room for the 100 detections COCO AP counts.
+MOBILE_RECIPE = {"test_proposals": 150, "train_proposals": 500, "train_rois": 128}
 
 
 class WeightsError(RuntimeError):
@@ -93,15 +93,12 @@ ARCHITECTURES = {
     # torchvision has no COCO weights for these two: "coco" starts them from an ImageNet backbone.
     "maskrcnn_resnet101_fpn": Architecture(_resnet_fpn(resnet101), "resnet101", ResNet101_Weights.IMAGENET1K_V2),
     "maskrcnn_mobilenet_v2_fpn": Architecture(_mobilenet_fpn("mobilenet_v2"), "mobilenet_v2",
-                                              MobileNet_V2_Weights.IMAGENET1K_V1, test_proposals=MOBILE_TEST_PROPOSALS,
-                                              train_proposals=500, train_rois=128),
+                                              MobileNet_V2_Weights.IMAGENET1K_V1, **MOBILE_RECIPE),
     "maskrcnn_mobilenet_v3_large_fpn": Architecture(
         _mobilenet_fpn("mobilenet_v3_large"), "mobilenet_v3_large", MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-        FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, coco_masks=False, test_proposals=MOBILE_TEST_PROPOSALS,
-        train_proposals=500, train_rois=128),
+        FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, coco_masks=False, **MOBILE_RECIPE),
 }
 DEFAULT_TRAINABLE_LAYERS = 3  # torchvision's default when fine-tuning from pretrained weights (ResNet and mobile)
-WEIGHTS_CHOICES = "coco, imagenet, none (random init) or a .pt/.pth path"
 
 
 def image_size_kwargs(img_size: int) -> dict:
