@@ -144,3 +144,17 @@ def instance_scores(predictor, split: Path) -> list[tuple[float, float]]:
             best = same_class[max(range(len(ious)), key=ious.__getitem__)]
             scores.append((float(max(ious)), float(boundary_iou(gt, best))))
     return scores
+
+
+def assert_same_detections(want, got) -> None:
+    """An exported model's :class:`Prediction` ``got`` against eager's ``want``: the same detections (at least
+    one), boxes within a pixel, scores within 1e-3, each mask with IoU >= 0.98."""
+    import numpy as np
+
+    assert len(want) == len(got) > 0
+    np.testing.assert_array_equal(want.labels, got.labels)
+    np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
+    np.testing.assert_allclose(want.scores, got.scores, atol=1e-3)
+    for a, b in zip(want.masks, got.masks):
+        union = np.count_nonzero(a | b)
+        assert union == 0 or np.count_nonzero(a & b) / union >= 0.98

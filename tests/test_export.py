@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +13,7 @@ from segkit.cli import main
 from segkit.inference.artifacts import ExportError, artifact_info, sha256
 from segkit.inference.export import export
 from segkit.inference.predictor import Predictor
-from tests.helpers import EXPORT_MAX_DETECTIONS
+from tests.helpers import EXPORT_MAX_DETECTIONS, assert_same_detections
 
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
 MAX_DETECTIONS = EXPORT_MAX_DETECTIONS  # the detection slots the session's exports keep
@@ -49,13 +48,7 @@ def test_artifact_gives_the_same_detections_as_eager(artifact, eager, sample_dir
     assert exported.model is None and exported.classes == classes
     for image, want in zip(_images(sample_dir), eager_predictions):
         got = exported(image)  # the checkpoint's threshold, 0.05
-        assert len(want) == len(got) > 0
-        np.testing.assert_array_equal(want.labels, got.labels)
-        np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
-        np.testing.assert_allclose(want.scores, got.scores, atol=1e-3)
-        for a, b in zip(want.masks, got.masks):
-            union = np.count_nonzero(a | b)
-            assert union == 0 or np.count_nonzero(a & b) / union >= 0.98
+        assert_same_detections(want, got)
 
 
 def test_artifact_describes_itself(artifact, untrained_checkpoint):

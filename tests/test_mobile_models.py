@@ -17,7 +17,7 @@ from segkit.engine.trainer import train
 from segkit.inference.predictor import Predictor
 from segkit.models.checkpoint import load_checkpoint, save_checkpoint
 from segkit.serve.demo import model_examples, model_panel
-from tests.helpers import REPO, SHARED, TINY_IMAGES, tiny_config
+from tests.helpers import REPO, SHARED, TINY_IMAGES, assert_same_detections, tiny_config
 
 SHARED_MOBILENET_V2 = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 EPOCHS = 4  # x 2 steps: enough for detections to exist, not to learn the images (the bench measures learning)
@@ -92,13 +92,7 @@ def test_export_of_a_mobile_model_gives_the_eager_detections(runs, tiny_data, tm
     image = _image(tiny_data)
     want = Predictor.from_checkpoint(checkpoint, device="cpu", max_detections=10)(image, score_threshold=0.05)
     got = Predictor.from_checkpoint(out)(image, score_threshold=0.05)
-    assert len(want) == len(got) > 0
-    np.testing.assert_array_equal(want.labels, got.labels)
-    np.testing.assert_allclose(want.boxes, got.boxes, atol=1.0)
-    np.testing.assert_allclose(want.scores, got.scores, atol=1e-3)
-    for a, b in zip(want.masks, got.masks):
-        union = np.count_nonzero(a | b)
-        assert union == 0 or np.count_nonzero(a & b) / union >= 0.98
+    assert_same_detections(want, got)
 
 
 def test_the_demo_serves_a_mobile_checkpoint(runs, tiny_data):
