@@ -38,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", action="append", default=[],
-                   help="NAME=EXTRA TRAIN FLAGS: one more ImageNet-start run with these flags (repeatable)")
+                   help="NAME=EXTRA TRAIN FLAGS: one more run, from the ImageNet start unless the flags give "
+                        "--weights (repeatable)")
+    p.add_argument("--note", default="", help="a paragraph for the report (what differs between runs)")
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
     p.add_argument("--variants-only", action="store_true", help="only the --variant runs (the baselines ran before)")
     p.add_argument("--out", default="bench-out/transfer")
@@ -133,7 +135,7 @@ def main(argv=None) -> None:
         runs.append(("random-init", ["--weights", "none"]))
     for spec in args.variant:
         name, _, flags = spec.partition("=")
-        runs.append((f"imagenet {name}", ["--weights", args.imagenet, *shlex.split(flags)]))
+        runs.append((name, ["--weights", args.imagenet, *shlex.split(flags)]))
     results = []
     for name, extra in runs:
         print(f"{name}: training ...", flush=True)
@@ -158,6 +160,7 @@ def main(argv=None) -> None:
             f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores, no GPU.\n\n"
             f"    python bench/transfer.py {shown(sys.argv[1:] if argv is None else argv)}\n\n"
             + "\n".join(f"- {r['name']}: `{shown(['train.py', *r['cmd'][2:]])}`" for r in results)
+            + (f"\n\n{args.note}" if args.note else "")
             + "\n\nTrain time: the epochs' wall seconds as metrics.csv records them (they move with whatever else the "
               "machine runs); each run's CPU time is in the second table. Val: the run's held-out val split "
               "(scored every epoch); test: its test split, scored once with best.pt."
