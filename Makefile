@@ -68,6 +68,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/infer.py
 	$(BIN)/python bench/large_image.py
+	$(BIN)/python bench/speed.py --report docs/benchmarks/speed.md
 
 sample: setup
 	$(BIN)/python utils/make_sample.py
