@@ -11,7 +11,7 @@ With ``--checkpoint`` (a trained mobile best.pt) it also measures the inference 
 RPN (torchvision keeps 1000): latency and val mask AP for each of ``--proposals``.
 
     python bench/speed.py [--runs 5] [--threads 2] [--report docs/benchmarks/speed.md]
-    python bench/speed.py --checkpoint runs/vehicles/best.pt --proposals 1000 300 100 50
+    python bench/speed.py --skip-speed --checkpoint runs/vehicles/best.pt --proposals 1000 150 --sizes 320 384 512
 """
 from __future__ import annotations
 
@@ -146,31 +146,36 @@ def speed_table(args) -> str:
 
 
 def proposals_table(args) -> str:
-    """Latency and val mask AP of a trained checkpoint for each number of inference proposals."""
+    """Val mask AP and latency of a trained checkpoint for each number of inference proposals and image size."""
     from segkit.commands.evaluate import _load
+    from segkit.data.images import load_image
     from segkit.engine.loops import evaluate_predictor
     from segkit.inference.predictor import Predictor
+    from segkit.models.mask_rcnn import image_size_kwargs
     from segkit.tasks import get_task
 
     ckpt, records, _ = _load(argparse.Namespace(checkpoint=args.checkpoint, data=args.data, format=None, images=None,
                                                 ls_token=None, split="val"))
-    from segkit.data.images import load_image
-
     images = [load_image(r.path) for r in records]
-    lines = [f"| proposals | val mask AP | val mask AP50 | s/photo ({len(records)} val photos, {ckpt['arch']}) |",
-             "|---|---|---|---|"]
-    for n in args.proposals:
-        predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, device="cpu")
-        predictor.model.rpn._pre_nms_top_n["testing"] = n  # torchvision keeps these per mode
-        predictor.model.rpn._post_nms_top_n["testing"] = n
-        evaluator = get_task("instance").evaluator(records, list(ckpt["classes"]), 0.5)
-        report = evaluate_predictor(predictor, records, evaluator, show_progress=False)
-        start = time.perf_counter()
-        for image in images:
-            predictor(image)
-        per_photo = (time.perf_counter() - start) / len(images)
-        lines.append(f"| {n} | {report['segm']['AP']:.3f} | {report['segm']['AP50']:.3f} | {per_photo:.3f} |")
-        print(lines[-1], flush=True)
+    lines = [f"| image size | proposals | val mask AP | val mask AP50 | s/photo ({len(records)} val photos, "
+             f"{ckpt['arch']} trained at {ckpt['img_size']} px) |", "|---|---|---|---|---|"]
+    for size in args.sizes or [ckpt["img_size"]]:
+        for n in args.proposals:
+            predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, device="cpu")
+            predictor.model.rpn._pre_nms_top_n["testing"] = n  # torchvision keeps these per mode
+            predictor.model.rpn._post_nms_top_n["testing"] = n
+            resize = image_size_kwargs(size)
+            predictor.model.transform.min_size, predictor.model.transform.max_size = (resize["min_size"],), \
+                resize["max_size"]
+            evaluator = get_task("instance").evaluator(records, list(ckpt["classes"]), 0.5)
+            report = evaluate_predictor(predictor, records, evaluator, show_progress=False)
+            start = time.perf_counter()
+            for image in images:
+                predictor(image)
+            per_photo = (time.perf_counter() - start) / len(images)
+            lines.append(f"| {size} | {n} | {report['segm']['AP']:.3f} | {report['segm']['AP50']:.3f} | "
+                         f"{per_photo:.3f} |")
+            print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -181,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", help="a trained checkpoint: measure inference proposals on its val split")
     p.add_argument("--data", default=None, help="with --checkpoint: its data (default: the one it was trained on)")
     p.add_argument("--proposals", type=int, nargs="+", default=[1000, 300, 100])
+    p.add_argument("--sizes", type=int, nargs="+", help="with --checkpoint: image sizes to try (default: its own)")
     p.add_argument("--skip-speed", action="store_true", help="only the proposals table")
     p.add_argument("--report", help="also write the tables as a Markdown page here")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -199,7 +205,7 @@ def main(argv=None) -> None:
         print(text)
     if args.checkpoint:
         text = proposals_table(args)
-        sections.append(f"## Inference proposals: `{args.checkpoint}`\n\n{text}")
+        sections.append(f"## Inference proposals and image size: `{args.checkpoint}`\n\n{text}")
         print(text)
     if args.report:
         report = Path(args.report)
