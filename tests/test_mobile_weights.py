@@ -128,17 +128,6 @@ def test_a_backbone_of_another_architecture_is_refused_naming_what_was_expected(
         build_model("maskrcnn_resnet50_fpn", 3, weights=path)
 
 
-def test_offline_coco_start_of_a_mobile_model_says_where_to_put_the_file(monkeypatch):
-    def offline(url, *args, **kwargs):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError) as err:
-        build_model("maskrcnn_mobilenet_v3_large_fpn", 3, weights="coco")
-    assert FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1.url.rsplit("/", 1)[-1] in str(err.value)
-    assert "--weights none" in str(err.value)
-
-
 @pytest.mark.parametrize("arch", [*MOBILE, "maskrcnn_resnet50_fpn"])
 def test_each_architecture_keeps_its_own_proposals_and_rois(arch):
     """The mobile models keep fewer proposals (measured in bench/speed.py and bench/transfer.py); the ResNets

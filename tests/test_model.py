@@ -55,15 +55,19 @@ def test_local_state_dict_path(coco_format_state):
     _assert_backbone_loaded_heads_new(model, state, 3)
 
 
-def test_offline_coco_weights_say_where_to_put_the_file(monkeypatch):
+@pytest.mark.parametrize("arch,weights,file_name", [
+    ("maskrcnn_resnet50_fpn", "coco", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
+    ("maskrcnn_mobilenet_v3_large_fpn", "coco", "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth"),
+    ("maskrcnn_mobilenet_v2_fpn", "imagenet", "mobilenet_v2-b0353104.pth")])
+def test_offline_coco_weights_say_where_to_put_the_file(monkeypatch, arch, weights, file_name):
     def offline(url, *args, **kwargs):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError) as err:
-        build_model("maskrcnn_resnet50_fpn", 4, weights="coco")
+        build_model(arch, 4, weights=weights)
     message = str(err.value)
-    assert "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth" in message and "--weights none" in message
+    assert file_name in message and "--weights none" in message
     assert "checkpoints" in message  # where torch's cache expects it
 
 
