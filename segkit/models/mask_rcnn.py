@@ -336,7 +336,7 @@ def starting_weights(arch: str, weights: str | os.PathLike | None) -> dict[str, 
                 **dict.fromkeys(PARTS[1:], fresh)}
     try:
         obj = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-        whole = is_whole_model(obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj)
+        whole = is_whole_model(obj["model"] if isinstance(obj.get("model"), dict) else obj)
     except Exception:  # noqa: BLE001 - a file that is not a zip-format state dict is reported when it is loaded
         whole = True
     if whole:
