@@ -109,16 +109,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:
     """``make()``, once per session even under pytest-xdist, where each worker has its own session fixtures:
-    the first worker to ask makes it holding a lock, the others wait and read its JSON (xdist's pattern)."""
+    the first worker to ask makes it holding a lock, the others wait and read its JSON (xdist's pattern).
+    A failure is recorded too: the other workers report it at once instead of each trying the training again
+    (one full disk once cost CI 90 minutes of such retries)."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return make()
     done = tmp_path_factory.getbasetemp().parent / f"{name}.json"
     with FileLock(f"{done}.lock"):
-        if done.is_file():
-            return json.loads(done.read_text())
-        result = make()
-        done.write_text(json.dumps(result))
-        return result
+        if not done.is_file():
+            try:
+                result = make()
+            except Exception as error:  # not pytest's skip (a BaseException): each worker decides that itself
+                done.write_text(json.dumps({"_made_once_failed": f"{type(error).__name__}: {error}"}))
+                raise
+            done.write_text(json.dumps(result))
+            return result
+        result = json.loads(done.read_text())
+    if "_made_once_failed" in result:
+        failure = result["_made_once_failed"]
+        pytest.fail(f"session fixture {name!r} failed on another worker: {failure}", pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session")
