@@ -7,7 +7,10 @@ would misalign every mask of a phone photo. Files are identified by content, not
 Large images: ``max_pixels`` refuses an image from its header, before any pixel is decoded (a
 20 KB PNG can hold 169 MP of zeros: a decompression bomb), and ``max_side`` decodes a JPEG at
 1/2, 1/4 or 1/8 scale in libjpeg when that still covers the size asked for, so a 50 MP phone photo
-never exists at full size in memory. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``, which
+never exists at full size in memory. Only the formats in :data:`FORMATS` are opened: containers such
+as ICO or ICNS state one size in their header and may decode another image inside. Of a file with many
+frames or pages only the first is decoded, and that is the size checked. A 16-bit or float image is
+shrunk in its own mode before it becomes 8-bit RGB, never copied at full size as floats. Pillow's own guard (``PIL.Image.MAX_IMAGE_PIXELS``, which
 warns above 89 MP and refuses above 179 MP) is process-wide state, so it is left alone.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ IMAGE_EXTENSIONS = frozenset(
 # What a service (the demo, the Label Studio backend) accepts by default: a 50 or 64 MP phone photo
 # passes; a 108 MP one needs a higher limit. Readers of one's own datasets pass no limit.
 DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow's names of the formats of IMAGE_EXTENSIONS (JPEG also opens MPO: a phone's JPEG with a second image)
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 MAX_PIXELS_OPTION = "--max-pixels"  # what the messages tell users to raise; the services' option
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
@@ -74,7 +79,10 @@ def load_scaled(path: str | os.PathLike, max_side: int | None = None,
             im.load()  # truncated data fails here
             if _orientation(im) in _SWAPS_AXES:  # read after load: a PNG's eXIf may follow its pixels
                 size, target = size[::-1], target[::-1]
-            im = to_rgb(ImageOps.exif_transpose(im))
+            im = ImageOps.exif_transpose(im)
+            if (im.mode.startswith("I") or im.mode == "F") and im.size != target:
+                im = im.resize(target, _RESAMPLE)  # 2-4 bytes a pixel: shrunk first (reduce() takes no I;16)
+            im = to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -127,9 +135,9 @@ def _open(path: Path, max_pixels: int | None = None) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"{path}: not a file")
     try:
-        im = Image.open(path)
+        im = Image.open(path, formats=FORMATS)
     except UnidentifiedImageError as e:
-        raise ImageError(f"{path}: not an image, or a format Pillow cannot read") from e
+        raise ImageError(f"{path}: not an image in a format segkit reads ({', '.join(FORMATS)})") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: under -W error
         raise _refused_by_pillow(path, e, max_pixels) from e
     except (OSError, SyntaxError, ValueError) as e:
@@ -205,13 +213,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        # Pillow's convert() clips 16-bit values at 255 (a white image); scale the range instead.
-        a = np.asarray(im).astype(np.float64)
-        if im.mode == "F" and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        elif a.size and a.max() > 255:
-            a = a / 257.0  # 0..65535 -> 0..255
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+        # Pillow's convert() clips 16-bit values at 255 (a white image); scale the range instead. float32,
+        # in place: one copy of 4 bytes a pixel, where float64 and temporaries took 8 bytes several times over
+        a = np.asarray(im, dtype=np.float32)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            a *= 255.0
+        elif top > 255:
+            a /= 257.0  # 0..65535 -> 0..255
+        np.rint(a, out=a)
+        np.clip(a, 0, 255, out=a)
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # avoids Pillow's warning about palette transparency
     return im.convert("RGB")
