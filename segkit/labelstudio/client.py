@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -40,9 +41,21 @@ def resolve_api_key(explicit: str | None) -> str:
     """The key given, else ``$LABEL_STUDIO_API_KEY``; raise saying where to find one when neither is set."""
     key = explicit or os.environ.get(API_KEY_ENV, "")
     if not key.strip():
-        raise LabelStudioError(f"no Label Studio API key: set {API_KEY_ENV} or pass --ls-token (Label Studio: "
+        raise LabelStudioError(f"no Label Studio API key: set {API_KEY_ENV} or pass --ls-token-file (Label Studio: "
                                f"Account & Settings > Personal Access Token, or the legacy Access Token)")
     return key.strip()
+
+
+def read_key_file(path: str | os.PathLike) -> str:
+    """The API key in a file (``--ls-token-file``), surrounding whitespace dropped; LabelStudioError naming
+    the file when it cannot be read or is empty."""
+    try:
+        key = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelStudioError(f"{path}: cannot read the Label Studio API key ({e})") from None
+    if not key:
+        raise LabelStudioError(f"{path}: the key file is empty")
+    return key
 
 
 def key_kind(key: str) -> str:
@@ -113,6 +126,12 @@ def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
     url = httpx.URL(str(url))
     default = {"http": 80, "https": 443}.get(url.scheme)
     return url.scheme, url.host.lower(), url.port or default
+
+
+def canonical_origin(url: str | httpx.URL) -> str:
+    """:func:`origin` as one string, ``scheme://host:port``: the same for every spelling of a server."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://{host}:{port}"
 
 
 def redact(url: str | httpx.URL) -> str:

@@ -53,7 +53,9 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     server, project_id = parse_project_url(url)
     folder = cache_folder(server, project_id, cache_dir)
     owned = client is None
-    client = client or Client(server, resolve_api_key(api_key), request_hook=_egress_hook(server))
+    policy = _egress_policy(server)
+    client = client or Client(server, resolve_api_key(api_key), request_hook=policy and policy.hook,
+                              transport=policy and policy.transport())
     try:
         project = client.get_json(f"/api/projects/{project_id}")
         tasks = client.get_json(f"/api/projects/{project_id}/export", exportType="JSON", download_all_tasks="true")
@@ -78,12 +80,12 @@ def load_project(url: str, api_key: str | None = None, cache_dir: str | os.PathL
     return records
 
 
-def _egress_hook(server: str):
+def _egress_policy(server: str) -> EgressPolicy | None:
     """The ML backend's rule on where images may come from, for a training it started (None otherwise:
     a user training from the command line reads whatever the tasks name, as they chose)."""
     if ALLOW_HOSTS_ENV not in os.environ:
         return None
-    return EgressPolicy.create(server, os.environ[ALLOW_HOSTS_ENV].split(",")).hook
+    return EgressPolicy.create(server, os.environ[ALLOW_HOSTS_ENV].split(","))
 
 
 def fetch_images(client: Client, tasks: list[dict], cache: ImageCache) -> tuple[list[dict], list[Problem]]:
@@ -117,14 +119,43 @@ def fetch_images(client: Client, tasks: list[dict], cache: ImageCache) -> tuple[
 
 def image_url(client: Client, ref: str, task_id: Any) -> str:
     """The URL to download a task's image from: server paths and local files through the server,
-    cloud URIs (s3://, gs://, azure-blob://) through Label Studio's presign redirect."""
-    scheme = urlparse(ref).scheme
-    if scheme in ("http", "https") or ref.startswith("/"):
+    cloud URIs (s3://, gs://, azure-blob://) through Label Studio's presign redirect.
+
+    Whoever creates a task writes its reference, and the key goes with every request to Label Studio's
+    origin: so a reference there must be an image path (:func:`is_image_path`: ``/data/...``, or the
+    presign route of an integer task id), never an API path such as ``/api/projects/1/export``.
+    """
+    parsed = urlparse(ref)
+    if parsed.scheme in ("http", "https") and not client.same_server(ref):
+        return ref  # another origin: no key goes there, and the backend's egress rule decides
+    if parsed.scheme in ("http", "https") or ref.startswith("/"):
+        prefix = urlparse(client.server).path.rstrip("/")  # Label Studio served under a path: /ls/data/...
+        path = parsed.path[len(prefix):] if parsed.scheme and parsed.path.startswith(prefix + "/") else parsed.path
+        if not is_image_path(path):
+            raise LabelStudioError(f"{redact(ref)}: not a path Label Studio serves images from (/data/...): "
+                                   f"refused, the API key would go with it")
         return ref
-    if scheme and task_id is not None:
+    if parsed.scheme and _task_id(task_id) is not None:
         token = base64.urlsafe_b64encode(ref.encode()).decode()
         return f"/tasks/{task_id}/presign/?fileuri={token}"
-    raise LabelStudioError(f"{ref!r} is not a URL Label Studio can serve")
+    raise LabelStudioError(f"{redact(ref)!r} is not a URL Label Studio can serve" +
+                           (" (a cloud URI needs the task's integer id)" if parsed.scheme else ""))
+
+
+_PRESIGN = re.compile(r"/tasks/[0-9]+/presign/?")
+
+
+def is_image_path(path: str) -> bool:
+    """Whether a path on Label Studio's server is one of its image routes: under ``/data/`` (uploads, local
+    files, storage) or a task's presign redirect, with no ``.``/``..`` segment in any spelling."""
+    decoded = unquote(unquote(path))  # %252e%252e is %2e%2e once decoded, and .. twice
+    if "\\" in decoded or any(part in (".", "..") for part in decoded.split("/")):
+        return False
+    return decoded.startswith("/data/") or bool(_PRESIGN.fullmatch(decoded))
+
+
+def _task_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from segkit.tasks import get_task
 log = logging.getLogger("segkit.serve.prelabel")
 
 PAGE_SIZE = 100
+MAX_TASKS = 1_000_000  # tasks read from one project at most: the pages of a server that never ends
 
 
 def task_score(scores: Iterable[float], threshold: float) -> float:
@@ -92,7 +93,7 @@ def prelabel_project(client: Client, project: int, predictor, version: str, only
         raise LabelStudioError(f"project {project}: none of the model's classes {predictor.classes} is a label of "
                                f"the config's <{target.tag}> {target.from_name!r}")
     rank, world = shard
-    tasks = list(project_tasks(client, project))[rank::world]
+    tasks = list(project_tasks(client, project, settings.get("task_number")))[rank::world]
     done = tasks_with_version(client, project, version) if only_missing else set()
     result = PrelabelResult(version, skipped=sum(t["id"] in done for t in tasks))
     cache = ImageCache(cache_folder(client.server, project, cache_dir))
@@ -132,10 +133,18 @@ def _predict_task(client: Client, cache: ImageCache, task: dict, predictor, thre
     return image_entry(found.ref, image.width, image.height, prediction), original_size, score
 
 
-def project_tasks(client: Client, project: int) -> Iterator[dict]:
-    """Every task of ``project`` (id and data), page by page, in Label Studio's order."""
+def project_tasks(client: Client, project: int, count: int | None = None,
+                  max_tasks: int = MAX_TASKS) -> Iterator[dict]:
+    """Every task of ``project`` (id and data), page by page, in Label Studio's order, each once.
+
+    Stops after the last page, at the project's ``count`` of tasks (its ``task_number``), or raises
+    LabelStudioError naming the page when the pages do not end: one that holds only tasks already read,
+    or more than ``max_tasks`` tasks. A server that keeps answering full pages must not keep a run going.
+    """
+    seen: set[int] = set()
+    limit = min(count, max_tasks) if isinstance(count, int) and count >= 0 else max_tasks
     page = 1
-    while True:
+    while len(seen) < limit:
         try:
             body = client.get_json("/api/tasks", project=project, page=page, page_size=PAGE_SIZE, fields="all")
         except LabelStudioError as e:
@@ -143,11 +152,26 @@ def project_tasks(client: Client, project: int) -> Iterator[dict]:
                 return
             raise
         tasks = body.get("tasks", []) if isinstance(body, dict) else body
-        yield from ({"id": t["id"], "data": t.get("data") or {}} for t in tasks)
+        tasks = tasks if isinstance(tasks, list) else []
+        new = [t for t in tasks if isinstance(t, dict) and _task_id(t.get("id")) is not None and t["id"] not in seen]
+        if tasks and not new:
+            raise LabelStudioError(f"{client.server}/api/tasks?project={project}&page={page}: a page of tasks "
+                                   f"already read; the task list does not end (stopped after {len(seen)} tasks)")
+        for task in new[:limit - len(seen)]:
+            seen.add(task["id"])
+            yield {"id": task["id"], "data": task.get("data") if isinstance(task.get("data"), dict) else {}}
         total = body.get("total") if isinstance(body, dict) else None
-        if len(tasks) < PAGE_SIZE or (total is not None and page * PAGE_SIZE >= total):
+        if len(tasks) < PAGE_SIZE or (isinstance(total, int) and page * PAGE_SIZE >= total):
             return
         page += 1
+    if limit == max_tasks and (count is None or count > max_tasks):
+        raise LabelStudioError(f"{client.server} project {project}: more than {max_tasks} tasks; stopped there "
+                               f"(the pages did not end, or the project is larger than segkit reads at once)")
+
+
+def _task_id(value) -> int | None:
+    """A task id as Label Studio gives it: an int (not a bool); anything else is not a task."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def tasks_with_version(client: Client, project: int, version: str) -> set[int]:
