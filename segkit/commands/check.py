@@ -11,6 +11,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
+from segkit.commands import add_key_arguments, key_from_args
 from segkit.data.readers import FORMATS, DataError, load_dataset
 from segkit.data.records import DatasetRecords
 from segkit.data.validate import not_trainable_reason, report
@@ -25,14 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", metavar="DIR", help="folder searched for images before the export's own folder")
     parser.add_argument("--format", choices=FORMATS, help="skip format detection")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
-    parser.add_argument("--ls-token", metavar="KEY", help="Label Studio API key for a project URL "
-                        "(default: $LABEL_STUDIO_API_KEY)")
+    add_key_arguments(parser, " for a project URL")
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; 0 when trainable, 1 when not, 2 when the input cannot be read."""
     try:
-        records = load_dataset(args.path, args.format, args.images, api_key=args.ls_token)
+        records = load_dataset(args.path, args.format, args.images, api_key=key_from_args(args))
     except DataError as e:
         if args.json:
             print(json.dumps({"error": str(e)}))

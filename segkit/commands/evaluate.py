@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from segkit.commands import add_key_arguments, key_from_args
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
 
@@ -23,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="the dataset (default: the one the checkpoint was trained on)")
     p.add_argument("--format", default=None, help="force the export format (default: detected)")
     p.add_argument("--images", default=None, help="folder holding the images, when not beside the export")
-    p.add_argument("--ls-token", metavar="KEY", help="Label Studio API key when the data is a project URL "
-                   "(default: $LABEL_STUDIO_API_KEY)")
+    add_key_arguments(p, " when the data is a project URL")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="val",
                    help="the checkpoint's saved split, else the dataset's own, else all images (default: val)")
     p.add_argument("--score-threshold", type=float, default=None,
@@ -91,7 +91,7 @@ def _load(args: argparse.Namespace) -> tuple[dict, list[ImageRecord], str]:
     data = args.data or (ckpt.get("config") or {}).get("data")
     if not data:
         raise EvaluateError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
-    dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=args.ls_token)
+    dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=key_from_args(args))
     records, which, unknown = model_split(dataset.images, ckpt, args.split, Path(data))
     if not records:
         raise EvaluateError(f"no images to evaluate in {which}; try --split all")

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from segkit.commands import add_key_arguments, key_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit ml-backend``."""
@@ -22,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--no-auth", action="store_true",
                    help="listen beyond 127.0.0.1 without basic auth: only on a network you trust")
-    p.add_argument("--ls-token", default=None, help="Label Studio API key (default $LABEL_STUDIO_API_KEY); "
-                                                    "sent only to $LABEL_STUDIO_URL, which it needs")
+    add_key_arguments(p, ", sent only to $LABEL_STUDIO_URL, which it needs")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="a private or local host task images may come from besides Label Studio (repeatable); "
                         "public hosts are always allowed")
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=float, default=2048, help="image cache size; least recently used go first")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
                    help="refuse larger images, from their header (a guard against decompression bombs)")
+    p.add_argument("--max-request-mb", type=float, default=32,
+                   help="largest request body (Label Studio's /predict sends a page of tasks: a few MB)")
     p.add_argument("--fetch-timeout", type=float, default=60,
                    help="seconds for one request's downloads (Label Studio waits 100 s for an answer)")
     p.add_argument("--score-threshold", type=float, default=None, help="default: the checkpoint's")
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from segkit.serve.backend import create_app
-    from segkit.serve.settings import LOOPBACK_NAMES, ExposureError, config_from_args, is_loopback
+    from segkit.labelstudio.client import LabelStudioError
+    from segkit.serve.settings import ExposureError, config_from_args
     from segkit.engine.runs import newest_best
     from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
 
@@ -74,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        cfg = config_from_args(checkpoint, args, os.environ)
-    except ExposureError as e:
+        cfg = config_from_args(checkpoint, args, os.environ, api_key=key_from_args(args))
+    except (ExposureError, LabelStudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trusted = LOOPBACK_NAMES if cfg.basic_auth is None and is_loopback(args.host) else None
-    uvicorn.run(create_app(cfg, trusted), host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

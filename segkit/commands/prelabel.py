@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from segkit.commands import add_key_arguments, key_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit prelabel``."""
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. http://localhost:8080/projects/3")
     p.add_argument("--checkpoint", required=True,
                    help="a segkit checkpoint (best.pt) or an exported model (.xml for OpenVINO is the fast CPU choice)")
-    p.add_argument("--ls-token", metavar="KEY", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY)")
+    add_key_arguments(p)
     p.add_argument("--all", dest="only_missing", action="store_false",
                    help="predict every task, even those holding a prediction of this model version already "
                         "(default: only the missing ones, so a re-run finishes an interrupted one)")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     try:
         server, project = parse_project_url(args.project)
-        key = resolve_api_key(args.ls_token)
+        key = resolve_api_key(key_from_args(args))
         device = args.device or (rank_device(ranks) if ranks.distributed else None)
         predictor = Predictor.from_checkpoint(args.checkpoint, device, args.max_detections)
         version = args.model_version or model_version(args.checkpoint)

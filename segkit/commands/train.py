@@ -12,6 +12,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from segkit.commands import add_key_arguments, key_from_args
+from segkit.data.readers.files import DataError
 from segkit.engine.tracking import TRACKERS, TrackerError, parse_names
 from segkit.engine.trainer import TrainConfig, TrainingStopped, train
 
@@ -32,23 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = f.metadata["choices"]
         kw["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
         parser.add_argument(flag, **kw)
-    parser.add_argument("--ls-token", metavar="KEY", help="Label Studio API key when --data is a project URL "
-                        "(default: $LABEL_STUDIO_API_KEY; never saved)")
+    add_key_arguments(parser, " when --data is a project URL; never saved")
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; the exit status is 0, or TrainingStopped's (2 for unusable data or weights, 130 for Ctrl-C or
     SIGTERM)."""
     try:
-        trackers = parse_names(args.tracker)
-    except TrackerError as e:
+        trackers, key = parse_names(args.tracker), key_from_args(args)
+    except (TrackerError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = TrainConfig(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)},
                          "tracker": trackers})
     try:
         with _sigterm_as_ctrl_c():
-            train(cfg, api_key=args.ls_token)
+            train(cfg, api_key=key)
     except TrainingStopped as e:
         print(f"\n{e}", file=sys.stderr)
         return e.exit_code

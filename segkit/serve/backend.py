@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -38,7 +42,7 @@ from segkit.data.readers.labelstudio import image_reference
 from segkit.engine.coco import image_entry
 from segkit.engine.runs import next_run_dir
 from segkit.inference.predictor import Predictor
-from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, origin, redact
+from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, canonical_origin, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.preannotations import prediction_result
@@ -48,7 +52,7 @@ from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel
 from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
 # The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
 from segkit.serve.settings import (LOOPBACK_NAMES, BackendConfig, ExposureError,  # noqa: F401
-                                   backend_config, check_settings, is_loopback)
+                                   backend_config, check_settings, host_name, is_loopback, trusted_host_names)
 from segkit.tasks import get_task
 
 log = logging.getLogger("segkit.labelstudio")
@@ -93,21 +97,26 @@ NO_SERVER = "http://label-studio.invalid"  # the client's server when the backen
 class LabelStudioLink:
     """Where Label Studio is and which key to send there: each key only ever goes with the URL it came with.
 
-    The user's settings (``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY`` or ``--ls-token``) come first and
-    cannot be changed by a request. Without them, ``/setup`` brings a (hostname, access_token) pair per
+    The user's settings (``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY`` or ``--ls-token-file``) come first
+    and cannot be changed by a request. Without them, ``/setup`` brings a (hostname, access_token) pair per
     project, kept together: a later ``/setup`` naming another host cannot take a key sent by an earlier one.
+    Once set up, a project keeps its server and key: changing them takes the backend's credentials
+    (``authenticated``, i.e. basic auth), else a stranger could point the project's next predictions elsewhere.
     """
 
     url: str | None = None
     api_key: str | None = None
     allow_hosts: list[str] = field(default_factory=list)
     timeout: float = 60.0
-    schemas: dict[str, str] = field(default_factory=dict)  # project id -> labeling config
+    max_projects: int = 1000
+    schemas: OrderedDict = field(default_factory=OrderedDict)  # project id -> labeling config, most recent last
     setups: dict[str, tuple[str, str]] = field(default_factory=dict)  # project id -> (hostname, key) from /setup
 
-    def setup(self, project: str, hostname: Any, key: Any) -> None:
-        """Take a ``/setup`` request's server and key, as a pair, unless the user's settings decide."""
-        if not (isinstance(hostname, str) and isinstance(key, str) and key):
+    def setup(self, project: str, hostname: Any, key: Any, authenticated: bool = False) -> None:
+        """Take a ``/setup`` request's server and key, as a pair, unless the user's settings decide.
+        Raises PermissionError when it would change a project's server or key without ``authenticated``,
+        or set up one project more than ``max_projects``."""
+        if not (isinstance(hostname, str) and isinstance(key, str) and key) or len(hostname) + len(key) > 8192:
             return
         try:
             where = origin(hostname)
@@ -117,7 +126,20 @@ class LabelStudioLink:
             return
         if self.url and (self.api_key or where != origin(self.url)):
             return  # the user named the server: a request names neither it nor the key sent there
+        before = self.setups.get(project)
+        if before and (origin(before[0]) != where or before[1] != key) and not authenticated:
+            raise PermissionError(f"project {project} is set up with another Label Studio or key; changing them "
+                                  f"needs the backend's basic auth (or a restart of the backend)")
+        if before is None and len(self.setups) >= self.max_projects:
+            raise PermissionError(f"{self.max_projects} projects are set up already, the most this backend keeps")
         self.setups[project] = (hostname.rstrip("/"), key)
+
+    def remember_schema(self, project: str, schema: str) -> None:
+        """Keep ``project``'s labeling config for a /predict without one; the least recent go past the cap."""
+        self.schemas[project] = schema
+        self.schemas.move_to_end(project)
+        while len(self.schemas) > self.max_projects:
+            self.schemas.popitem(last=False)
 
     def server(self, project: str | None) -> tuple[str, str] | None:
         """(URL, key) of Label Studio for ``project``, or None when the backend does not know both."""
@@ -132,15 +154,15 @@ class LabelStudioLink:
             raise LabelStudioError(f"the backend does not know Label Studio's URL and key: set LABEL_STUDIO_URL "
                                    f"and {API_KEY_ENV} where it runs")
         url, key = found
-        return Client(url, key, timeout=self.timeout,
-                      request_hook=EgressPolicy.create(url, self.allow_hosts).hook)
+        policy = EgressPolicy.create(url, self.allow_hosts)
+        return Client(url, key, timeout=self.timeout, request_hook=policy.hook, transport=policy.transport())
 
     def client_or_none(self, project: str | None) -> Client:
         """A client of Label Studio, or, when it is unknown, one for absolute image URLs only (no key sent)."""
         if self.server(project):
             return self.client(project)
-        return Client(NO_SERVER, "-", timeout=self.timeout,
-                      request_hook=EgressPolicy.create(None, self.allow_hosts).hook)
+        policy = EgressPolicy.create(None, self.allow_hosts)
+        return Client(NO_SERVER, "-", timeout=self.timeout, request_hook=policy.hook, transport=policy.transport())
 
 
 class Predictions:
@@ -153,8 +175,11 @@ class Predictions:
 
     def __init__(self, model: ServedModel, link: LabelStudioLink, cfg: BackendConfig):
         self.model, self.link, self.cfg = model, link, cfg
-        self._targets: dict[tuple[str, tuple[str, ...], bool], tuple[RegionTarget, dict[str, str]]] = {}
-        self._caches: dict[Path, ImageCache] = {}
+        self._targets: OrderedDict = OrderedDict()  # (config, classes, region) -> (target, labels), bounded
+        self._caches: dict[Path, ImageCache] = {}  # one per Label Studio origin: bounded by cfg.max_projects
+        # all requests together: a decode may take hundreds of MB, and each request's downloads add up
+        self._decodes = threading.BoundedSemaphore(cfg.decode_workers)
+        self._downloads = threading.BoundedSemaphore(cfg.download_workers)
         self._features = None  # segkit.serve.prompts.FeatureCache, made on the first prompt (keyed by model version)
         self._lock = threading.Lock()
 
@@ -166,13 +191,19 @@ class Predictions:
         region, often in many pieces); ``--regions brush`` asks brushes of any model.
         """
         key = (label_config, tuple(classes), region)
-        if key not in self._targets:
+        with self._lock:
+            found = self._targets.get(key)
+        if found is None:
             prefer = "brush" if self.cfg.regions == "brush" else region
             target = choose_target(label_config, prefer)
             if self.cfg.regions != "auto" and target.kind != self.cfg.regions:
                 log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
-            self._targets[key] = target, match_labels(classes, target)
-        return self._targets[key]
+            found = target, match_labels(classes, target)
+            with self._lock:
+                self._targets[key] = found
+                while len(self._targets) > TARGETS_KEPT:
+                    self._targets.popitem(last=False)
+        return found
 
     def __call__(self, tasks: list, label_config: str, project: str | None, prompts: list | None = None) -> list[dict]:
         """One prediction per task; with ``prompts`` (Label Studio's auto-annotation: boxes and clicks the
@@ -211,14 +242,16 @@ class Predictions:
         if client.server == NO_SERVER and ref and not ref.startswith(("http://", "https://")):
             raise LabelStudioError(f"{redact(ref)}: served by Label Studio, and the backend does not know its URL "
                                    f"and key (set LABEL_STUDIO_URL and {API_KEY_ENV} where the backend runs)")
-        return TaskImage.download(client, cache, task)
+        with self._downloads:
+            return TaskImage.download(client, cache, task)
 
     def _one(self, task, found, client, cache, predictor, version, target, labels, prompts=None) -> dict:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             if isinstance(found, BaseException):
                 raise found
-            image, original_size = found.load(client, cache, max_image_side(predictor), self.cfg.max_pixels)
+            with self._decodes:
+                image, original_size = found.load(client, cache, max_image_side(predictor), self.cfg.max_pixels)
             score = None  # a prompt's answer: the mean of its masks' scores
             with self.model.lock:  # one forward at a time: torch already uses every core
                 if prompts:
@@ -244,12 +277,16 @@ class Predictions:
     def _cache(self, project: str | None) -> ImageCache:
         # One folder per Label Studio server for every project's predictions, so --cache-mb bounds them all;
         # a training's own cache (per project) is another process's, which this one must not evict from.
+        # keyed by the origin, not its spelling: "http://LS:80/" and "http://ls" share one folder and one cap
         server = self.link.server(project)
-        folder = cache_folder(server[0] if server else "external", "predictions", self.cfg.cache_dir)
+        folder = cache_folder(canonical_origin(server[0]) if server else "external", "predictions", self.cfg.cache_dir)
         with self._lock:
             if folder not in self._caches:
                 self._caches[folder] = ImageCache(folder, self.cfg.cache_bytes, self.cfg.max_download)
             return self._caches[folder]
+
+
+TARGETS_KEPT = 64  # label configs x class lists worked out; a stranger's endless variants must not pile up
 
 
 def _loggable(error: BaseException) -> str:
@@ -273,15 +310,17 @@ class Retrainer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pending: list[str] = []  # projects waiting, in the order they asked, each once
-        self._changes: dict[str, int] = {}  # new/updated annotations per project since its last training
+        self._changes: OrderedDict = OrderedDict()  # project -> annotations new/updated since its last training
         self._process: subprocess.Popen | None = None
         self._stopped = False
 
     def request(self, project: str) -> str:
         """Start a training on ``project`` now, or once those before it end; returns "started" or "queued"."""
         with self._lock:
-            self._changes[project] = 0
+            self._changes.pop(project, None)
             if self._thread is not None:  # running, until _loop finds the queue empty (under this lock)
+                if project not in self._pending and len(self._pending) >= self.cfg.max_projects:
+                    return "refused: the queue is full"
                 if project not in self._pending:
                     self._pending.append(project)
                 self.status["queued"] = list(self._pending)
@@ -295,7 +334,9 @@ class Retrainer:
         if not self.cfg.train_every:
             return None
         with self._lock:
-            self._changes[project] = self._changes.get(project, 0) + 1
+            self._changes[project] = self._changes.pop(project, 0) + 1
+            while len(self._changes) > self.cfg.max_projects:
+                self._changes.popitem(last=False)
             due = self._changes[project] >= self.cfg.train_every
         return self.request(project) if due else None
 
@@ -383,7 +424,7 @@ class Retrainer:
                     raise RuntimeError("the backend is shutting down")
                 env = {**os.environ, API_KEY_ENV: key, ALLOW_HOSTS_ENV: ",".join(self.cfg.allow_hosts)}
                 self._process = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                                 start_new_session=True)
+                                                 start_new_session=True, preexec_fn=_die_with_parent())
                 self.status["pid"] = self._process.pid
             rc = self._process.wait()
         if rc != 0:
@@ -391,6 +432,23 @@ class Retrainer:
             raise RuntimeError(f"segkit train exited with {rc}: {' | '.join(tail)} (log: {out / 'train.log'})")
         best = out / "best.pt"
         return best if best.is_file() else out / "last.pt"
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """For Popen's ``preexec_fn`` on Linux: the child gets SIGTERM (and saves, as on Ctrl-C) when the backend
+    dies, even by SIGKILL, which gives :meth:`Retrainer.stop` no chance to run (``PR_SET_PDEATHSIG``). None
+    elsewhere. prctl is looked up here, before the fork: the child runs as little as possible."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform.startswith("linux") else None
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG, for the thread that started it (which waits on it)
+        if os.getppid() != parent:  # the backend died before the line above took effect
+            os._exit(1)
+
+    return die_with_parent
 
 
 def _iso(t: float) -> str:
@@ -401,6 +459,7 @@ def _iso(t: float) -> str:
 class Backend:
     """The parts behind the routes, for tests and for the demo that serves both."""
 
+    cfg: BackendConfig
     model: ServedModel
     link: LabelStudioLink
     predictions: Predictions
@@ -412,16 +471,13 @@ def create_backend(cfg: BackendConfig, predictor=None) -> Backend:
     if cfg.api_key and not cfg.label_studio_url:
         check_settings(cfg, "127.0.0.1")  # raises: a key with nowhere it may go
     model = ServedModel(cfg, predictor)
-    link = LabelStudioLink(cfg.label_studio_url, cfg.api_key, list(cfg.allow_hosts), cfg.fetch_timeout)
-    return Backend(model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
+    link = LabelStudioLink(cfg.label_studio_url, cfg.api_key, list(cfg.allow_hosts), cfg.fetch_timeout,
+                           cfg.max_projects)
+    return Backend(cfg, model, link, Predictions(model, link, cfg), Retrainer(model, link, cfg))
 
 
-def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> FastAPI:
-    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training.
-
-    ``trusted_hosts``: the Host names answered (others get 400). A backend on loopback without auth takes
-    only loopback names, so a web page cannot reach it through a DNS name rebound to 127.0.0.1.
-    """
+def create_app(cfg: BackendConfig) -> FastAPI:
+    """A FastAPI app serving only the ML-backend routes (``segkit ml-backend``); its shutdown ends a training."""
     backend = create_backend(cfg)
 
     @contextlib.asynccontextmanager
@@ -430,22 +486,18 @@ def create_app(cfg: BackendConfig, trusted_hosts: list[str] | None = None) -> Fa
         backend.retrainer.stop()
 
     app = FastAPI(title="segkit ML backend", lifespan=lifespan)
-    if trusted_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts)
-    add_routes(app, backend, cfg.basic_auth)
+    add_routes(app, backend)
     return app
 
 
-def add_routes(app: FastAPI, backend: Backend, basic_auth: tuple[str, str] | None = None) -> None:
-    """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles); with
-    ``basic_auth``, every route asks for it before reading anything."""
+def add_routes(app: FastAPI, backend: Backend) -> None:
+    """Label Studio's ML-backend routes on ``app`` (also the demo's app: one Space, both roles), each behind
+    the same rules (:func:`_guard`), whichever app serves them: the Host check, basic auth when it is set."""
     import atexit
 
     atexit.register(backend.retrainer.stop)  # the demo's app has a lifespan of Gradio's: end a training anyway
     routes = Routes(backend)
-    auth = [Depends(_require_basic_auth(basic_auth))] if basic_auth else []
+    auth = [Depends(_guard(trusted_host_names(backend.cfg), backend.cfg.basic_auth))]
     for method, path, handler in [("GET", "/health", routes.health), ("POST", "/setup", routes.setup),
                                   ("POST", "/predict", routes.predict), ("POST", "/webhook", routes.webhook),
                                   ("GET", "/versions", routes.versions)]:
@@ -462,14 +514,18 @@ class Routes:
         return {"status": "UP", "model_class": "segkit", "model_version": self.backend.model.version}
 
     async def setup(self, request: Request) -> dict:
-        body, project = await _project_body(request)
+        body, project = await self._body(request)
         if isinstance(body.get("schema"), str):
-            self.backend.link.schemas[project or ""] = body["schema"]
-        self.backend.link.setup(project or "", body.get("hostname"), body.get("access_token"))
+            self.backend.link.remember_schema(project or "", body["schema"])
+        try:
+            self.backend.link.setup(project or "", body.get("hostname"), body.get("access_token"),
+                                    authenticated=self.backend.cfg.basic_auth is not None)
+        except PermissionError as e:
+            raise HTTPException(403, str(e)) from None
         return {"model_version": self.backend.model.version}
 
     async def predict(self, request: Request) -> JSONResponse:
-        body, project = await _project_body(request)
+        body, project = await self._body(request)
         tasks = body.get("tasks") or []
         if not isinstance(tasks, list):
             raise HTTPException(400, "'tasks' must be a list of Label Studio tasks")
@@ -479,12 +535,12 @@ class Routes:
         try:  # in a worker thread: downloads and the forward must not block the event loop
             prompts = _prompts(body.get("params"))
             results = await run_in_threadpool(self.backend.predictions, tasks, label_config, project, prompts)
-        except (LabelConfigError, ValueError) as e:
-            raise HTTPException(400, str(e)) from None
+        except (LabelConfigError, ValueError, TypeError, OverflowError) as e:  # the request's fields, not ours
+            raise HTTPException(400, f"{type(e).__name__}: {e}"[:500]) from None
         return JSONResponse({"results": results, "model_version": self.backend.model.version})
 
     async def webhook(self, request: Request) -> dict:
-        body, project = await _project_body(request)
+        body, project = await self._body(request)
         action = body.get("action")
         if project is None:
             return {"status": "ignored", "reason": "no project in the event"}
@@ -494,16 +550,24 @@ class Routes:
             return {"status": self.backend.retrainer.annotation_changed(project) or "counted"}
         return {"status": "ignored", "action": action}
 
+    async def _body(self, request: Request) -> tuple[dict, str | None]:
+        """The request's JSON object and the project it names (:func:`_project_id`), or None."""
+        body = await _json_body(request, self.backend.cfg.max_request_bytes)
+        return body, _project_id(body.get("project"))
+
     async def versions(self) -> dict:
         backend = self.backend
         return {"versions": backend.model.versions, "model_version": backend.model.version,
                 "checkpoint": str(backend.model.checkpoint), "training": dict(backend.retrainer.status)}
 
 
-def _require_basic_auth(expected: tuple[str, str]) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency answering 401 to a request without ``expected``'s credentials."""
+def _guard(hosts: list[str] | None, basic_auth: tuple[str, str] | None) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency run before every route reads anything: 400 to a Host not in ``hosts`` (None: any),
+    401 to a request without ``basic_auth``'s credentials (None: none asked)."""
     async def check(request: Request) -> None:  # async: on the event loop, as the routes, not in a worker thread
-        if not _basic_auth_ok(request.headers.get("authorization", ""), expected):
+        if hosts is not None and host_name(request.headers.get("host", "")) not in hosts:
+            raise HTTPException(400, "Invalid host header: this backend answers only on loopback names")
+        if basic_auth and not _basic_auth_ok(request.headers.get("authorization", ""), basic_auth):
             raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
 
     return check
@@ -517,34 +581,59 @@ def _prompts(params: Any) -> list:
     return prompts_from_context(context)
 
 
-async def _json_body(request: Request) -> dict:
+async def _json_body(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object, read no further than ``max_bytes`` (413), or 400/415 saying what is wrong.
+
+    Strict where Python's json is lenient, so that nothing odd reaches the routes: numbers past a float's
+    range (``1e400``), NaN and Infinity, and strings that cannot be written back (lone surrogates, ``"\\ud800"``).
+    """
     # JSON only, as Label Studio sends: a web page can post text/plain across sites without asking first
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, "the body must be JSON (Content-Type: application/json)")
+    too_large = HTTPException(413, f"the body is over {max_bytes / 2**20:g} MB (--max-request-mb)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > max_bytes:
+            raise too_large
     try:
-        body = await request.json()
+        body = json.loads(data, parse_float=_finite, parse_constant=_no_constant)
+        json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate fails here, not in the answer
     except (ValueError, RecursionError):  # also bytes that are not UTF-8, and nesting past Python's stack
-        raise HTTPException(400, "the body is not JSON") from None
+        raise HTTPException(400, "the body is not JSON (or holds a number or string that JSON cannot carry)") \
+            from None
     if not isinstance(body, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return body
 
 
-async def _project_body(request: Request) -> tuple[dict, str | None]:
-    """The request's JSON object and the project it names (:func:`_project_id`), or None."""
-    body = await _json_body(request)
-    return body, _project_id(body.get("project"))
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of a float's range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _project_id(project: Any) -> str | None:
-    """Label Studio's project field (``3``, ``"3.1712345"`` or ``{"id": 3}``) as ``"3"``; None when absent
-    or not a number (it names folders: ``"../.."`` must not)."""
+    """Label Studio's project field (``3``, ``"3.1712345"`` or ``{"id": 3}``) as ``"3"``; None when absent.
+    Anything else is refused (400): it names folders and picks the server a key goes to, so ``"../.."`` must
+    not pass, and ``"03"`` is ``"3"``, one project under two spellings never two."""
     if isinstance(project, dict):
         project = project.get("id")
-    if isinstance(project, bool) or not isinstance(project, (int, str)):
+    if project is None:
         return None
-    head = str(project).split(".")[0]
-    return head if head.isascii() and head.isdigit() and len(head) <= 18 else None
+    head = str(project).split(".")[0] if isinstance(project, (int, str)) and not isinstance(project, bool) else ""
+    tail = str(project)[len(head) + 1:] if isinstance(project, str) and "." in project else ""
+    if not (head.isascii() and head.isdigit() and len(head) <= 18 and (tail.isascii() and tail.isdigit() or not tail)):
+        raise HTTPException(400, "'project' must be a project id (3, \"3.1712345\" or {\"id\": 3})")
+    return str(int(head))
 
 
 def _basic_auth_ok(header: str, expected: tuple[str, str]) -> bool:

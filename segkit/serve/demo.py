@@ -313,5 +313,5 @@ def add_ls_backend(demo: gr.Blocks, predictor: Predictor, cfg: BackendConfig) ->
     The backend starts with the demo's predictor; a retraining it runs is served by the backend
     routes (the demo keeps its model until restarted).
     """
-    add_routes(demo.app, create_backend(cfg, predictor), cfg.basic_auth)
+    add_routes(demo.app, create_backend(cfg, predictor))
     print(f"segkit demo: Label Studio ML backend at {demo.local_url.rstrip('/')} (/health, /predict, ...)", flush=True)

@@ -48,6 +48,11 @@ class BackendConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
     prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
     prelabel_after_training: bool = False  # post the new model's predictions of every task after each retraining
+    host: str = "127.0.0.1"  # where it listens: on loopback without auth, only loopback Host names are answered
+    max_request_bytes: int = 32 * 2**20  # a request body (Label Studio's /predict: a page of tasks, a few MB)
+    max_projects: int = 1000  # projects /setup may name (each keeps its server and key) and label configs kept
+    decode_workers: int = 2  # images decoded at once, all requests together: each may take hundreds of MB
+    download_workers: int = 16  # image downloads at once, all requests together
 
 
 class ExposureError(ValueError):
@@ -57,7 +62,6 @@ class ExposureError(ValueError):
 # Command-line option (argparse dest) -> (BackendConfig field, conversion; None: as it is). A command that lacks
 # an option (the demo has only a few) leaves that field at its default.
 ARG_FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
-    "ls_token": ("api_key", None),
     "score_threshold": ("score_threshold", None),
     "max_detections": ("max_detections", None),
     "img_size": ("img_size", None),
@@ -74,20 +78,23 @@ ARG_FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "fetch_timeout": ("fetch_timeout", None),
     "max_pixels": ("max_pixels", None),
     "prelabel_after_training": ("prelabel_after_training", None),
+    "max_request_mb": ("max_request_bytes", lambda mb: int(mb * 2**20)),
 }
 
 
 def config_from_args(checkpoint: Path, args: argparse.Namespace, env: Mapping[str, str],
-                     host: str | None = None) -> BackendConfig:
+                     host: str | None = None, api_key: str | None = None) -> BackendConfig:
     """The settings ``args`` (options of ``segkit ml-backend``, see :data:`ARG_FIELDS`) and ``env`` give,
-    checked for listening on ``host`` (default ``args.host``) with ``args.no_auth``.
+    checked for listening on ``host`` (default ``args.host``) with ``args.no_auth``; ``api_key`` (from
+    ``--ls-token-file``) before the environment's.
 
     Raises ExposureError when they would open the backend to strangers or send the key astray.
     """
     options = {name: getattr(args, dest) if convert is None else convert(getattr(args, dest))
                for dest, (name, convert) in ARG_FIELDS.items() if hasattr(args, dest)}
-    cfg = backend_config(checkpoint, env, **options)
-    check_settings(cfg, args.host if host is None else host, getattr(args, "no_auth", False))
+    host = args.host if host is None else host
+    cfg = backend_config(checkpoint, env, host=host, api_key=api_key, **options)
+    check_settings(cfg, host, getattr(args, "no_auth", False))
     return cfg
 
 
@@ -102,7 +109,7 @@ def backend_config(checkpoint: Path, env: Mapping[str, str], **options: Any) -> 
 def check_settings(cfg: BackendConfig, host: str, no_auth: bool = False) -> None:
     """Refuse to start a backend that others could use, or that could hand the key to them.
 
-    A key from the environment or ``--ls-token`` is only ever sent to ``LABEL_STUDIO_URL``, so it
+    A key from the environment or ``--ls-token-file`` is only ever sent to ``LABEL_STUDIO_URL``, so it
     needs one; and anything but loopback needs basic auth (or ``--no-auth``, said on purpose, for a
     trusted network): whoever reaches the port can otherwise retrain, swap the model and make the
     backend fetch addresses on its network.
@@ -115,6 +122,20 @@ def check_settings(cfg: BackendConfig, host: str, no_auth: bool = False) -> None
                             f"retrain and replace the model. Set BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same "
                             f"in Label Studio's model settings), listen on 127.0.0.1, or pass --no-auth on a "
                             f"trusted network")
+
+
+def trusted_host_names(cfg: BackendConfig) -> list[str] | None:
+    """The Host names the routes answer (None: any). A backend on loopback without auth answers only
+    loopback names, so that a web page cannot reach it through a DNS name rebound to 127.0.0.1."""
+    return LOOPBACK_NAMES if cfg.basic_auth is None and is_loopback(cfg.host) else None
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:9090`` -> ``[::1]``, ``Localhost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1] if "]" in header else header
+    return header.split(":", 1)[0]
 
 
 def is_loopback(host: str) -> bool:
