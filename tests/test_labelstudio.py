@@ -51,7 +51,7 @@ def test_unreachable_server_is_named():
 
 def test_missing_key_says_where_to_get_one(monkeypatch):
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
-    with pytest.raises(DataError, match="set LABEL_STUDIO_API_KEY or pass --ls-token"):
+    with pytest.raises(DataError, match="set LABEL_STUDIO_API_KEY or pass --ls-token-file"):
         load_dataset("http://127.0.0.1:1/projects/1")
 
 
@@ -112,7 +112,7 @@ def backend_client(untrained_checkpoint, tmp_path):
 
     cfg = BackendConfig(checkpoint=untrained_checkpoint, basic_auth=("ann", "s3cret"), runs_dir=tmp_path / "runs",
                         cache_dir=tmp_path / "cache", label_studio_url=None, api_key=None)
-    with TestClient(create_app(cfg)) as client:
+    with TestClient(create_app(cfg), base_url="http://127.0.0.1") as client:
         yield client
 
 
@@ -164,15 +164,16 @@ def test_ml_backend_and_demo_settings_are_built_in_one_place(tmp_path):
     import argparse
     import importlib.util
 
-    from segkit.commands import ml_backend
+    from segkit.commands import key_from_args, ml_backend
     from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
 
     parser = argparse.ArgumentParser()
     ml_backend.add_arguments(parser)
-    args = parser.parse_args(["--ls-token", "k", "--max-download-mb", "2", "--cache-mb", "1", "--train-args",
-                              "--lr 0.01 --batch-size 2", "--allow-host", "nas:8000", "--runs-dir", "r"])
+    (tmp_path / "key").write_text("k\n")
+    args = parser.parse_args(["--ls-token-file", str(tmp_path / "key"), "--max-download-mb", "2", "--cache-mb", "1",
+                              "--train-args", "--lr 0.01 --batch-size 2", "--allow-host", "nas:8000", "--runs-dir", "r"])
     env = {"LABEL_STUDIO_URL": "http://ls:8080", "BASIC_AUTH_USER": "ann", "BASIC_AUTH_PASS": "pw"}
-    cfg = config_from_args(tmp_path / "best.pt", args, env)
+    cfg = config_from_args(tmp_path / "best.pt", args, env, api_key=key_from_args(args))
     assert (cfg.api_key, cfg.label_studio_url, cfg.basic_auth) == ("k", "http://ls:8080", ("ann", "pw"))
     assert (cfg.max_download, cfg.cache_bytes, cfg.allow_hosts) == (2 * 2**20, 2**20, ["nas:8000"])
     assert cfg.train_args == ["--lr", "0.01", "--batch-size", "2"] and cfg.runs_dir == Path("r")

@@ -430,7 +430,7 @@ def test_the_backend_answers_a_box_around_an_object_with_its_outline(trained_che
     task = {"id": 1, "data": {"img": f"http://127.0.0.1:{server.server_address[1]}/{record.path.name}"}}
     context = {"result": [{"type": "rectanglelabels", "value": rect, "original_width": w, "original_height": h}]}
     try:
-        with TestClient(create_app(cfg)) as client:
+        with TestClient(create_app(cfg), base_url="http://127.0.0.1") as client:
             answer = client.post("/predict", json={"tasks": [task], "label_config": config,
                                                    "params": {"context": context}})
             bad = client.post("/predict", json={"tasks": [task], "label_config": config,

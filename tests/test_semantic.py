@@ -324,7 +324,7 @@ def test_ml_backend_answers_with_one_region_per_class(semantic_checkpoint, tiny_
                         label_studio_url=None, api_key=None, allow_hosts=["127.0.0.1"])  # the test's image server
     task = {"id": 1, "data": {"img": f"http://127.0.0.1:{server.server_address[1]}/{name}"}}
     try:
-        with TestClient(create_app(cfg)) as client:
+        with TestClient(create_app(cfg), base_url="http://127.0.0.1") as client:
             both, only_polygons = [client.post("/predict", json={"tasks": [task], "label_config":
                                                                  f'<View><Image name="photo" value="$img"/>{c}</View>'})
                                    for c in (polygons + brushes, polygons)]
