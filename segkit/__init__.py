@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from segkit.version import __version__
 
 # public name -> module that defines it
 _API = {

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-import segkit
+from segkit.version import __version__
 
 # command -> help; module segkit.commands.<command> provides add_arguments(parser) and run(args) -> int
 COMMANDS = {
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the process's arguments), run the command, return its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="segkit", description="Instance segmentation from your annotations.")
-    parser.add_argument("--version", action="version", version=f"segkit {segkit.__version__}")
+    parser.add_argument("--version", action="version", version=f"segkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-import segkit
+from segkit.version import __version__
 from segkit.atomic import atomic_write
 from segkit.data.records import ImageRecord
 from segkit.labelstudio.client import redact as redact_url
@@ -270,4 +270,4 @@ def _cpu_name() -> str:
 
 
 def _version() -> str:
-    return segkit.__version__
+    return __version__

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
-import segkit
+from segkit.version import __version__
 from segkit.atomic import atomic_export
 from segkit.inference.artifacts import (FORMATS, META_KEY, ExportError, companions, require_package,
                                        sha256)
@@ -128,7 +128,7 @@ def save_openvino(model: Any, out: str | os.PathLike) -> Path:
 
 def _info(ckpt: dict, path: Path, fmt: str, model: nn.Module) -> dict[str, Any]:
     """The artifact's self-description; the keys a checkpoint has keep their names, so commands read either."""
-    return {"export": {"format": fmt, "segkit_version": segkit.__version__, "source_checkpoint": str(path),
+    return {"export": {"format": fmt, "segkit_version": __version__, "source_checkpoint": str(path),
                        "source_sha256": sha256(path), "frozen": frozen_settings(model), "opset": OPSET},
             "arch": ckpt["arch"], "classes": list(ckpt["classes"]), "img_size": int(ckpt["img_size"]),
             "score_threshold": float(ckpt.get("score_threshold", 0.5)), "epoch": ckpt.get("epoch"),

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-import segkit
+from segkit.version import __version__
 from segkit.atomic import atomic_open
 from segkit.inference.artifacts import ExportError, artifact_info, is_artifact, sha256
 from segkit.tasks import get_task
@@ -44,7 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically; a crash or Ctrl-C during the write leaves the previous file intact."""
     path = Path(path)
     with atomic_open(path, "wb") as f:
-        torch.save({"segkit_version": segkit.__version__, **state}, f)
+        torch.save({"segkit_version": __version__, **state}, f)
     return path
 
 

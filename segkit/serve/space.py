@@ -34,7 +34,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import segkit
+from segkit.version import __version__
 from segkit.atomic import atomic_write
 from segkit.data.images import image_files
 from segkit.data.splits import saved_split_images
@@ -168,7 +168,7 @@ def requirements(source: Path, wheel: str, fmt: str, cpu: bool) -> str:
         openvino = [p for p in test_pins if p.split("==")[0].strip().lower() == "openvino"]
         pins += openvino or ["openvino"]
     lines = [f"# This Space's Python packages: the Dockerfile runs pip install -r requirements.txt in this folder.",
-             f"# segkit {segkit.__version__} from the wheel beside this file, then its dependencies as segkit is tested."]
+             f"# segkit {__version__} from the wheel beside this file, then its dependencies as segkit is tested."]
     if cpu:
         lines += ["# CPU wheels of torch and torchvision (the same versions, +cpu): a CPU Space has no GPU, and PyPI's",
                   "# Linux torch pulls gigabytes of CUDA libraries. Delete this line for GPU hardware.",
@@ -186,7 +186,7 @@ def dockerfile(wheel: str) -> str:
     """The Space's image: the wheel and requirements first (a new model alone does not reinstall them), then the rest."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     return f"""\
-# Written by `segkit space` (segkit {segkit.__version__}). Hugging Face builds and runs this (sdk: docker).
+# Written by `segkit space` (segkit {__version__}). Hugging Face builds and runs this (sdk: docker).
 FROM python:{version}
 # Spaces run the app as user 1000.
 RUN useradd -m -u 1000 user
@@ -205,7 +205,7 @@ CMD ["python", "app.py"]
 def app_source(model_rel: str, space_id: str | None) -> str:
     """app.py: segkit's demo (segkit_demo.py) serving the model in this folder."""
     return f'''\
-"""{space_id or "This Space"}: segkit's demo serving {model_rel} (written by `segkit space`, segkit {segkit.__version__}).
+"""{space_id or "This Space"}: segkit's demo serving {model_rel} (written by `segkit space`, segkit {__version__}).
 
 The app is segkit's own demo, segkit_demo.py (segkit's demo.py, unchanged); this file only points it at
 the model in this folder. `python app.py` serves it on http://127.0.0.1:7860 (the Space's Dockerfile runs
