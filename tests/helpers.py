@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -158,3 +159,10 @@ def assert_same_detections(want, got) -> None:
     for a, b in zip(want.masks, got.masks):
         union = np.count_nonzero(a | b)
         assert union == 0 or np.count_nonzero(a & b) / union >= 0.98
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

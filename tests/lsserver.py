@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -10,17 +9,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 LS_BIN = REPO / ".venv-ls" / "bin" / "label-studio"
 USERNAME, PASSWORD = "segkit@example.com", "segkit-test-pass"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy DRF token: at most 40 characters
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

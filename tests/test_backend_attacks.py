@@ -28,8 +28,7 @@ from PIL import Image
 
 from segkit.labelstudio.client import Client, redact
 from segkit.labelstudio.egress import EgressPolicy, is_public
-from tests.helpers import REPO, SAMPLE
-from tests.lsserver import free_port
+from tests.helpers import REPO, SAMPLE, free_port
 
 KEY = "0123456789abcdef0123456789abcdef0123beef"  # the user's Label Studio key
 CONFIG = ('<View><Image name="photo" value="$img"/><PolygonLabels name="outline" toName="photo">'
@@ -402,11 +401,14 @@ def test_a_web_page_cannot_drive_the_loopback_backend(backend):
 
 # --- rule 5: no request waits on another's download ----------------------------------------------------
 
-def test_a_slow_image_delays_only_its_own_request(backend):
+def test_a_slow_image_delays_only_its_own_request(backend, servers):
+    asked = lambda: sum(path == "/data/upload/1/slow.jpg" for path, _ in servers["ls"].seen)  # noqa: E731
+    before = asked()
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
         slow = pool.submit(backend.predict, "/data/upload/1/slow.jpg", "/data/upload/1/c4.jpg")
-        time.sleep(0.5)  # the slow download has begun
+        while asked() == before and time.monotonic() - started < FETCH_TIMEOUT:
+            time.sleep(0.05)  # until the slow download has begun
         [fast] = backend.predict("/data/upload/1/c5.jpg")
         fast_seconds = time.monotonic() - started
         assert not slow.done()  # answered while the other request still waits on its image

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, free_port
 
 
 def _torchrun(tiny_data: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -60,19 +60,12 @@ def test_torchrun_trains_a_semantic_model(tiny_data, tmp_path):
     assert done.stdout.count("epoch 2 |") == 1  # only rank 0 reports and writes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_nodes_train_one_run(tiny_data, tmp_path):
     """The README's multi-machine recipe, with both "machines" on localhost: two torchrun agents meet through
     c10d rendezvous at node 0's address, one process each, gloo; node 0 writes the run, with its checkpoint."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = []
     for node in (0, 1):

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from segkit.data.images import load_image
-from tests.helpers import chrome
+from tests.helpers import chrome, free_port
 
 pytestmark = pytest.mark.usefixtures("gradio_client_downloads")  # conftest: gradio_client's temp folders
 
@@ -32,11 +31,6 @@ ARTIFACTS = REPO / "test-artifacts"
 THRESHOLD = 0.5
 BOOT_TIMEOUT = 120  # seconds: importing gradio and torch on a busy 2-core machine
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scene(size=(320, 240)) -> Image.Image:
@@ -74,7 +68,7 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 class Server:
     def __init__(self, checkpoint: Path, examples: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
         # Any https request (Gradio's share server) goes to a closed local port: offline, on purpose.
@@ -176,7 +170,7 @@ def test_import_loads_nothing_and_the_module_level_demo_serves_the_env_checkpoin
     # The module-level app, as a Space serves it, answers with that model.
     app = demo_module.demo
     assert app is demo_module.demo  # built once
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         result = Client(url, verbose=False).predict(handle_file(str(images["good"])), 0.1, api_name="/segment")
     finally:
@@ -246,7 +240,7 @@ def test_without_any_model_the_page_says_how_to_train(demo_module, tmp_path, mon
     monkeypatch.delenv("SEGKIT_CHECKPOINT", raising=False)
     monkeypatch.setattr(Predictor, "from_torchvision_coco", classmethod(no_weights))
     app = demo_module.create_demo(demo_module.parse_args([]))
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         with urllib.request.urlopen(url + "config", timeout=10) as r:
             config = r.read().decode()

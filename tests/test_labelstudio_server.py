@@ -24,8 +24,8 @@ from pycocotools import mask as mask_utils
 
 from segkit.inference.predictor import Predictor
 from segkit.data.readers import DataError, load_dataset
-from tests.helpers import REPO, SAMPLE, chrome, missing
-from tests.lsserver import LS_BIN, PASSWORD, TOKEN, USERNAME, free_port, start_server
+from tests.helpers import REPO, SAMPLE, chrome, free_port, missing
+from tests.lsserver import LS_BIN, PASSWORD, TOKEN, USERNAME, start_server
 
 
 
@@ -417,7 +417,8 @@ def test_a_box_drawn_in_the_labeling_page_becomes_the_objects_brush(api, server,
                                     ".filter(r => r.type == 'brushlabels')")
 
         WebDriverWait(browser, 120).until(brushes)
-        time.sleep(1)  # let the canvas draw it for the screenshot
+        # two animation frames: the canvas has drawn the new region for the screenshot
+        browser.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
         found = brushes(browser)
         assert {(r["from_name"], r["value"]["brushlabels"][0]) for r in found} == {("answer", label)}
         iou = mask_utils.iou([mask_utils.merge([_answer_rle({**r, "original_width": size[0],

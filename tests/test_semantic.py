@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from segkit.data.dataset import SemanticDataset
 from segkit.engine.semantic_metrics import SemanticEvaluator
 from segkit.models.semantic import build_semantic_model
 from segkit.engine.trainer import TrainingStopped, train
-from tests.helpers import tiny_config
+from tests.helpers import free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["leaf", "pebble", "shell"]
@@ -263,11 +262,6 @@ def test_export_refuses_a_semantic_checkpoint(semantic_checkpoint, tmp_path):
         export(semantic_checkpoint, "onnx", tmp_path / "m.onnx")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint, tiny_data, gradio_client_downloads):
     from gradio_client import Client, handle_file
@@ -279,7 +273,7 @@ def test_demo_segment_endpoint_serves_a_semantic_checkpoint(semantic_checkpoint,
     assert predictor.task == "semantic" and note == ""
     image_path = sorted((tiny_data / "val" / "images").iterdir())[0]
     app = demo.build_demo(predictor, [])
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         overlay_path, table, files = Client(url, verbose=False).predict(handle_file(str(image_path)), 0.5,
                                                                         api_name="/segment")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,7 +23,7 @@ import yaml
 from PIL import Image
 
 from segkit.cli import main
-from tests.helpers import REPO, SAMPLE
+from tests.helpers import REPO, SAMPLE, free_port
 
 pytestmark = pytest.mark.usefixtures("gradio_client_downloads")  # conftest: gradio_client's temp folders
 
@@ -32,11 +31,6 @@ BOOT_TIMEOUT = 180  # seconds: importing torch and gradio (and compiling an Open
 THRESHOLD = 0.1
 EXAMPLE = sorted((SAMPLE / "val" / "images").iterdir())[0]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_venv(root: Path) -> Path:
@@ -68,7 +62,7 @@ def install(python: Path, space: Path) -> None:
 @contextlib.contextmanager
 def serve(python: Path, space: Path, log: Path):
     """``python app.py`` in the Space's folder on a free port; yields its URL once it answers."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SEGKIT_CHECKPOINT", "PYTHONPATH")}
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HTTPS_PROXY="http://127.0.0.1:9",
                NO_PROXY="127.0.0.1,localhost")

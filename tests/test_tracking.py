@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from segkit.cli import main
-from tests.helpers import require_module, tiny_train_args
+from tests.helpers import free_port, require_module, tiny_train_args
 
 require_module("tensorboard")
 require_module("mlflow")
@@ -24,11 +23,6 @@ RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "config.json", "MODEL_CARD.md"
 ARTIFACTS = {"best.pt", "MODEL_CARD.md", "config.json", "metrics.csv", "loss_curves.png", "metrics.png",
              "val_predictions.png"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def csv_rows(path: Path) -> list[dict]:
