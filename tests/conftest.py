@@ -84,7 +84,15 @@ STARTERS = ("test_trainer.py", "test_semantic.py")  # the modules whose tests tr
 # so that the short ones fill the end evenly instead of one long module running alone after the others are done
 # (test_labelstudio_server.py, 160 s, ran last on its worker in 2 of 3 runs: a minute with one worker idle)
 LONG = ("test_labelstudio_server.py", "test_mobile_models.py", "test_ddp.py", "test_ray_predict.py", "test_export.py", "test_tracking.py",
-        "test_backend_attacks.py", "test_predict_distributed.py", "test_space.py", "test_atomic.py")
+        "test_backend_attacks.py", "test_backend_hardening.py", "test_predict_distributed.py", "test_space.py",
+        "test_atomic.py")
+
+
+# besides LONG and the tests that need a trained model: modules whose tests each train, export or start
+# a server (make test's timings: 15 s or more on a worker)
+SLOW = ("test_labelstudio.py", "test_demo.py", "test_prelabel.py", "test_predict_command.py",
+        "test_evaluate_command.py", "test_pointrend.py", "test_model.py", "test_mobile_weights.py", "test_semantic.py",
+        "test_trainer.py", "test_large_images.py", "test_model_card.py", "test_sample.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -105,6 +113,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return item.path.name in STARTERS and not set(TRAINED) & set(item._fixtureinfo.argnames)
 
     items.sort(key=lambda item: (rank(item.path.name), trains_later(item)))
+    for item in items:  # `pytest -m "not slow"`: the quick check, without trainings, servers and long modules
+        if item.path.name in LONG or item.path.name in SLOW or set(TRAINED) & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def made_once(name: str, tmp_path_factory: pytest.TempPathFactory, make: Callable[[], dict]) -> dict:
