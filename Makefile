@@ -10,7 +10,7 @@ EPOCHS ?= 20
 ARGS ?=
 CHECKPOINT ?=
 
-.PHONY: setup browser labelstudio train demo test bench sample clean
+.PHONY: setup browser labelstudio train demo test docs bench sample clean
 
 # The pinned, tested versions first, then segkit itself (editable: the venv runs this checkout).
 # pip compiles every installed file to bytecode one at a time: half of this install (116 s against 57 s,
@@ -61,7 +61,13 @@ demo: setup
 XDIST ?= -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 test:
 	$(MAKE) --no-print-directory -j3 --output-sync=target setup browser labelstudio
+	$(MAKE) --no-print-directory docs
 	SEGKIT_TEST_STRICT=1 $(BIN)/python -m pytest -q $(XDIST) --durations=15 tests $(ARGS)
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor, or a page left
+# out of the navigation, fails the build (and make test).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 bench: setup
 	$(BIN)/python bench/data.py
@@ -74,4 +80,4 @@ sample: setup
 	$(BIN)/python utils/make_sample.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache test-artifacts site

@@ -127,3 +127,17 @@ def test_functions_fit_on_a_screen(path):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{path.relative_to(REPO)}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+MAX_README_LINES = 250
+
+
+def test_the_readme_is_short_and_its_links_resolve():
+    """The README is read in five minutes; the rest is in docs/ (whose links `mkdocs build --strict` checks)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= MAX_README_LINES
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    local = [link.split("#")[0] for link in links if not link.startswith(("http://", "https://", "#"))]
+    assert local and all((REPO / link).exists() for link in local), [link for link in local if not (REPO / link).exists()]
