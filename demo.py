@@ -27,7 +27,7 @@ from PIL import Image
 
 from segkit.data.images import DEFAULT_MAX_PIXELS, as_rgb, downscale
 from segkit.engine.runs import newest_best
-from segkit.inference.prediction import Prediction, SemanticPrediction
+from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
 from segkit.serve.demo import (ALPHA, CLASS_TABLE_COLUMNS, EXAMPLES_DIR, OutputFiles, ReusedPredictions,  # noqa: F401

@@ -65,7 +65,8 @@ def prepare(folder: Path, img_size: int) -> dict:
     import torch
     from PIL import Image, ImageDraw
 
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.checkpoint import save_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def baseline(checkpoint: str, photo: str, regions: str) -> dict:
     """The backend's steps before reduced decoding, in this (fresh) process: the 50 MP photo at full size."""
     import resource
 
-    from segkit.engine.coco import image_entry
+    from segkit.evaluation.coco import image_entry
     from segkit.data.images import load_image
     from segkit.inference.predictor import Predictor
     from segkit.labelstudio.preannotations import prediction_result

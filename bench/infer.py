@@ -53,7 +53,7 @@ def checkpoint_at(source: Path, size: int, folder: Path) -> Path:
 
 
 def random_init_checkpoint(folder: Path) -> Path:
-    from segkit.models.checkpoint import make_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)
@@ -128,8 +128,8 @@ def ap_of(predictor: Predictor, data: str, ckpt: dict) -> tuple[float, float]:
     """(box AP, mask AP) on the checkpoint's val split of ``data``."""
     from segkit.data.readers import load_dataset
     from segkit.data.splits import model_split
-    from segkit.engine.loops import evaluate_predictor
-    from segkit.engine.metrics import SegmentationEvaluator
+    from segkit.evaluation.evaluate import evaluate_predictor
+    from segkit.evaluation.metrics import SegmentationEvaluator
 
     records, _, _ = model_split(load_dataset(data).images, ckpt, "val", Path(data))
     evaluator = SegmentationEvaluator(records, ckpt["classes"], predictor.score_threshold)

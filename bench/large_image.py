@@ -28,7 +28,7 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
     import torch
     from PIL import Image
 
-    from segkit.engine.coco import prediction_to_coco
+    from segkit.evaluation.coco import prediction_to_coco
     from segkit.inference.predictor import Predictor
     from segkit.inference.visualize import instance_id_map, overlay
 
@@ -38,7 +38,7 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
     start = time.perf_counter()
     timing = {}
     try:  # the compact path: time the forward apart from what follows it
-        from segkit.inference.forward import detect, to_prediction
+        from segkit.models.forward import detect, to_prediction
         from torchvision.transforms.functional import pil_to_tensor
 
         with torch.inference_mode():
@@ -64,7 +64,8 @@ def run_case(checkpoint: str, image_path: str, size: tuple[int, int], detections
 def random_init_checkpoint(folder: Path, img_size: int) -> str:
     import torch
 
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.checkpoint import save_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+from segkit.models.checkpoint import save_checkpoint
+from segkit.tasks.checkpoint import make_checkpoint
 from segkit.models.mask_rcnn import build_model
 from segkit.inference.predictor import Predictor
 from segkit.serve.prompts import PromptEngine

@@ -31,7 +31,8 @@ ARGS = ["--max-detections", "10", "--score-threshold", "0.05", "--batch-size", "
 def random_init_checkpoint(folder: Path) -> Path:
     import torch  # the benchmark's parent process needs no torch until here
 
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.checkpoint import save_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.models.mask_rcnn import build_model
 
     torch.manual_seed(0)

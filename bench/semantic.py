@@ -72,7 +72,8 @@ def time_training(arch: str, img_size: int, steps: int) -> dict:
 
 def time_inference(arch: str, img_size: int, runs: int) -> dict:
     """Median seconds of ``predictor(image)`` on one val image, through a saved checkpoint as users run it."""
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.checkpoint import save_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.data.images import load_image
     from segkit.inference.predictor import Predictor
 

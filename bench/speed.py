@@ -56,7 +56,8 @@ def photo():
 def checkpoint_for(arch: str, folder: Path) -> Path:
     import torch
 
-    from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+    from segkit.models.checkpoint import save_checkpoint
+    from segkit.tasks.checkpoint import make_checkpoint
     from segkit.models.mask_rcnn import build_model
 
     path = folder / f"{arch}.pt"
@@ -149,7 +150,7 @@ def proposals_table(args) -> str:
     """Val mask AP and latency of a trained checkpoint for each number of inference proposals and image size."""
     from segkit.commands.evaluate import _load
     from segkit.data.images import load_image
-    from segkit.engine.loops import evaluate_predictor
+    from segkit.evaluation.evaluate import evaluate_predictor
     from segkit.inference.predictor import Predictor
     from segkit.models.mask_rcnn import image_size_kwargs
     from segkit.tasks import get_task

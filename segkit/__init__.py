@@ -22,7 +22,7 @@ from segkit.version import __version__
 # public name -> module that defines it
 _API = {
     "load_dataset": "segkit.data.readers",
-    "Prediction": "segkit.inference.prediction",
+    "Prediction": "segkit.structures.prediction",
     "overlay": "segkit.inference.visualize",
     "Predictor": "segkit.inference.predictor",
     "train": "segkit.engine.trainer",
@@ -31,7 +31,7 @@ _API = {
 __all__ = ["__version__", "load_dataset", "Prediction", "overlay", "Predictor", "train", "TrainConfig"]
 
 if TYPE_CHECKING:
-    from segkit.inference.prediction import Prediction
+    from segkit.structures.prediction import Prediction
     from segkit.inference.predictor import Predictor
     from segkit.data.readers import load_dataset
     from segkit.engine.trainer import TrainConfig, train

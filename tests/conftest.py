@@ -162,7 +162,8 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     def make() -> dict:
         import torch
 
-        from segkit.models.checkpoint import make_checkpoint, save_checkpoint
+        from segkit.models.checkpoint import save_checkpoint
+        from segkit.tasks.checkpoint import make_checkpoint
         from segkit.models.mask_rcnn import build_model
 
         torch.manual_seed(0)

@@ -129,7 +129,7 @@ def chrome(profile: Path):
 def instance_scores(predictor, split: Path) -> list[tuple[float, float]]:
     """(mask IoU, Boundary IoU) of each ground-truth instance in ``split`` with its best-overlapping
     prediction of the same class (0, 0 when there is none), at the predictor's score threshold."""
-    from segkit.engine.boundary import boundary_iou
+    from segkit.evaluation.boundary import boundary_iou
     from segkit.data.readers import load_dataset
 
     scores = []

@@ -19,7 +19,7 @@ import torch
 
 import segkit.atomic as atomic
 from segkit.cli import main
-from segkit.inference.artifacts import artifact_info
+from segkit.models.artifacts import artifact_info
 from tests.helpers import EXPORT_MAX_DETECTIONS, require_module
 
 HOUR_AGO = time.time() - 3600

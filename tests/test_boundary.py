@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segkit.engine.boundary import BoundaryStats, boundary_iou, boundary_width, mask_boundary
-from segkit.inference.masks import Crop
+from segkit.evaluation.boundary import BoundaryStats, boundary_iou, boundary_width, mask_boundary
+from segkit.structures.masks import Crop
 
 
 def _square(top: int, left: int, side: int = 20, shape=(50, 50)) -> np.ndarray:

@@ -60,7 +60,7 @@ def test_records_to_coco_evaluates_to_perfect_score():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from segkit.engine.coco import records_to_coco
+    from segkit.evaluation.coco import records_to_coco
     from segkit.data.dataset import SegmentationDataset
     from segkit.data.transforms import build_transform
 
@@ -93,7 +93,7 @@ def test_records_to_coco_evaluates_to_perfect_score():
 
 
 def test_coco_boxes_match_dataset_boxes():
-    from segkit.engine.coco import records_to_coco
+    from segkit.evaluation.coco import records_to_coco
     from segkit.data.dataset import SegmentationDataset
 
     records, classes = _records(3)

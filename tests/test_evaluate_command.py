@@ -13,11 +13,11 @@ from pycocotools.cocoeval import COCOeval
 
 from tests.helpers import SAMPLE, write_subset
 from segkit.cli import main
-from segkit.engine.coco import image_entry, predictions_file
-from segkit.inference.masks import Crop
-from segkit.engine.metrics import BACKGROUND, PixelStats, evaluate_predictions, semantic_metrics
+from segkit.evaluation.coco import image_entry, predictions_file
+from segkit.structures.masks import Crop
+from segkit.evaluation.metrics import BACKGROUND, PixelStats, evaluate_predictions, semantic_metrics
 from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
-from segkit.inference.prediction import Prediction
+from segkit.structures.prediction import Prediction
 from segkit.data.readers import load_dataset
 from segkit.data.records import ImageRecord, Instance
 from segkit.data.splits import SplitError, select_split

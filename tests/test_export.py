@@ -10,7 +10,7 @@ from PIL import Image
 
 from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segkit.cli import main
-from segkit.inference.artifacts import ExportError, artifact_info, sha256
+from segkit.models.artifacts import ExportError, artifact_info, sha256
 from segkit.inference.export import export
 from segkit.inference.predictor import Predictor
 from tests.helpers import EXPORT_MAX_DETECTIONS, assert_same_detections

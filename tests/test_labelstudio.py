@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.labelstudio.client import is_project_url, key_kind, parse_project_url
 from segkit.labelstudio.config import LabelConfigError, choose_target, match_labels, region_targets
 from segkit.labelstudio.preannotations import prediction_result
-from segkit.inference.prediction import Prediction
+from segkit.structures.prediction import Prediction
 from segkit.data.readers import DataError, load_dataset
 from tests.helpers import REPO
 from tests.lsserver import free_port

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.data.images import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, as_rgb, downscale, image_size,
                            load_image, load_scaled)
-from segkit.inference.masks import InstanceMasks
+from segkit.structures.masks import InstanceMasks
 from segkit.labelstudio.preannotations import mask_to_ls_rle, prediction_result
-from segkit.inference.prediction import Prediction
+from segkit.structures.prediction import Prediction
 
 
 def write_png_bomb(path: Path, width: int, height: int) -> Path:

@@ -1,6 +1,6 @@
-"""The package's shape, checked over its source with ``ast`` so that it stays true: no import circles
-(function-level imports included), imports at the top where nothing calls for a lazy one, and
-functions that fit on a screen."""
+"""The package's shape, checked over its source with ``ast`` so that it stays true: imports only down the
+stages and no import circles (function-level imports included), imports at the top where nothing calls for
+a lazy one, and functions that fit on a screen."""
 from __future__ import annotations
 
 import ast
@@ -87,9 +87,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_checker_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
-    tree = ast.parse("from segkit.engine import loops, metrics\nimport segkit.tasks\nfrom . import base\n")
+    tree = ast.parse("from segkit.engine import loops, runs\nimport segkit.tasks\nfrom . import base\n")
     found = [imported_modules("segkit.tasks.instance", n) for n in tree.body]
-    assert found == [["segkit.engine.loops", "segkit.engine.metrics"], ["segkit.tasks"], ["segkit.tasks.base"]]
+    assert found == [["segkit.engine.loops", "segkit.engine.runs"], ["segkit.tasks"], ["segkit.tasks.base"]]
 
 
 def test_segkit_has_no_import_circles():
@@ -97,6 +97,63 @@ def test_segkit_has_no_import_circles():
     assert len(graph) > 50 and graph["segkit.engine.trainer"] >= {"segkit.tasks", "segkit.engine.loops"}
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+# The stages of segkit, lowest first: a module imports only from its own stage and those before it, so that
+# each folder can be read (and tested) knowing only what is below it. The package's own __init__ (the public
+# API, imported lazily) stands above them all.
+STAGES = ("version", "atomic", "data", "labelstudio", "structures", "models", "evaluation", "tasks", "inference",
+          "engine", "serve", "commands", "cli", "__main__")
+# Imports up the stages, each lazy (inside the function that needs it) and with its reason.
+UPWARD_ALLOWED = {
+    ("segkit.data.readers", "segkit.labelstudio.project"): "load_dataset() takes a Label Studio project URL as it "
+    "takes a folder; the project's reader is above the data it reads, so it is imported when a URL is given",
+}
+
+
+def stage(module: str) -> str | None:
+    """The stage folder (or top-level module) of a segkit module; None for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of ``graph`` from a stage to a later one, as ``a -> b``, but the allowed ones."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() if stage(a) is not None for b in targets
+                  if (stage(b) is None or STAGES.index(stage(b)) > STAGES.index(stage(a)))
+                  and (a, b) not in UPWARD_ALLOWED)
+
+
+def test_every_stage_folder_is_in_the_order():
+    found = {stage(m) for m in MODULES} - {None}
+    assert found == set(STAGES), f"stages missing from STAGES: {found - set(STAGES)}; gone: {set(STAGES) - found}"
+
+
+def test_the_checker_finds_an_upward_import():
+    graph = {"segkit.data.x": {"segkit.engine.y"}, "segkit.engine.y": {"segkit.data.x", "segkit"}}
+    assert upward_imports(graph) == ["segkit.data.x -> segkit.engine.y", "segkit.engine.y -> segkit"]
+
+
+def test_imports_only_go_down_the_stages():
+    graph = import_graph()
+    assert graph["segkit.inference.predictor"] >= {"segkit.models.checkpoint", "segkit.tasks"}  # the graph is real
+    up = upward_imports(graph)
+    assert not up, "imports up the stages (move the code down, or allow a lazy one with its reason):\n" + "\n".join(up)
+
+
+def test_no_two_stage_folders_import_each_other():
+    graph = import_graph()
+    edges = {(stage(a), stage(b)) for a, targets in graph.items() for b in targets
+             if stage(a) and stage(b) and stage(a) != stage(b) and (a, b) not in UPWARD_ALLOWED}
+    both = sorted(f"{x} <-> {y}" for x, y in edges if (y, x) in edges and x < y)
+    assert not both, both
+
+
+def test_allowed_upward_imports_are_lazy():
+    for (a, b) in UPWARD_ALLOWED:
+        tree = ast.parse(MODULES[a].read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) and b in imported_modules(a, n)]
+        assert not top and b in import_graph()[a], (a, b)
 
 
 def _lazy_segkit_imports(path: Path) -> list[str]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from segkit.engine.coco import encode_mask
-from segkit.inference.masks import Crop, InstanceMasks
+from segkit.evaluation.coco import encode_mask
+from segkit.structures.masks import Crop, InstanceMasks
 
 
 def test_rle_from_a_crop_is_pycocotools_encoding_of_the_full_mask():

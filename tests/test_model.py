@@ -6,7 +6,8 @@ import torch
 from torchvision.models import _api as torchvision_api
 
 from segkit.models import mask_rcnn as model_lib
-from segkit.models.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segkit.tasks.checkpoint import make_checkpoint, model_from_checkpoint
 from segkit.models.mask_rcnn import WeightsError, build_model
 
 
@@ -129,7 +130,7 @@ def test_checkpoint_heads_follow_their_class_names(tmp_path):
 def test_reordered_labels_detect_the_same_objects_under_their_own_names(trained_checkpoint, sample_dir):
     from PIL import Image
 
-    from segkit.inference.forward import detect, image_tensors
+    from segkit.models.forward import detect, image_tensors
 
     ckpt = load_checkpoint(trained_checkpoint)
     served = model_from_checkpoint(ckpt).eval()

@@ -24,7 +24,7 @@ def test_public_api():
 def test_core_and_check_do_not_import_torch():
     code = ("import sys, segkit\n"
             "from segkit import Prediction, overlay, load_dataset\n"
-            "import segkit.commands.check, segkit.data.validate, segkit.engine.coco, segkit.engine.metrics, segkit.labelstudio.preannotations\n"
+            "import segkit.commands.check, segkit.data.validate, segkit.evaluation.coco, segkit.evaluation.metrics, segkit.labelstudio.preannotations\n"
             "from segkit.cli import main\n"
             f"assert main(['check', {str(SAMPLE / 'val')!r}]) == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tests.helpers import SAMPLE, write_subset
 
-from segkit.models.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint
+from segkit.tasks.checkpoint import make_checkpoint, model_from_checkpoint
 from segkit.models.mask_rcnn import build_model
 from segkit.models.pointrend import (FullResolutionTransform, PointRendRoIHeads, check_resolution, fine_grained_features,
                               point_labels, point_sample, uncertain_points)

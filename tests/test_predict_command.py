@@ -15,9 +15,9 @@ from pycocotools import mask as mask_utils
 from tests.helpers import SAMPLE, write_subset
 from segkit.models.checkpoint import model_version
 from segkit.cli import main
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.labelstudio.preannotations import mask_to_polygons, to_labelstudio
-from segkit.inference.prediction import Prediction
+from segkit.structures.prediction import Prediction
 from segkit.data.readers import load_dataset
 
 
@@ -127,13 +127,13 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
     records = sorted((out / "records").glob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in records}
 
-    import segkit.models.checkpoint
+    import segkit.inference.predictor
 
     def no_model(*_):
         raise AssertionError("a finished folder must not build the model")
 
     with monkeypatch.context() as m:
-        m.setattr(segkit.models.checkpoint, "model_from_checkpoint", no_model)
+        m.setattr(segkit.inference.predictor, "model_from_checkpoint", no_model)
         args = ["predict", *FAST, "--checkpoint", str(predicted["checkpoint"]), "--out", str(out), "--score-threshold", "0.05"]
         assert main([*args, str(predicted["images"])]) == 0
     assert "2 of 2 images already done" in capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
     import segkit.inference.predict_files
 
     todo = []
-    monkeypatch.setattr(segkit.models.checkpoint, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
+    monkeypatch.setattr(segkit.inference.predictor, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
     monkeypatch.setattr(segkit.inference.predict_files, "predict_images", lambda predictor, images, *a, **k: todo.extend(images) or [])
     assert main([*args, str(predicted["images"])]) == 0
     assert [name for _, name in todo] == [records[0].stem]

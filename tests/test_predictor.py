@@ -59,7 +59,7 @@ def test_compact_masks_equal_torchvisions_full_size_paste(predictor, sample_dir)
     import torch
     from torchvision.transforms.functional import pil_to_tensor
 
-    from segkit.engine.coco import encode_mask, prediction_to_coco
+    from segkit.evaluation.coco import encode_mask, prediction_to_coco
 
     image = Image.open(next((sample_dir / "val" / "images").glob("*.jpg"))).convert("RGB")
     prediction = predictor(image, 0.0)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.inference.masks import InstanceMasks
-from segkit.inference.prediction import Prediction
+from segkit.structures.masks import InstanceMasks
+from segkit.structures.prediction import Prediction
 from segkit.inference.predictor import Predictor
 from segkit.labelstudio.client import Client
 from segkit.labelstudio.project import ImageCache

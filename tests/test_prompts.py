@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.inference.forward import mask_probs, paste_masks
+from segkit.models.forward import mask_probs, paste_masks
 from segkit.serve.prompts import (FALLBACK_SCALES, REFINE_IOU, FeatureCache, Prompt, PromptEngine, _near, keypoint_to_point,
                             prompt_prediction, prompts_from_context, rect_to_box)
 
@@ -70,7 +70,7 @@ class BackboneCalls:
 
 def direct_features(predictor, image):
     """(features, model input size) of the image, straight from the model's transform and backbone."""
-    from segkit.inference.forward import image_tensors
+    from segkit.models.forward import image_tensors
 
     with torch.inference_mode():
         batch, _ = predictor.model.transform(image_tensors([image], predictor.device))
@@ -176,7 +176,7 @@ def test_the_box_mask_is_the_mask_heads_over_the_refined_box(engine, predictor, 
     """The prompt box, or the detection's box when IoU >= REFINE_IOU; either way cut to the prompt box."""
     from torchvision.ops import box_iou
 
-    from segkit.inference.forward import mask_probs, paste_masks
+    from segkit.models.forward import mask_probs, paste_masks
 
     entry = engine.features("img", image)
     detection = entry.boxes[0].tolist()

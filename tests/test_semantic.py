@@ -15,12 +15,12 @@ from PIL import Image
 from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.cli import main
 from segkit.models.mask_rcnn import WeightsError
-from segkit.inference.prediction import SemanticPrediction
+from segkit.structures.prediction import SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.data.readers import load_dataset
 from segkit.data.records import ImageRecord, Instance
 from segkit.data.dataset import SemanticDataset
-from segkit.engine.semantic_metrics import SemanticEvaluator
+from segkit.evaluation.semantic_metrics import SemanticEvaluator
 from segkit.models.semantic import build_semantic_model
 from segkit.engine.trainer import TrainingStopped, train
 from tests.helpers import free_port, tiny_config

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from segkit.data.readers import load_dataset
-from segkit.inference.prediction import Prediction, SemanticPrediction
+from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.tasks import TASKS, Task, get_task
 from tests.helpers import SAMPLE
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segkit.inference.prediction import Prediction
+from segkit.structures.prediction import Prediction
 from segkit.inference.visualize import PALETTE, instance_mask_png, overlay, side_by_side
 
 W, H = 200, 150

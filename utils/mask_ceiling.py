@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from segkit.engine.boundary import boundary_iou
+from segkit.evaluation.boundary import boundary_iou
 from segkit.models.mask_rcnn import image_size_kwargs
 from segkit.models.pointrend import point_sample
 from segkit.data.readers import load_dataset

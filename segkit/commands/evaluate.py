@@ -1,8 +1,8 @@
 """``segkit evaluate``: COCO AP, per-class IoU/Dice and Boundary IoU of a checkpoint on a dataset, as a table, JSON and plots.
 
-See :mod:`segkit.engine.metrics` for what each number means and which score threshold it uses. A semantic
+See :mod:`segkit.evaluation.metrics` for what each number means and which score threshold it uses. A semantic
 checkpoint gets per-class IoU and Dice, mIoU, mDice and pixel accuracy under the same ``semantic``
-key of the JSON (:mod:`segkit.engine.semantic_metrics`), and its confusion matrix. What differs is
+key of the JSON (:mod:`segkit.evaluation.semantic_metrics`), and its confusion matrix. What differs is
 asked of the checkpoint's task (:mod:`segkit.tasks`).
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from segkit.atomic import write_json
     from segkit.data.readers import DataError
     from segkit.data.splits import SplitError
-    from segkit.engine.loops import evaluate_predictor
-    from segkit.engine.metrics import BACKGROUND, EvaluateError
+    from segkit.evaluation.evaluate import evaluate_predictor
+    from segkit.evaluation.metrics import BACKGROUND, EvaluateError
     from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
     from segkit.inference.predictor import Predictor
     from segkit.models.checkpoint import CheckpointError
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> tuple[dict, list[ImageRecord], str]:
     """(checkpoint, the images to evaluate with only the model's classes, where the choice came from)."""
     from segkit.models.checkpoint import load_checkpoint
-    from segkit.engine.metrics import EvaluateError
+    from segkit.evaluation.metrics import EvaluateError
     from segkit.data.readers import load_dataset
     from segkit.data.splits import model_split
 

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export and say what was written; 2 when the checkpoint cannot be exported or a package is missing."""
     from segkit.models.checkpoint import CheckpointError
-    from segkit.inference.artifacts import ExportError, artifact_info
+    from segkit.models.artifacts import ExportError, artifact_info
     from segkit.inference.export import export
 
     from segkit.data.readers import DataError

@@ -1,2 +1,2 @@
-"""Stage 1, data: exports read into records (``readers``), checked (``validate``), split (``splits``),
+"""Data: exports read into records (``readers``), checked (``validate``), split (``splits``),
 augmented (``transforms``) and served to the model as torch datasets (``dataset``). No model code here."""

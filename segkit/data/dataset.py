@@ -1,7 +1,7 @@
 """Torch datasets over :class:`~segkit.data.records.ImageRecord` lists.
 
 Images are numbered by their index in the list: ``target["image_id"] == i`` is image ``i`` of
-:func:`segkit.engine.coco.records_to_coco`, so predictions and ground truth meet in pycocotools' COCOeval.
+:func:`segkit.evaluation.coco.records_to_coco`, so predictions and ground truth meet in pycocotools' COCOeval.
 Labels come from :func:`segkit.data.records.label_map`; 0 is the background, as torchvision expects.
 """
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
@@ -16,8 +15,6 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from segkit.data.images import load_image
-from segkit.data.records import ImageRecord
 
 
 # torchvision's loss names, shortened for the progress bar
@@ -154,24 +151,10 @@ def predict_into(model, loader: Iterable, device: torch.device, task, evaluator,
                  show_progress: bool = True) -> None:
     """Run the model in eval mode and feed everything it predicts, at any score, to ``evaluator``.
 
-    Instance masks stay at their boxes' size (:func:`segkit.inference.forward.detect`), as in the
+    Instance masks stay at their boxes' size (:func:`segkit.models.forward.detect`), as in the
     Predictor: 100 detections at torchvision's 0.05 floor would otherwise be 100 full-size float images.
     """
     model.eval()
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
         images = [im.to(device, non_blocking=True) for im in images]
         evaluator.process(targets, task.predict(model, images, evaluator.classes, 0.0))
-
-
-def evaluate_predictor(predictor, records: Sequence[ImageRecord], evaluator, batch_size: int = 1,
-                       show_progress: bool = True) -> dict[str, Any]:
-    """Run a :class:`segkit.inference.predictor.Predictor` over ``records`` in batches, feeding every
-    prediction (score threshold 0, for COCO AP) to ``evaluator`` (made over ``records``); its report."""
-    evaluator.reset()
-    with tqdm(total=len(records), desc="evaluate", unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            predictions = predictor.predict_batch([load_image(r.path) for r in batch], score_threshold=0.0)
-            evaluator.process([{"image_id": i} for i in range(start, start + len(batch))], predictions)
-            bar.update(len(batch))
-    return evaluator.summarize()

@@ -31,7 +31,8 @@ from segkit.engine.optim import make_optimization, restore_optimization
 from segkit.engine.seeding import EpochSampler, rng_state, seed_epoch, seed_everything, set_rng_state
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import preview_sheet, save_png
-from segkit.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint
+from segkit.tasks.checkpoint import make_checkpoint
 from segkit.models.mask_rcnn import WeightsError, carried_heads, count_parameters, format_start
 from segkit.tasks import Task, get_task
 

@@ -1,2 +1,2 @@
-"""Stage 4, inference: the one ``Predictor`` (eager or exported), predictions and their masks,
-drawing, exported artifacts, and prediction over folders at any scale."""
+"""Inference: the one ``Predictor`` (eager or exported), drawing, export, and prediction over folders at
+any scale. What a prediction is lives in :mod:`segkit.structures`."""

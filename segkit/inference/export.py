@@ -1,11 +1,11 @@
 """Export a checkpoint to ONNX, OpenVINO or TorchScript (reading and running one: :mod:`.artifacts`).
 
-What is exported is :func:`segkit.inference.forward.detect` for one image: a float (3, H, W) image in 0..1
+What is exported is :func:`segkit.models.forward.detect` for one image: a float (3, H, W) image in 0..1
 of any size goes in; boxes in the image's pixels, labels, scores and the mask head's (N, 1, 28, 28)
 probabilities come out. Pasting each mask into its box stays on the host, in :func:`paste_masks`,
-as for eager models, so every backend gives the same compact :class:`segkit.inference.prediction.Prediction`.
+as for eager models, so every backend gives the same compact :class:`segkit.structures.prediction.Prediction`.
 
-Each artifact describes itself (:func:`segkit.inference.artifacts.artifact_info`): classes, image size, score threshold, the
+Each artifact describes itself (:func:`segkit.models.artifacts.artifact_info`): classes, image size, score threshold, the
 settings frozen into the graph, segkit's version and the source checkpoint's SHA-256. So
 ``Predictor.from_checkpoint(path)``, and every ``--checkpoint``, runs it with no further option:
 
@@ -29,15 +29,16 @@ from torchvision.models.detection.transform import resize_boxes
 
 from segkit.version import __version__
 from segkit.atomic import atomic_export
-from segkit.inference.artifacts import (FORMATS, META_KEY, ExportError, companions, require_package,
+from segkit.models.artifacts import (FORMATS, META_KEY, ExportError, companions, require_package,
                                        sha256)
-from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint
+from segkit.models.checkpoint import load_checkpoint
+from segkit.tasks.checkpoint import model_from_checkpoint
 
 OPSET = 17
 
 
 class Detector(nn.Module):
-    """The exported graph: :func:`segkit.inference.forward.detect` on one image, outputs as a tuple."""
+    """The exported graph: :func:`segkit.models.forward.detect` on one image, outputs as a tuple."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

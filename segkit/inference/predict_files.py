@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from segkit.atomic import write_json
-from segkit.engine.coco import image_entry, predictions_file
+from segkit.evaluation.coco import image_entry, predictions_file
 from segkit.data.images import IMAGE_EXTENSIONS, ImageError, image_files, load_image
 from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME, to_labelstudio
 from segkit.inference.sharding import Ranks, shard
@@ -79,7 +79,7 @@ class LabelStudioOptions:
 class FolderResult:
     """What :func:`predict_to_folder` did."""
 
-    entries: list[dict[str, Any]]  # every image's entry (see segkit.engine.coco.image_entry), done now or before
+    entries: list[dict[str, Any]]  # every image's entry (see segkit.evaluation.coco.image_entry), done now or before
     failed: list[tuple[Path, str]]  # (path, error) of images that could not be read
     skipped: int  # images already done by an earlier run
     score_threshold: float

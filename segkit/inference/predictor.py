@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from segkit.data.images import ImageInput
-from segkit.inference.artifacts import Runner, load_runner
-from segkit.inference.forward import image_tensors, to_prediction
-from segkit.inference.prediction import Prediction, SemanticPrediction
-from segkit.models.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, task_of
+from segkit.models.artifacts import Runner, load_runner
+from segkit.models.forward import image_tensors, to_prediction
+from segkit.structures.prediction import Prediction, SemanticPrediction
+from segkit.models.checkpoint import load_checkpoint, resolve_checkpoint, task_of
+from segkit.tasks.checkpoint import model_from_checkpoint
 from segkit.models.mask_rcnn import coco_pretrained
 from segkit.tasks import get_task
 
@@ -36,7 +37,7 @@ class Predictor:
                  device: str | torch.device | None = None, info: dict | None = None,
                  max_detections: int | None = None, runner: Runner | None = None, task: str = "instance"):
         """``model`` is an eager model of ``task``; or None with ``runner``, an exported Mask R-CNN's
-        detector (see :func:`segkit.inference.artifacts.load_runner`), which runs on the CPU."""
+        detector (see :func:`segkit.models.artifacts.load_runner`), which runs on the CPU."""
         if runner is not None:
             device = "cpu"
         self.task = task

@@ -21,8 +21,8 @@ from segkit.data.images import load_image
 from segkit.data.readers import load_dataset
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SplitError, model_split
-from segkit.engine.loops import evaluate_predictor
-from segkit.inference.artifacts import META_KEY, ExportError, artifact_info, require_package
+from segkit.evaluation.evaluate import evaluate_predictor
+from segkit.models.artifacts import META_KEY, ExportError, artifact_info, require_package
 from segkit.inference.export import export, save_openvino
 from segkit.inference.predictor import Predictor
 from segkit.models.checkpoint import load_checkpoint

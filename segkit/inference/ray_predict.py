@@ -29,7 +29,7 @@ import torch
 
 from segkit.atomic import atomic_write
 from segkit.data.images import IMAGE_EXTENSIONS, ImageError, load_image
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay
 from segkit.models.checkpoint import load_checkpoint, model_version, task_of

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segkit.atomic import atomic_open
 from segkit.data.images import ImageInput, as_rgb, load_image
-from segkit.inference.prediction import Prediction, SemanticPrediction
+from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.data.records import ImageRecord
 
 if TYPE_CHECKING:

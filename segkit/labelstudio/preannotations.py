@@ -1,6 +1,6 @@
 """Predictions as Label Studio pre-annotations: tasks whose ``predictions`` Label Studio imports.
 
-Built from the per-image entries of :func:`segkit.engine.coco.image_entry` (the image's path and size, its
+Built from the per-image entries of :func:`segkit.evaluation.coco.image_entry` (the image's path and size, its
 instances as COCO annotations with RLE masks and class names), so the COCO file and the Label Studio
 tasks of one run always describe the same instances.
 

@@ -1,2 +1,3 @@
-"""Stage 2, models: the architecture tables (Mask R-CNN, PointRend, semantic), starting weights,
-and checkpoints that rebuild them."""
+"""Models: the architecture tables (Mask R-CNN, PointRend, semantic), starting weights, the forward pass
+that turns their outputs into predictions (``forward``), checkpoint files (``checkpoint``, dictionaries
+in and out) and exported model files (``artifacts``)."""

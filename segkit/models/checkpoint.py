@@ -14,30 +14,11 @@ import torch
 
 from segkit.version import __version__
 from segkit.atomic import atomic_open
-from segkit.inference.artifacts import ExportError, artifact_info, is_artifact, sha256
-from segkit.tasks import get_task
+from segkit.models.artifacts import ExportError, artifact_info, is_artifact, sha256
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def make_checkpoint(model: torch.nn.Module, arch: str, classes: list[str], img_size: int,
-                    score_threshold: float = 0.5, frozen_bn: bool = False, task: str = "instance",
-                    **extra: Any) -> dict[str, Any]:
-    """The checkpoint dict of ``model``: what :func:`model_from_checkpoint` needs to rebuild it.
-
-    ``task`` is ``"instance"`` (Mask R-CNN) or ``"semantic"`` (:mod:`segkit.models.semantic`); a
-    checkpoint without it is an instance model.
-
-    ``mask_head`` (``"standard"`` or ``"pointrend"``, with ``mask_resolution``) is read from the model:
-    it says which mask head to rebuild, and lets an exporter refuse what its backend cannot run.
-    ``extra`` adds run details: ``epoch``, ``metrics``, ``config``, ``split``, and for resuming the
-    optimizer, scheduler, scaler, ``history``, ``step`` and ``rng``.
-    """
-    return {"model": model.state_dict(), "arch": arch, "classes": list(classes), "img_size": int(img_size),
-            "score_threshold": float(score_threshold), "frozen_bn": bool(frozen_bn), "task": task,
-            **get_task(task).checkpoint_fields(model), **extra}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -93,11 +74,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: not a segkit checkpoint (missing {', '.join(missing)})")
     return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the trained model from a loaded checkpoint alone (no download, no dataset), as its task does."""
-    return get_task(task_of(ckpt)).model_from_checkpoint(ckpt)
 
 
 def task_of(ckpt: dict[str, Any]) -> str:

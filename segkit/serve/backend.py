@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from segkit.data.images import ImageError
 from segkit.data.readers.labelstudio import image_reference
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.engine.runs import next_run_dir
 from segkit.inference.predictor import Predictor
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, canonical_origin, origin, redact

@@ -33,8 +33,8 @@ from PIL import Image
 from segkit.atomic import write_json
 from segkit.data.images import ImageError, ImageTooLargeError, image_files, load_image
 from segkit.data.splits import saved_split_images
-from segkit.engine.coco import image_entry, predictions_file
-from segkit.inference.prediction import Prediction, SemanticPrediction
+from segkit.evaluation.coco import image_entry, predictions_file
+from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
 from segkit.inference.visualize import mask_png, overlay, save_png
 from segkit.models.checkpoint import CheckpointError, load_checkpoint

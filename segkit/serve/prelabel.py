@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from segkit.engine.coco import image_entry
+from segkit.evaluation.coco import image_entry
 from segkit.labelstudio.client import Client, LabelStudioError, redact
 from segkit.labelstudio.config import choose_target, match_labels
 from segkit.labelstudio.preannotations import prediction_result

@@ -32,9 +32,9 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
 from segkit.data.images import ImageInput
-from segkit.inference.masks import Crop, InstanceMasks
-from segkit.inference.prediction import Prediction
-from segkit.inference.forward import box_detections, image_tensors, mask_probs, paste_masks
+from segkit.structures.masks import Crop, InstanceMasks
+from segkit.structures.prediction import Prediction
+from segkit.models.forward import box_detections, image_tensors, mask_probs, paste_masks
 from segkit.inference.predictor import Predictor
 from segkit.data.records import class_key
 
@@ -267,7 +267,7 @@ class PromptEngine:
         return answers
 
     def _full_pass(self, image: Tensor) -> ImageFeatures:
-        """:func:`segkit.inference.forward.detect`'s steps on one image at ``click_threshold``, keeping the features."""
+        """:func:`segkit.models.forward.detect`'s steps on one image at ``click_threshold``, keeping the features."""
         model, original = self.model, (int(image.shape[-2]), int(image.shape[-1]))
         batch, _ = model.transform([image])
         features = model.backbone(batch.tensors)
@@ -363,7 +363,7 @@ class PromptEngine:
 
 def prompt_prediction(masks: Sequence[PromptMask], classes: Sequence[str], size: tuple[int, int]) -> Prediction:
     """Prompt answers as a :class:`Prediction` on a ``size`` (height, width) image, sorted by score, empty
-    masks left out: what :func:`segkit.engine.coco.image_entry` and the Label Studio conversion take."""
+    masks left out: what :func:`segkit.evaluation.coco.image_entry` and the Label Studio conversion take."""
     kept = sorted((m for m in masks if m.mask.any()), key=lambda m: -m.score)
     crops = [Crop.from_dense(m.mask) for m in kept]
     boxes = np.array([(c.x0, c.y0, c.x0 + c.mask.shape[1], c.y0 + c.mask.shape[0]) for c in crops],

@@ -39,7 +39,7 @@ from segkit.atomic import atomic_write
 from segkit.data.images import image_files
 from segkit.data.splits import saved_split_images
 from segkit.engine.model_card import CARD_NAME, render_model_card, write_export_card
-from segkit.inference.artifacts import artifact_info
+from segkit.models.artifacts import artifact_info
 from segkit.inference.export import ExportError, export
 from segkit.models.checkpoint import load_checkpoint, save_checkpoint
 

@@ -9,10 +9,10 @@ from torch import nn
 
 from segkit.data.dataset import SegmentationDataset
 from segkit.data.records import ImageRecord
-from segkit.engine import metrics
-from segkit.engine.coco import records_to_coco
-from segkit.inference.forward import detect, to_prediction
-from segkit.inference.prediction import Prediction
+from segkit.evaluation import metrics
+from segkit.evaluation.coco import records_to_coco
+from segkit.models.forward import detect, to_prediction
+from segkit.structures.prediction import Prediction
 from segkit.models.mask_rcnn import (ARCHITECTURES, DEFAULT_TRAINABLE_LAYERS, build_model, freeze_backbone,
                                      is_pretrained, starting_weights, uses_frozen_bn)
 from segkit.models.pointrend import mask_head_of

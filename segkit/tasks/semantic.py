@@ -9,9 +9,9 @@ from torch import nn
 
 from segkit.data.dataset import SemanticDataset
 from segkit.data.records import ImageRecord
-from segkit.engine import semantic_metrics
-from segkit.inference.forward import predict_maps
-from segkit.inference.prediction import SemanticPrediction
+from segkit.evaluation import semantic_metrics
+from segkit.models.forward import predict_maps
+from segkit.structures.prediction import SemanticPrediction
 from segkit.models.semantic import DEFAULT_SEMANTIC_MODEL, SEMANTIC_ARCHITECTURES, build_semantic_model
 from segkit.tasks.base import Task
 

@@ -8,13 +8,13 @@ import numpy as np
 
 from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.data.records import ImageRecord, label_map
-from segkit.inference.masks import Crop, InstanceMasks
+from segkit.structures.masks import Crop, InstanceMasks
 
 
 class Prediction:
     """Instances found in one image, sorted by score.
 
-    Masks are kept compact, each at the size of its box (:class:`segkit.inference.masks.InstanceMasks`, in
+    Masks are kept compact, each at the size of its box (:class:`segkit.structures.masks.InstanceMasks`, in
     ``instance_masks``); ``masks`` makes the full-size boolean (N, H, W) array on request, which on
     a large photo costs N times its megapixels. ``masks`` given to the constructor may be either.
 

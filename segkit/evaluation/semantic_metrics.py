@@ -1,6 +1,6 @@
 """How good a semantic model's class maps are (``--task semantic``): per-class IoU and Dice, pixel accuracy.
 
-The same rules as the instance report's pixel metrics (:func:`segkit.engine.metrics.semantic_metrics`):
+The same rules as the instance report's pixel metrics (:func:`segkit.evaluation.metrics.semantic_metrics`):
 pixels are summed over the split before dividing, background is reported but left out of mIoU and
 mDice. Targets follow :mod:`segkit.data.class_map`'s rule; the models are in :mod:`segkit.models.semantic`.
 """
@@ -14,8 +14,8 @@ import torch
 
 from segkit.data.class_map import IGNORE_INDEX, class_map
 from segkit.data.records import ImageRecord
-from segkit.engine.metrics import BACKGROUND, PixelStats, semantic_metrics
-from segkit.inference.prediction import SemanticPrediction
+from segkit.evaluation.metrics import BACKGROUND, PixelStats, semantic_metrics
+from segkit.structures.prediction import SemanticPrediction
 
 
 class SemanticEvaluator:

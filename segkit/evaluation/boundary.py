@@ -16,7 +16,7 @@ import math
 import cv2
 import numpy as np
 
-from segkit.inference.masks import Crop
+from segkit.structures.masks import Crop
 
 DILATION_RATIO = 0.02  # of the image diagonal: the paper's choice for COCO-sized images
 

@@ -1,7 +1,7 @@
 """How good predictions are: COCO AP for boxes and masks, and per-class IoU and Dice of the pixels.
 
 ``segkit evaluate`` and training's per-epoch validation feed the same :class:`SegmentationEvaluator`.
-Beside AP and IoU/Dice it reports Boundary IoU per class (:mod:`segkit.engine.boundary`): how well the
+Beside AP and IoU/Dice it reports Boundary IoU per class (:mod:`segkit.evaluation.boundary`): how well the
 edges of the masks above the score threshold match, where mask IoU is dominated by the interiors.
 
 Two thresholds, on purpose:
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from segkit.engine.boundary import BoundaryStats
-from segkit.engine.coco import coco_evaluate, prediction_to_coco, records_to_coco
-from segkit.inference.masks import Crop
-from segkit.inference.prediction import Prediction
+from segkit.evaluation.boundary import BoundaryStats
+from segkit.evaluation.coco import coco_evaluate, prediction_to_coco, records_to_coco
+from segkit.structures.masks import Crop
+from segkit.structures.prediction import Prediction
 from segkit.data.records import ImageRecord
 
 BACKGROUND = "background"

@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from segkit.data.records import ImageRecord, label_map
 
 if TYPE_CHECKING:
-    from segkit.inference.prediction import Prediction
+    from segkit.structures.prediction import Prediction
 
 IOU_TYPES = ("bbox", "segm")
 PR_IOU = 0.5  # the IoU threshold of the precision-recall curves

@@ -15,8 +15,8 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.data.images import ImageInput, as_rgb
-from segkit.inference.masks import Crop, InstanceMasks
-from segkit.inference.prediction import Prediction
+from segkit.structures.masks import Crop, InstanceMasks
+from segkit.structures.prediction import Prediction
 from segkit.models.pointrend import PointRendRoIHeads
 
 
