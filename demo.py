@@ -29,7 +29,7 @@ from segkit.data.images import DEFAULT_MAX_PIXELS, as_rgb, downscale
 from segkit.engine.runs import newest_best
 from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.inference.predictor import Predictor
-from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
+from segkit.models.checkpoint import CheckpointError
 from segkit.serve.demo import (ALPHA, CLASS_TABLE_COLUMNS, EXAMPLES_DIR, OutputFiles, ReusedPredictions,  # noqa: F401
                                add_ls_backend, app_layout, detections_table, ls_backend_config, model_examples,
                                parse_threshold, read_upload, render, share_failure_reason, train_help_page, upload_path,
@@ -50,7 +50,7 @@ def load_predictor(spec: str | None, max_detections: int | None = None) -> tuple
     R-CNN when no checkpoint is given. The predictor is None when nothing could be loaded; the note says why."""
     if spec:
         try:
-            return Predictor.from_checkpoint(resolve_checkpoint(spec), max_detections=max_detections), ""
+            return Predictor.from_checkpoint(spec, max_detections=max_detections), ""  # it resolves hf:// once
         except CheckpointError as e:
             return None, f"Could not load the checkpoint: {e}"
     try:

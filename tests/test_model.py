@@ -9,6 +9,7 @@ from segkit.models import mask_rcnn as model_lib
 from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segkit.tasks.checkpoint import make_checkpoint, model_from_checkpoint
 from segkit.models.mask_rcnn import WeightsError, build_model
+from tests.helpers import SAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,16 @@ def test_reordered_labels_detect_the_same_objects_under_their_own_names(trained_
     torch.testing.assert_close(b["mask_probs"], a["mask_probs"])
     names = ckpt["classes"]
     assert [reordered[i - 1] for i in b["labels"]] == [names[i - 1] for i in a["labels"]]
+
+
+def test_a_hub_address_is_resolved_once_where_it_is_given(hub_downloads, untrained_checkpoint, tmp_path):
+    """``hf://`` is downloaded where the user gave it (the command, the demo, ``Predictor.from_checkpoint``) and
+    the local file is passed on; reading a checkpoint never downloads behind the caller's back."""
+    from segkit.cli import main
+
+    with pytest.raises(CheckpointError, match="resolve_checkpoint"):
+        load_checkpoint("hf://someone/leaves/runs/exp/best.pt")
+    assert hub_downloads == []
+    assert main(["evaluate", "--checkpoint", "hf://someone/leaves/runs/exp/best.pt", "--data", str(SAMPLE / "val"),
+                 "--split", "all", "--max-detections", "3"]) == 0
+    assert hub_downloads == [("someone/leaves", "runs/exp/best.pt")]

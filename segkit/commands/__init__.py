@@ -27,3 +27,12 @@ def key_from_args(args: argparse.Namespace) -> str | None:
               "or $LABEL_STUDIO_API_KEY", file=sys.stderr)
         return args.ls_token
     return read_key_file(args.ls_token_file) if getattr(args, "ls_token_file", None) else None
+
+
+def resolve_checkpoint_arg(args: argparse.Namespace) -> None:
+    """``args.checkpoint`` as a local file, once, where the command starts: an ``hf://`` address is downloaded
+    here (CheckpointError when it cannot be), and every later step reads that file."""
+    from segkit.models.checkpoint import resolve_checkpoint
+
+    if getattr(args, "checkpoint", None):
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))

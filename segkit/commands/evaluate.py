@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.commands import add_key_arguments, key_from_args
+from segkit.commands import add_key_arguments, key_from_args, resolve_checkpoint_arg
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
 
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.tasks import get_task
 
     try:
+        resolve_checkpoint_arg(args)
         ckpt, records, which = _load(args)
     except (CheckpointError, DataError, EvaluateError, SplitError) as e:
         print(f"error: {e}", file=sys.stderr)

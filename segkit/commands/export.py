@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from segkit.commands import resolve_checkpoint_arg
+
 FORMATS = ("onnx", "openvino", "torchscript")
 CARD_AP_MAX_IMAGES = 50  # the card's AP is measured on the val split when it is this small (seconds, not hours)
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.data.readers import DataError
 
     try:
+        resolve_checkpoint_arg(args)
         if args.int8:
             path = _export_int8(args)
         else:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from segkit.commands import resolve_checkpoint_arg
 from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
 
 if TYPE_CHECKING:
@@ -55,13 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; 2 when nothing can be done, 1 when some images could not be read, else 0."""
-    from segkit.models.checkpoint import CheckpointError, resolve_checkpoint
+    from segkit.models.checkpoint import CheckpointError
     from segkit.inference.predict_files import LabelStudioOptions, SourceError
 
     ls = LabelStudioOptions(args.from_name, args.to_name, args.ls_brush, args.image_root_url)
     try:
         # an hf:// checkpoint is downloaded here, once: every later step (and every Ray worker) reads a file
-        args = argparse.Namespace(**{**vars(args), "checkpoint": str(resolve_checkpoint(args.checkpoint))})
+        resolve_checkpoint_arg(args)
         if args.ray is not None:
             from segkit.inference.ray_predict import predict_with_ray
 

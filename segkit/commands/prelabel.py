@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segkit.commands import add_key_arguments, key_from_args
+from segkit.commands import add_key_arguments, key_from_args, resolve_checkpoint_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         server, project = parse_project_url(args.project)
         key = resolve_api_key(key_from_args(args))
         device = args.device or (rank_device(ranks) if ranks.distributed else None)
+        resolve_checkpoint_arg(args)
         predictor = Predictor.from_checkpoint(args.checkpoint, device, args.max_detections)
         version = args.model_version or model_version(args.checkpoint)
         with Client(server, key) as client:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from segkit.commands import resolve_checkpoint_arg
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``segkit space``."""
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.serve.space import SpaceError, build_space, push_commands
 
     try:
+        resolve_checkpoint_arg(args)
         out = build_space(args.checkpoint, args.out, args.format, args.space, cpu=not args.gpu,
                           examples=args.examples)
     except (CheckpointError, SpaceError) as e:

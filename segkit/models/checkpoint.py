@@ -53,9 +53,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a segkit checkpoint with ``weights_only=True``; raise CheckpointError naming the file.
 
     An exported model (:mod:`segkit.inference.export`) gives its self-description instead: the same keys less
-    the weights, plus ``export`` (format, frozen settings, source checkpoint).
+    the weights, plus ``export`` (format, frozen settings, source checkpoint). ``path`` is a local file: an
+    ``hf://`` address is resolved once, where the user gave it (:func:`resolve_checkpoint`), and passed on.
     """
-    path = resolve_checkpoint(path)
+    if str(path).startswith(HUB_PREFIX):
+        raise CheckpointError(f"{path}: a Hugging Face address; resolve_checkpoint() downloads it to a local file")
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     if is_artifact(path):

@@ -47,7 +47,7 @@ from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_tar
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
 from segkit.labelstudio.preannotations import prediction_result
 from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
-from segkit.models.checkpoint import load_checkpoint, model_version, resolve_checkpoint
+from segkit.models.checkpoint import load_checkpoint, model_version
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
 from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
 # The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
@@ -69,8 +69,7 @@ class ServedModel:
         self.load(cfg.checkpoint, predictor)
 
     def load(self, checkpoint: Path, predictor=None) -> None:
-        """Serve ``checkpoint`` (``hf://`` from the Hub; ``predictor``: the same, already loaded, e.g. the demo's)."""
-        checkpoint = resolve_checkpoint(checkpoint)
+        """Serve the local file ``checkpoint`` (``predictor``: the same, already loaded, e.g. the demo's)."""
         predictor = predictor or Predictor.from_checkpoint(checkpoint, self.cfg.device, self.cfg.max_detections)
         if self.cfg.img_size and hasattr(predictor.model, "transform"):
             predictor.model.transform.min_size = (self.cfg.img_size,)
