@@ -144,7 +144,6 @@ def test_rerun_skips_done_images(predicted, tmp_path, monkeypatch, capsys):
     import segkit.inference.predict_files
 
     todo = []
-    monkeypatch.setattr(segkit.inference.predictor, "model_from_checkpoint", lambda ckpt: torch.nn.Identity())
     monkeypatch.setattr(segkit.inference.predict_files, "predict_images", lambda predictor, images, *a, **k: todo.extend(images) or [])
     assert main([*args, str(predicted["images"])]) == 0
     assert [name for _, name in todo] == [records[0].stem]

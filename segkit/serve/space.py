@@ -94,7 +94,7 @@ def build_space(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str 
 
 def source_root() -> Path:
     """The source checkout this segkit runs from: the wheel is built from it and its demo.py is shipped."""
-    root = Path(segkit.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # segkit/serve/space.py -> the checkout
     missing = [n for n in ("pyproject.toml", "demo.py", "requirements.txt") if not (root / n).is_file()]
     if missing:
         raise SpaceError(f"segkit space builds segkit's wheel and ships its demo from a source checkout, but "
