@@ -25,6 +25,7 @@ import sys
 import gradio as gr
 from PIL import Image
 
+from segkit.commands import add_tile_arguments, tiling_from_args
 from segkit.data.images import DEFAULT_MAX_PIXELS, as_rgb, downscale
 from segkit.engine.runs import newest_best
 from segkit.structures.prediction import Prediction, SemanticPrediction
@@ -142,6 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"this machine, else {EXAMPLES_DIR} for a model of the sample's classes)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
+    add_tile_arguments(parser)
     parser.add_argument("--ls-backend", action="store_true",
                         default=os.environ.get("SEGKIT_LS_BACKEND", "").strip().lower() in ("1", "true", "yes", "on"),
                         help="also serve Label Studio's ML-backend routes (/health, /setup, /predict, /webhook, "
@@ -162,6 +164,8 @@ def create_demo(args: argparse.Namespace) -> gr.Blocks:
 def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predictor | None]:
     """The app and the predictor it serves (None when there is no model yet)."""
     predictor, note = load_predictor(find_checkpoint(args.checkpoint), args.max_detections)
+    if predictor is not None and predictor.task == "instance":
+        predictor.tile(tiling_from_args(args))
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
     return build_demo(predictor, model_examples(predictor, args.examples), note=note, max_side=args.max_side,

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_mobilenet_v2_fpn", "maskrcnn_mobilenet_v3_large_fpn")
 BASELINE = "maskrcnn_resnet50_fpn"
 DETECTIONS = 20
@@ -209,14 +208,8 @@ def main(argv=None) -> None:
         sections.append(f"## Inference proposals and image size: `{args.checkpoint}`\n\n{text}")
         print(text)
     if args.report:
-        report = Path(args.report)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(f"# Speed: which model for which machine\n\nWritten by `bench/speed.py` on "
-                          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, "
-                          f"{__import__('os').cpu_count()} cores, no GPU.\n\n"
-                          f"    python bench/speed.py {shlex.join(sys.argv[1:] if argv is None else argv)}\n\n"
-                          + "\n\n".join(sections) + "\n")
-        print(f"report: {report}")
+        write_report(args.report, "Speed: which model for which machine", "bench/speed.py",
+                     sys.argv[1:] if argv is None else argv, "\n\n".join(sections))
 
 
 if __name__ == "__main__":

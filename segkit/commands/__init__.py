@@ -36,3 +36,19 @@ def resolve_checkpoint_arg(args: argparse.Namespace) -> None:
 
     if getattr(args, "checkpoint", None):
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
+
+
+def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tile`` and ``--tile-overlap``: sliced inference of large images (:mod:`segkit.inference.tiles`)."""
+    parser.add_argument("--tile", type=int, default=None, metavar="PIXELS",
+                        help="predict images larger than this tile by tile at full resolution, plus a whole-image "
+                             "pass, merged by mask (small objects in large photos); default: whole images")
+    parser.add_argument("--tile-overlap", type=float, default=0.25, metavar="FRACTION",
+                        help="--tile: how much neighbouring tiles overlap (default 0.25)")
+
+
+def tiling_from_args(args: argparse.Namespace):
+    """The :class:`~segkit.inference.tiles.Tiling` ``--tile`` asks for, or None."""
+    from segkit.inference.tiles import Tiling
+
+    return Tiling(args.tile, args.tile_overlap) if getattr(args, "tile", None) else None

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.commands import add_key_arguments, key_from_args, resolve_checkpoint_arg
+from segkit.commands import (add_key_arguments, add_tile_arguments, key_from_args, resolve_checkpoint_arg,
+                             tiling_from_args)
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
 
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "get slightly different outputs than alone)")
     p.add_argument("--max-detections", type=int, default=100,
                    help="most instances per image (COCO AP counts up to 100)")
+    add_tile_arguments(p)
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--out", default=None, metavar="DIR", help="write confusion_matrix.png and pr_curves.png here")
 
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classes = list(ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
+    predictor.tile(tiling_from_args(args))
     task = get_task(predictor.task)
     threshold = predictor.score_threshold if args.score_threshold is None else args.score_threshold
     evaluator = task.evaluator(records, classes, threshold)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from segkit.commands import add_key_arguments, key_from_args
+from segkit.commands import add_key_arguments, add_tile_arguments, key_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for one request's downloads (Label Studio waits 100 s for an answer)")
     p.add_argument("--score-threshold", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--max-detections", type=int, default=100, help="most regions per image")
+    add_tile_arguments(p)
     p.add_argument("--img-size", type=int, default=None, help="shorter side inside the model (default: the checkpoint's)")
     p.add_argument("--regions", choices=["auto", "polygon", "brush"], default="auto",
                    help="region type; auto: polygons when the labeling config has PolygonLabels, else brushes")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from segkit.commands import resolve_checkpoint_arg
+from segkit.commands import add_tile_arguments, resolve_checkpoint_arg, tiling_from_args
 from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass (default 1: more is faster on a GPU, but images padded to a common size "
                    "get slightly different outputs than alone)")
     p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
+    add_tile_arguments(p)
     p.add_argument("--from-name", default=DEFAULT_FROM_NAME,
                    help="Label Studio: name of the PolygonLabels/BrushLabels tag in the labeling config")
     p.add_argument("--to-name", default=DEFAULT_TO_NAME, help="Label Studio: name of the Image tag")
@@ -92,7 +93,8 @@ def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     ranks.join()
     try:
         result = predict_to_folder(Path(args.checkpoint), images, out, args.score_threshold, args.batch_size,
-                                   args.max_detections, ls, ranks, rank_device(ranks) if ranks.distributed else None)
+                                   args.max_detections, ls, ranks, rank_device(ranks) if ranks.distributed else None,
+                                   tiling_from_args(args))
     finally:
         ranks.leave()
     for path, error in result.failed:

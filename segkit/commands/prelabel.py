@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segkit.commands import add_key_arguments, key_from_args, resolve_checkpoint_arg
+from segkit.commands import (add_key_arguments, add_tile_arguments, key_from_args, resolve_checkpoint_arg,
+                             tiling_from_args)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-threshold", type=float, default=None,
                    help="pre-annotate instances scoring at least this (default: the checkpoint's)")
     p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
+    add_tile_arguments(p)
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--model-version", default=None,
                    help="the predictions' model_version (default: segkit-<run>-<hash of the checkpoint>, the one "
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         key = resolve_api_key(key_from_args(args))
         device = args.device or (rank_device(ranks) if ranks.distributed else None)
         resolve_checkpoint_arg(args)
-        predictor = Predictor.from_checkpoint(args.checkpoint, device, args.max_detections)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device, args.max_detections).tile(tiling_from_args(args))
         version = args.model_version or model_version(args.checkpoint)
         with Client(server, key) as client:
             result = prelabel_project(client, project, predictor, version, args.only_missing,

@@ -123,7 +123,7 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
                   image_ids: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """Run COCOeval once for boxes and once for masks.
 
-    Returns ``{"bbox": {"AP", "AP50", "AP75", "per_class": {name: AP}, "pr_curves": {name: precision}},
+    Returns ``{"bbox": {"AP", "AP50", "AP75", "AP_small", "per_class": {name: AP}, "pr_curves": {name: precision}},
     "segm": {...}}``; ``pr_curves`` holds precision at COCO's 101 recall points at IoU 0.5 (all areas,
     100 detections). Classes without ground truth in these images get no per-class AP (NaN is not a score).
     """
@@ -133,7 +133,8 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
     for iou_type in IOU_TYPES:
         if not results:  # COCOeval cannot load an empty result list: nothing found, nothing right
             with_gt = [names[c] for c in names if coco_gt.getAnnIds(catIds=[c])]
-            out[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_class": dict.fromkeys(with_gt, 0.0),
+            out[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP_small": 0.0,
+                             "per_class": dict.fromkeys(with_gt, 0.0),
                              "pr_curves": {name: [0.0] * 101 for name in with_gt}}
             continue
         with contextlib.redirect_stdout(io.StringIO()):
@@ -145,6 +146,7 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
             ev.accumulate()
             ev.summarize()
         out[iou_type] = {"AP": _nonneg(ev.stats[0]), "AP50": _nonneg(ev.stats[1]), "AP75": _nonneg(ev.stats[2]),
+                         "AP_small": _nonneg(ev.stats[3]),  # objects under 32 x 32 px: what tiles are for
                          "per_class": _per_class_ap(ev, names), "pr_curves": _pr_curves(ev, names, PR_IOU)}
     return out
 

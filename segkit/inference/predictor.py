@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from segkit.data.images import ImageInput
+from segkit.data.images import ImageInput, as_rgb
+from segkit.inference.tiles import Tiling, predict_tiled
 from segkit.models.artifacts import Runner, load_runner
 from segkit.models.forward import image_tensors, to_prediction
 from segkit.structures.prediction import Prediction, SemanticPrediction
@@ -52,6 +53,15 @@ class Predictor:
         self.classes = list(classes)
         self.score_threshold = score_threshold
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
+        self.tiling: Tiling | None = None  # set with tile(): sliced inference of large images
+
+    def tile(self, tiling: Tiling | None) -> "Predictor":
+        """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`); None: whole.
+        Images are then read at full resolution: the point is to see small objects at native size."""
+        if tiling is not None and self.task != "instance":
+            raise ValueError(f"sliced inference is for instance models; this one is {self.task}")
+        self.tiling = tiling
+        return self
 
     @property
     def score_floor(self) -> float:
@@ -113,6 +123,12 @@ class Predictor:
                       score_threshold: float | None = None) -> list[Prediction] | list[SemanticPrediction]:
         """Predict several images: in one forward pass (eager), or one by one (exported models)."""
         threshold = self.score_threshold if score_threshold is None else score_threshold
+        if self.tiling is not None:
+            return [predict_tiled(lambda tile: self._predict([tile], threshold)[0], as_rgb(image), self.tiling,
+                                  self.max_detections) for image in images]
+        return self._predict(images, threshold)
+
+    def _predict(self, images: list[ImageInput], threshold: float) -> list[Prediction] | list[SemanticPrediction]:
         tensors = image_tensors(images, self.device)
         if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
             outputs = [self._run_exported(t) for t in tensors]

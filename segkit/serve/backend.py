@@ -42,6 +42,7 @@ from segkit.data.readers.labelstudio import image_reference
 from segkit.evaluation.coco import image_entry
 from segkit.engine.runs import next_run_dir
 from segkit.inference.predictor import Predictor
+from segkit.inference.tiles import Tiling
 from segkit.labelstudio.client import API_KEY_ENV, Client, LabelStudioError, canonical_origin, origin, redact
 from segkit.labelstudio.config import LabelConfigError, RegionTarget, choose_target, match_labels
 from segkit.labelstudio.egress import ALLOW_HOSTS_ENV, EgressPolicy
@@ -77,6 +78,8 @@ class ServedModel:
             predictor.model.img_size = self.cfg.img_size
         if self.cfg.score_threshold is not None:
             predictor.score_threshold = self.cfg.score_threshold
+        if self.cfg.tile:
+            predictor.tile(Tiling(self.cfg.tile, self.cfg.tile_overlap))
         version = model_version(checkpoint)
         with self._swap:
             self.predictor, self.checkpoint, self.version = predictor, checkpoint, version

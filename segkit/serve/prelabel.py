@@ -188,7 +188,10 @@ def least_sure(result: PrelabelResult, n: int = 5) -> list[tuple[int, float]]:
 
 def max_image_side(predictor) -> int | None:
     """The longest side the model looks at (torchvision's ``max_size``; a semantic model's ``img_size`` with
-    torchvision's 800:1333 allowance): decoding more only costs memory."""
+    torchvision's 800:1333 allowance): decoding more only costs memory. None for a predictor that slices
+    images into tiles (:meth:`~segkit.inference.predictor.Predictor.tile`): it looks at every pixel."""
+    if getattr(predictor, "tiling", None) is not None:
+        return None
     transform = getattr(predictor.model, "transform", None)
     if transform is not None and hasattr(transform, "max_size"):
         return int(transform.max_size)

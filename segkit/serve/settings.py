@@ -53,6 +53,8 @@ class BackendConfig:
     max_projects: int = 1000  # projects /setup may name (each keeps its server and key) and label configs kept
     decode_workers: int = 2  # images decoded at once, all requests together: each may take hundreds of MB
     download_workers: int = 16  # image downloads at once, all requests together
+    tile: int | None = None  # sliced inference of images larger than this (segkit.inference.tiles)
+    tile_overlap: float = 0.25
 
 
 class ExposureError(ValueError):
@@ -79,6 +81,8 @@ ARG_FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "max_pixels": ("max_pixels", None),
     "prelabel_after_training": ("prelabel_after_training", None),
     "max_request_mb": ("max_request_bytes", lambda mb: int(mb * 2**20)),
+    "tile": ("tile", None),
+    "tile_overlap": ("tile_overlap", None),
 }
 
 
