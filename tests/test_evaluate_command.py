@@ -78,6 +78,7 @@ def _assert_same_ap(ours: dict, stats: np.ndarray) -> None:
     assert ours["AP"] == pytest.approx(max(stats[0], 0), abs=1e-12)
     assert ours["AP50"] == pytest.approx(max(stats[1], 0), abs=1e-12)
     assert ours["AP75"] == pytest.approx(max(stats[2], 0), abs=1e-12)
+    assert ours["AP_small"] == pytest.approx(max(stats[3], 0), abs=1e-12)
 
 
 def test_segm_ap_matches_cocoeval_on_predict_output(evaluated):
@@ -105,7 +106,7 @@ def test_json_and_plots(evaluated):
     m = evaluated["metrics"]
     assert set(m) == {"bbox", "segm", "semantic", "boundary"}
     for iou_type in ("bbox", "segm"):
-        assert set(m[iou_type]) == {"AP", "AP50", "AP75", "per_class", "pr_curves"}
+        assert set(m[iou_type]) == {"AP", "AP50", "AP75", "AP_small", "per_class", "pr_curves"}
         # precision at 101 recall points at IoU 0.5, for each class with ground truth: its mean is AP50
         assert set(m[iou_type]["pr_curves"]) == set(m[iou_type]["per_class"])
         assert all(len(curve) == 101 for curve in m[iou_type]["pr_curves"].values())
