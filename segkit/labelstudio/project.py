@@ -135,7 +135,7 @@ def image_url(client: Client, ref: str, task_id: Any) -> str:
             raise LabelStudioError(f"{redact(ref)}: not a path Label Studio serves images from (/data/...): "
                                    f"refused, the API key would go with it")
         return ref
-    if parsed.scheme and _task_id(task_id) is not None:
+    if parsed.scheme and integer_id(task_id) is not None:
         token = base64.urlsafe_b64encode(ref.encode()).decode()
         return f"/tasks/{task_id}/presign/?fileuri={token}"
     raise LabelStudioError(f"{redact(ref)!r} is not a URL Label Studio can serve" +
@@ -154,7 +154,8 @@ def is_image_path(path: str) -> bool:
     return decoded.startswith("/data/") or bool(_PRESIGN.fullmatch(decoded))
 
 
-def _task_id(value: Any) -> int | None:
+def integer_id(value: Any) -> int | None:
+    """A task id as Label Studio gives it: an int (not a bool); None for anything else."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

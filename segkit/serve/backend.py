@@ -138,10 +138,7 @@ class LabelStudioLink:
 
     def remember_schema(self, project: str, schema: str) -> None:
         """Keep ``project``'s labeling config for a /predict without one; the least recent go past the cap."""
-        self.schemas[project] = schema
-        self.schemas.move_to_end(project)
-        while len(self.schemas) > self.max_projects:
-            self.schemas.popitem(last=False)
+        _put_recent(self.schemas, project, schema, self.max_projects)
 
     def server(self, project: str | None) -> tuple[str, str] | None:
         """(URL, key) of Label Studio for ``project``, or None when the backend does not know both."""
@@ -202,9 +199,7 @@ class Predictions:
                 log.warning("the labeling config has no %s labels; sending %s regions", self.cfg.regions, target.kind)
             found = target, match_labels(classes, target)
             with self._lock:
-                self._targets[key] = found
-                while len(self._targets) > TARGETS_KEPT:
-                    self._targets.popitem(last=False)
+                _put_recent(self._targets, key, found, TARGETS_KEPT)
         return found
 
     def __call__(self, tasks: list, label_config: str, project: str | None, prompts: list | None = None) -> list[dict]:
@@ -291,6 +286,14 @@ class Predictions:
 TARGETS_KEPT = 64  # label configs x class lists worked out; a stranger's endless variants must not pile up
 
 
+def _put_recent(recent: OrderedDict, key: Any, value: Any, most: int) -> None:
+    """``recent[key] = value`` as the most recent entry, dropping the least recent past ``most`` entries."""
+    recent.pop(key, None)
+    recent[key] = value
+    while len(recent) > most:
+        recent.popitem(last=False)
+
+
 def _loggable(error: BaseException) -> str:
     """An error as one log line, any URL in it cut before its query (signed links are credentials)."""
     import re
@@ -336,9 +339,7 @@ class Retrainer:
         if not self.cfg.train_every:
             return None
         with self._lock:
-            self._changes[project] = self._changes.pop(project, 0) + 1
-            while len(self._changes) > self.cfg.max_projects:
-                self._changes.popitem(last=False)
+            _put_recent(self._changes, project, self._changes.get(project, 0) + 1, self.cfg.max_projects)
             due = self._changes[project] >= self.cfg.train_every
         return self.request(project) if due else None
 

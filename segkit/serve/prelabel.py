@@ -29,7 +29,7 @@ from segkit.evaluation.coco import image_entry
 from segkit.labelstudio.client import Client, LabelStudioError, redact
 from segkit.labelstudio.config import choose_target, match_labels
 from segkit.labelstudio.preannotations import prediction_result
-from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
+from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder, integer_id
 from segkit.tasks import get_task
 
 log = logging.getLogger("segkit.serve.prelabel")
@@ -153,7 +153,7 @@ def project_tasks(client: Client, project: int, count: int | None = None,
             raise
         tasks = body.get("tasks", []) if isinstance(body, dict) else body
         tasks = tasks if isinstance(tasks, list) else []
-        new = [t for t in tasks if isinstance(t, dict) and _task_id(t.get("id")) is not None and t["id"] not in seen]
+        new = [t for t in tasks if isinstance(t, dict) and integer_id(t.get("id")) is not None and t["id"] not in seen]
         if tasks and not new:
             raise LabelStudioError(f"{client.server}/api/tasks?project={project}&page={page}: a page of tasks "
                                    f"already read; the task list does not end (stopped after {len(seen)} tasks)")
@@ -167,11 +167,6 @@ def project_tasks(client: Client, project: int, count: int | None = None,
     if limit == max_tasks and (count is None or count > max_tasks):
         raise LabelStudioError(f"{client.server} project {project}: more than {max_tasks} tasks; stopped there "
                                f"(the pages did not end, or the project is larger than segkit reads at once)")
-
-
-def _task_id(value) -> int | None:
-    """A task id as Label Studio gives it: an int (not a bool); anything else is not a task."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def tasks_with_version(client: Client, project: int, version: str) -> set[int]:
