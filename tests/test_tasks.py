@@ -6,7 +6,7 @@ import pytest
 
 from segkit.data.readers import load_dataset
 from segkit.structures.prediction import Prediction, SemanticPrediction
-from segkit.tasks import TASKS, Task, get_task
+from segkit.tasks import TASKS, WORDING, Task, get_task, wording
 from tests.helpers import SAMPLE
 
 CLASSES = ["leaf", "pebble", "shell"]
@@ -44,7 +44,8 @@ def test_every_task_fills_in_the_whole_interface():
         assert not missing, f"{name} lacks {missing}"
         assert task.default_model in task.architectures and task.region in ("polygon", "brush")
         assert task.score_key.startswith("val_") and task.prediction.TABLE_COLUMNS
-    assert get_task(None) is TASKS["instance"]  # checkpoints from before tasks
+    assert get_task(None) is TASKS["instance"] and wording(None) is WORDING["instance"]  # checkpoints from before tasks
+    assert set(WORDING) == set(TASKS)
     with pytest.raises(ValueError, match="unknown task 'panoptic'; choose one of: instance, semantic"):
         get_task("panoptic")
 
@@ -62,6 +63,22 @@ def test_evaluators_score_the_ground_truth_one_and_nothing_zero_and_reset(name):
     assert _headline(task, evaluator.summarize()) == pytest.approx(0.0)
     assert evaluator.confusion.shape == (len(CLASSES) + 1,) * 2
     assert task.format_table(evaluator.summarize(), CLASSES).splitlines()[1].startswith("leaf")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_words_of_each_task_name_columns_its_metrics_row_has(name):
+    task, words, records = get_task(name), wording(name), _records()
+    evaluator = task.evaluator(records, CLASSES, 0.5, task.ground_truth(records, CLASSES))
+    evaluator.process([{"image_id": i} for i in range(len(records))], [_truth(task, r) for r in records])
+    report = evaluator.summarize()
+    row = {**task.metrics_row(report, "val"), "val_loss": 0.25}
+    assert f"val_{words.headline[0]}" in row and task.score_key == f"val_{words.headline[0]}"
+    assert [f"val_{key}" for key, _ in words.card_metrics if f"val_{key}" not in row] == []
+    assert all(any(k.startswith(f"val_{prefix}") for k in row) for prefix, _ in words.card_per_class)
+    assert words.epoch_summary(row)[0] == "val loss 0.250" and "1.000" in " ".join(words.epoch_summary(row))
+    note = words.note(report, 0.5, 0.05)
+    assert "{" not in note and "{" not in words.confusion_title.format(threshold=0.5)
+    assert "{" not in words.card_kind({"mask_head": "pointrend"})
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.inference.predictor import Predictor
     from segkit.models.checkpoint import CheckpointError
     from segkit.tasks import get_task
+    from segkit.tasks.wording import wording
 
     try:
         resolve_checkpoint_arg(args)
@@ -68,14 +69,14 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_predictor(predictor, records, evaluator, max(1, args.batch_size))
 
     print(f"{len(records)} images: {which}")
-    print(task.evaluation_note(report, threshold, predictor.score_floor))
+    print(wording(task.name).note(report, threshold, predictor.score_floor))
     print(task.format_table(report, classes))
     if args.json:
         write_json(args.json, task.json_report(report), indent=2)
     if args.out:
         out = Path(args.out)
         plot_confusion_matrix(evaluator.confusion, [BACKGROUND, *classes], out / "confusion_matrix.png",
-                              task.confusion_title(threshold))
+                              wording(task.name).confusion_title.format(threshold=threshold))
         written = ["confusion_matrix.png"]
         if task.has_pr_curves:
             plot_pr_curves(report, out / "pr_curves.png")

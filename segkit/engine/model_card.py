@@ -23,7 +23,7 @@ from segkit.atomic import atomic_write
 from segkit.data.records import ImageRecord
 from segkit.labelstudio.client import redact as redact_url
 from segkit.models.checkpoint import load_checkpoint
-from segkit.tasks import get_task
+from segkit.tasks.wording import wording
 
 CARD_NAME = "MODEL_CARD.md"
 SMALL_TRAIN_IMAGES = 100  # fewer training images than this is called a small dataset
@@ -75,7 +75,7 @@ def render_model_card(best: dict[str, Any], checkpoint: str | os.PathLike, histo
 
 
 def _summary(best: dict, history: Sequence[dict], final: bool) -> str:
-    cfg, what = best.get("config") or {}, get_task(best.get("task")).card_kind(best)
+    cfg, what = best.get("config") or {}, wording(best.get("task")).card_kind(best)
     done = len(history) or best.get("epoch") or 0
     state = ("Training history not recorded in the checkpoint" if not done else
              f"Finished after {done} of {cfg.get('epochs', done)} epochs" if final else
@@ -116,7 +116,7 @@ def _data(best: dict) -> str:
 
 def _settings(best: dict) -> str:
     cfg = best.get("config") or {}
-    skip = TASK_SETTINGS - get_task(best.get("task")).card_settings
+    skip = TASK_SETTINGS - wording(best.get("task")).card_settings
     rows = [f"| {k} | {cfg[k]} |" for k in SETTINGS if k in cfg and k not in skip and cfg[k] is not None]
     text = "## Settings\n\n| setting | value |\n|---|---|\n" + "\n".join(rows) if rows else ""
     if best.get("start"):  # where each part of the model started from
@@ -126,7 +126,7 @@ def _settings(best: dict) -> str:
 
 
 def _results(best: dict, history: Sequence[dict], test: dict | None) -> str:
-    task = get_task(best.get("task"))
+    task = wording(best.get("task"))
     scores = best.get("metrics") or {}
     if not any(k.startswith("val_") for k in scores):
         why = "the run has no val split (best.pt is the last epoch)" if "split" in best else "no metrics recorded"
@@ -190,7 +190,7 @@ def _limits(best: dict, history: Sequence[dict], counts: dict | None, final: boo
         limits.append(f"`--limit {cfg['limit']}`: at most {cfg['limit']} images per split were used.")
     if final and history and cfg.get("epochs") and len(history) < cfg["epochs"]:
         limits.append(f"Stopped after {len(history)} of {cfg['epochs']} epochs (early stop or interruption).")
-    limits += get_task(best.get("task")).card_limits
+    limits += wording(best.get("task")).card_limits
     return "## Known limits\n\n" + "\n".join(f"- {s}" for s in limits) if limits else ""
 
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from segkit.engine import plots
 from segkit.tasks import Task
+from segkit.tasks.wording import wording
 from segkit.atomic import atomic_open
 
 
@@ -50,4 +51,4 @@ def write_history(out: Path, history: list[dict], task: Task, test: dict | None 
     if not draw:
         return
     plots.plot_losses(history, out / "loss_curves.png", test)
-    plots.plot_metrics(history, out / "metrics.png", task.curve_keys(history), task.curve_axes)
+    plots.plot_metrics(history, out / "metrics.png", task.curve_keys(history), wording(task.name).curve_axes)

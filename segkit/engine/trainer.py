@@ -35,6 +35,7 @@ from segkit.models.checkpoint import load_checkpoint, save_checkpoint
 from segkit.tasks.checkpoint import make_checkpoint
 from segkit.models.mask_rcnn import WeightsError, carried_heads, count_parameters, format_start
 from segkit.tasks import Task, get_task
+from segkit.tasks.wording import wording
 
 __all__ = ["EpochSampler", "TrainConfig", "TrainingStopped", "train"]
 
@@ -267,7 +268,7 @@ def _finish(run: _Run) -> dict:
         run.tracker.log_artifact(out / name)
     summary = {"out": str(out), "best": str(best_path), "last": str(out / "last.pt"), "best_epoch": best["epoch"],
                "best_metrics": best.get("metrics", {}), "test": test}
-    key, what = task.headline
+    key, what = wording(task.name).headline
     print(f"\ndone: best epoch {best['epoch']}, val {what} {best['metrics'].get('val_' + key, float('nan')):.3f}"
           + (f", test {what} {test['test_' + key]:.3f}" if test else ""))
     for name in ("best.pt", "last.pt", "metrics.csv", "loss_curves.png", "metrics.png", "val_predictions.png",
@@ -366,7 +367,7 @@ def _evaluate(run: _Run, split: str) -> tuple[dict, dict]:
 def _print_epoch(run: _Run, row: dict) -> None:
     parts = [f"epoch {row['epoch']}", f"train loss {row['train_loss']:.3f}"]
     if "val_loss" in row:
-        parts += run.task.epoch_summary(row)
+        parts += wording(run.task.name).epoch_summary(row)
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.0f}s"]
     print(" | ".join(parts), flush=True)
 

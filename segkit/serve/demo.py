@@ -41,6 +41,7 @@ from segkit.models.checkpoint import CheckpointError, load_checkpoint
 from segkit.serve.backend import add_routes, create_backend
 from segkit.serve.settings import BackendConfig, ExposureError, config_from_args
 from segkit.tasks import get_task
+from segkit.tasks.wording import wording
 
 ALPHA = 0.5  # default mask opacity; the API always uses it
 EXAMPLES_DIR = "data/sample/val/images"
@@ -123,7 +124,7 @@ def write_downloads(folder: Path, name: str, drawn: Image.Image, shown: Predicti
                     predictor: Predictor) -> list[str]:
     """The three downloads of one answer in ``folder``: overlay PNG, instance-id (or class-index) PNG, COCO json."""
     stem = Path(name).stem or "image"
-    masks = get_task(predictor.task).mask_png_name
+    masks = wording(predictor.task).mask_png_name
     files = [save_png(drawn, folder / f"{stem}_overlay.png"), save_png(mask_png(shown), folder / f"{stem}_{masks}.png"),
              write_json(folder / f"{stem}_coco.json", coco_json(shown, predictor.classes, name))]
     return [str(f) for f in files]
@@ -252,7 +253,7 @@ def app_layout(predictor: Predictor, examples: list[str], note: str, max_side: i
     """The app's components, made inside the Blocks that ``demo.build_demo`` builds, which connects them: the
     image and its controls (threshold, opacity, classes, the Segment button, examples), the overlay, the
     downloads, the table, and a panel on the model."""
-    task = get_task(predictor.task)
+    task, words = get_task(predictor.task), wording(predictor.task)
     ui = SimpleNamespace()
     gr.Markdown(f"# segkit: {task.name} segmentation\n"
                 f"Upload, photograph or paste an image. Images over {max_side} px are downscaled. {note}")
@@ -270,9 +271,9 @@ def app_layout(predictor: Predictor, examples: list[str], note: str, max_side: i
                 gr.Examples(examples=[[p] for p in examples], inputs=[ui.image], label="Examples")
         with gr.Column():
             ui.drawn = gr.Image(label="Overlay", type="pil", format="png", interactive=False, elem_id="overlay")
-            ui.files = gr.File(label=f"Downloads: overlay, {task.mask_png_words} (PNG), "
+            ui.files = gr.File(label=f"Downloads: overlay, {words.mask_png_words} (PNG), "
                                      "COCO json", file_count="multiple")
-    ui.table = gr.Dataframe(headers=task.prediction.TABLE_COLUMNS, label=task.table_label, interactive=False,
+    ui.table = gr.Dataframe(headers=task.prediction.TABLE_COLUMNS, label=words.table_label, interactive=False,
                             max_height=400)
     with gr.Accordion("Model", open=False):
         gr.Markdown(model_panel(predictor))

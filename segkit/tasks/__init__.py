@@ -6,11 +6,13 @@ model predicts and how its predictions go to Label Studio. The trainer, checkpoi
 predictor, the commands, the ML backend and the demo ask the task instead of branching on its name.
 
 Adding a task (say panoptic): a folder ``segkit/tasks/panoptic/`` holding its dataset, model,
-evaluator and a ``Task`` subclass, and one entry in :data:`TASKS` below.
+evaluator and a ``Task`` subclass, one entry in :data:`TASKS` below, and its words in
+:mod:`segkit.tasks.wording`.
 """
 from __future__ import annotations
 
 from segkit.tasks.base import Evaluator, Task
+from segkit.tasks.wording import WORDING, Wording, wording
 from segkit.tasks.instance import InstanceTask
 from segkit.tasks.semantic import SemanticTask
 
@@ -25,4 +27,4 @@ def get_task(name: str | None) -> Task:
         raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "Evaluator", "Task", "get_task"]
+__all__ = ["TASKS", "WORDING", "Evaluator", "Task", "Wording", "get_task", "wording"]

@@ -33,38 +33,22 @@ class Evaluator(Protocol):
 class Task:
     """One kind of segmentation; subclasses fill in each part (see :mod:`segkit.tasks`)."""
 
-    name: str
+    name: str  # its words for people are in :mod:`segkit.tasks.wording`
     # training: --model choices and the default, what picks best.pt, what the run reports
     architectures: dict[str, Any]
     default_model: str
     score_key: str  # the metrics.csv column that picks best.pt and drives early stopping
-    headline: tuple[str, str]  # (column without the split prefix, what to call it) for the final summary
     report_key: str  # the key of the full report in test_metrics.json
     csv_columns: tuple[str, ...]  # metrics.csv's first columns; the rest follow in the rows' order
-    curve_axes: tuple[str, str]  # metrics.png's (y label, title)
     # predicting and serving
     prediction: type  # what its predictor returns (its ``TABLE_COLUMNS`` head the demo's table)
     channels_last: bool = False  # the predictor runs its eager model in channels-last memory format on a CPU
     has_scores: bool = True  # its predictions have scores to threshold (the demo's slider)
     region: str  # the Label Studio region its predictions are sent as: "polygon" or "brush"
-    table_label: str  # the demo's table, in a word
-    mask_png_name: str  # the index PNG's suffix in file names, and in words
-    mask_png_words: str
     has_pr_curves: bool = False  # its report holds precision-recall curves (``segkit evaluate --out``)
-    # MODEL_CARD.md: (metrics.csv key without the split prefix, title) in the order shown, per-class
-    # (key prefix, column title), the task's own settings, how it was evaluated, and its known limits
-    card_metrics: tuple[tuple[str, str], ...]
-    card_per_class: tuple[tuple[str, str], ...]
-    card_settings: frozenset[str] = frozenset()
-    card_evaluation: str
-    card_limits: tuple[str, ...] = ()
 
     def curve_keys(self, history: Sequence[dict]) -> list[str]:
         """The metrics.csv columns metrics.png draws."""
-        raise NotImplementedError
-
-    def card_kind(self, ckpt: dict[str, Any]) -> str:
-        """What the model is, in the card's first words."""
         raise NotImplementedError
 
     def build_model(self, cfg: Any, classes: list[str], resumed: bool) -> nn.Module:
@@ -124,22 +108,10 @@ class Task:
         """The numbers of an evaluator's report as metrics.csv columns."""
         raise NotImplementedError
 
-    def epoch_summary(self, row: dict[str, float]) -> list[str]:
-        """The validation part of an epoch's progress line."""
-        raise NotImplementedError
-
     def format_table(self, report: dict[str, Any], classes: Sequence[str]) -> str:
         """The per-class table ``segkit evaluate`` prints."""
-        raise NotImplementedError
-
-    def evaluation_note(self, report: dict[str, Any], threshold: float, score_floor: float) -> str:
-        """What ``segkit evaluate``'s numbers count, printed above the table."""
         raise NotImplementedError
 
     def json_report(self, report: dict[str, Any]) -> dict[str, Any]:
         """The report as ``segkit evaluate --json`` writes it."""
         return report
-
-    def confusion_title(self, threshold: float) -> str:
-        """The title of ``segkit evaluate``'s pixel confusion matrix."""
-        raise NotImplementedError

@@ -26,27 +26,15 @@ class InstanceTask(Task):
     architectures = ARCHITECTURES
     default_model = "maskrcnn_resnet50_fpn"
     score_key = "val_segm_map"
-    headline = ("segm_map", "mask AP")
     report_key = "ap"
     region = "polygon"
     channels_last = True  # the same detections, faster with oneDNN (bench/infer.py)
     has_pr_curves = True
     prediction = Prediction
-    table_label = "Detections"
-    mask_png_name, mask_png_words = "instances", "instance ids"
     csv_columns = ("epoch", "train_loss", "val_loss", "val_bbox_map", "val_segm_map", "val_segm_map50", "lr", "seconds")
-    curve_axes = ("AP", "validation AP")
-    card_metrics = (("segm_map", "mask AP"), ("segm_map50", "mask AP50"), ("bbox_map", "box AP"),
-                    ("miou", "mask IoU (mean over classes)"), ("biou", "Boundary IoU"), ("loss", "loss"))
-    card_per_class = (("bbox_ap_", "box AP"), ("segm_ap_", "mask AP"))
-    card_settings = frozenset({"mask_head", "roi_batch_size", "trainable_layers"})
-    card_evaluation = "COCO AP over all detections; IoU of the masks above the score threshold"
 
     def curve_keys(self, history: Sequence[dict]) -> list[str]:
         return ["val_bbox_map", "val_bbox_map50", "val_segm_map", "val_segm_map50", "val_segm_map75"]
-
-    def card_kind(self, ckpt: dict[str, Any]) -> str:
-        return f"Instance segmentation (Mask R-CNN, {ckpt.get('mask_head', 'standard')} mask head)"
 
     def build_model(self, cfg: Any, classes: list[str], resumed: bool) -> nn.Module:
         model = build_model(cfg.model, len(classes) + 1, None if resumed else cfg.weights, cfg.trainable_layers,
@@ -117,17 +105,5 @@ class InstanceTask(Task):
         row.update({f"{prefix}_{t}_ap_{name}": v for t in ("bbox", "segm") for name, v in report[t]["per_class"].items()})
         return row
 
-    def epoch_summary(self, row: dict[str, float]) -> list[str]:
-        return [f"val loss {row['val_loss']:.3f}", f"box AP {row['val_bbox_map']:.3f}",
-                f"mask AP {row['val_segm_map']:.3f}", f"mask AP50 {row['val_segm_map50']:.3f}"]
-
     def format_table(self, report: dict[str, Any], classes: Sequence[str]) -> str:
         return metrics.format_table(report, classes)
-
-    def evaluation_note(self, report: dict[str, Any], threshold: float, score_floor: float) -> str:
-        return (f"COCO AP: all detections (the model's internal score threshold is {score_floor:g}); "
-                f"IoU/Dice/bIoU: masks with score >= {threshold:g}; bIoU: Boundary IoU, boundary "
-                f"{report['boundary']['dilation_ratio']:.0%} of the image diagonal")
-
-    def confusion_title(self, threshold: float) -> str:
-        return f"pixels, masks with score >= {threshold:g}"

@@ -23,27 +23,15 @@ class SemanticTask(Task):
     architectures = SEMANTIC_ARCHITECTURES
     default_model = DEFAULT_SEMANTIC_MODEL
     score_key = "val_miou"
-    headline = ("miou", "mIoU")
     report_key = "semantic"
     region = "brush"  # a class's area is one region, often in pieces: a brush keeps it whole
     prediction = SemanticPrediction
     has_scores = False  # every pixel gets its most probable class
-    table_label = "Classes"
-    mask_png_name, mask_png_words = "classes", "class indices"
     csv_columns = ("epoch", "train_loss", "val_loss", "lr", "seconds")
-    curve_axes = ("score", "validation IoU, Dice, pixel accuracy")
-    card_metrics = (("miou", "mIoU"), ("mdice", "mDice"), ("pixel_accuracy", "pixel accuracy"), ("loss", "loss"))
-    card_per_class = (("iou_", "IoU"), ("dice_", "Dice"))
-    card_settings = frozenset({"loss"})
-    card_evaluation = "every pixel's most probable class"
-    card_limits = ("Semantic model: touching objects of one class are one region; it does not count objects.",)
 
     def curve_keys(self, history: Sequence[dict]) -> list[str]:
         per_class = sorted({k for row in history for k in row if k.startswith("val_iou_")})
         return ["val_miou", "val_mdice", "val_pixel_accuracy", *per_class]
-
-    def card_kind(self, ckpt: dict[str, Any]) -> str:
-        return "Semantic segmentation (one class per pixel)"
 
     def build_model(self, cfg: Any, classes: list[str], resumed: bool) -> nn.Module:
         # every layer trains: --trainable-layers is Mask R-CNN's
@@ -78,18 +66,8 @@ class SemanticTask(Task):
     def metrics_row(self, report: dict[str, Any], prefix: str) -> dict[str, float]:
         return semantic_metrics.metrics_row(report, prefix)
 
-    def epoch_summary(self, row: dict[str, float]) -> list[str]:
-        return [f"val loss {row['val_loss']:.3f}", f"mIoU {row['val_miou']:.3f}",
-                f"pixel acc {row['val_pixel_accuracy']:.3f}"]
-
     def format_table(self, report: dict[str, Any], classes: Sequence[str]) -> str:
         return semantic_metrics.format_table(report, classes)
 
-    def evaluation_note(self, report: dict[str, Any], threshold: float, score_floor: float) -> str:
-        return "IoU/Dice: every pixel's most probable class against the annotations (crowd regions not judged)"
-
     def json_report(self, report: dict[str, Any]) -> dict[str, Any]:
         return {"semantic": report}  # the key the instance report keeps its pixel metrics under
-
-    def confusion_title(self, threshold: float) -> str:
-        return "pixels, semantic model"
