@@ -8,7 +8,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist

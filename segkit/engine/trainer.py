@@ -250,7 +250,7 @@ def _train_and_evaluate_epoch(run: _Run, epoch: int, evaluated: bool) -> dict:
 
 def _finish(run: _Run) -> dict:
     """Test the best checkpoint, draw previews, write the model card, print where everything is."""
-    cfg, out, task = run.cfg, run.out, run.task
+    out, task = run.out, run.task
     best_path = out / "best.pt"
     best = load_checkpoint(best_path)
     run.model.load_state_dict(best["model"])

@@ -51,9 +51,7 @@ from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
 from segkit.models.checkpoint import load_checkpoint, model_version
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
 from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
-# The settings live in segkit.serve.settings (no FastAPI there); imported from here too, as before.
-from segkit.serve.settings import (LOOPBACK_NAMES, BackendConfig, ExposureError,  # noqa: F401
-                                   backend_config, check_settings, host_name, is_loopback, trusted_host_names)
+from segkit.serve.settings import BackendConfig, check_settings, host_name, trusted_host_names
 from segkit.tasks import get_task
 
 log = logging.getLogger("segkit.labelstudio")

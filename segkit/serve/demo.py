@@ -26,7 +26,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 from PIL import Image
 

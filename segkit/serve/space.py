@@ -167,7 +167,7 @@ def requirements(source: Path, wheel: str, fmt: str, cpu: bool) -> str:
         test_pins = _pins(source / "requirements-test.txt")
         openvino = [p for p in test_pins if p.split("==")[0].strip().lower() == "openvino"]
         pins += openvino or ["openvino"]
-    lines = [f"# This Space's Python packages: the Dockerfile runs pip install -r requirements.txt in this folder.",
+    lines = ["# This Space's Python packages: the Dockerfile runs pip install -r requirements.txt in this folder.",
              f"# segkit {__version__} from the wheel beside this file, then its dependencies as segkit is tested."]
     if cpu:
         lines += ["# CPU wheels of torch and torchvision (the same versions, +cpu): a CPU Space has no GPU, and PyPI's",

@@ -20,7 +20,7 @@ import torch
 import segkit.atomic as atomic
 from segkit.cli import main
 from segkit.models.artifacts import artifact_info
-from tests.helpers import EXPORT_MAX_DETECTIONS, require_module
+from tests.helpers import EXPORT_MAX_DETECTIONS, REPO, require_module
 
 HOUR_AGO = time.time() - 3600
 
@@ -164,7 +164,7 @@ with atomic_open(sys.argv[1]) as f:
 def test_leftover_of_a_killed_process_is_removed(tmp_path, sweep_every_write):
     (tmp_path / "last.pt").write_bytes(b"good")
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "last.pt")], stdout=subprocess.PIPE,
-                             cwd=Path(__file__).parents[1])
+                             cwd=REPO)
     try:
         assert child.stdout.readline() == b"writing\n"
         (temp,) = [p for p in tmp_path.iterdir() if p.name != "last.pt"]

@@ -1,6 +1,6 @@
 """Label Studio pieces that need no server: project URLs, keys, labeling configs, regions, the backend's routes.
 
-The same pieces against a real Label Studio are in tests/test_labelstudio_server.py.
+The same pieces against a real Label Studio are in tests/labelstudio/test_labelstudio_server.py.
 """
 from __future__ import annotations
 

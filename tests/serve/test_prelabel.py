@@ -1,6 +1,6 @@
 """The least-sure-first score of ``segkit prelabel`` and the ML backend, and the model version they share.
 
-The whole command against a real Label Studio is in tests/test_labelstudio_server.py.
+The whole command against a real Label Studio is in tests/labelstudio/test_labelstudio_server.py.
 """
 from __future__ import annotations
 

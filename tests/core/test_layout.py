@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "segkit"
 MAX_FUNCTION_LINES = 60
 

@@ -5,7 +5,6 @@ import importlib
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from segkit.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

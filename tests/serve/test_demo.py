@@ -22,11 +22,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from segkit.data.images import load_image
-from tests.helpers import chrome, free_port
+from tests.helpers import REPO, chrome, free_port
 
 pytestmark = pytest.mark.usefixtures("gradio_client_downloads")  # conftest: gradio_client's temp folders
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 THRESHOLD = 0.5
 BOOT_TIMEOUT = 120  # seconds: importing gradio and torch on a busy 2-core machine

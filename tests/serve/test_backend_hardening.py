@@ -12,7 +12,6 @@ import struct
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,7 +29,7 @@ from segkit.labelstudio.project import image_url, is_image_path
 from segkit.serve.backend import add_routes, create_app, create_backend
 from segkit.serve.prelabel import project_tasks
 from segkit.serve.settings import backend_config
-from tests.test_backend_attacks import CONFIG, KEY, Recorder, _jpeg, _static
+from tests.serve.test_backend_attacks import CONFIG, KEY, Recorder, _jpeg, _static
 
 LOOPBACK = "http://127.0.0.1:9090"
 

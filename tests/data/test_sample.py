@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from label_studio_converter.brush import decode_rle
 from pycocotools import mask as mask_utils
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 

@@ -23,9 +23,8 @@ from segkit.data.dataset import SemanticDataset
 from segkit.evaluation.semantic_metrics import SemanticEvaluator
 from segkit.models.semantic import build_semantic_model
 from segkit.engine.trainer import TrainingStopped, train
-from tests.helpers import free_port, tiny_config
+from tests.helpers import REPO, free_port, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["leaf", "pebble", "shell"]
 
 

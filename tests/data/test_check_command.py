@@ -13,8 +13,8 @@ from tests.exports import coco_ann, coco_export, ls_annotation, ls_rectangle, ls
 from segkit.data import validate
 from segkit.commands import check
 from segkit.data.readers import DataError, load_dataset
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 KEYS = {"format", "images", "instances", "classes", "problems", "trainable"}
 
 

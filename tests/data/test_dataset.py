@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from segkit.data.records import ImageRecord, Instance
+from tests.helpers import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 
 def _records(n: int = 6) -> tuple[list[ImageRecord], list[str]]:

@@ -10,7 +10,7 @@ import pytest
 
 from segkit.cli import main
 from tests.helpers import require_module
-from tests.test_predict_distributed import ARGS, _predict_cmd, _run
+from tests.inference.test_predict_distributed import ARGS, _predict_cmd, _run
 
 ray = require_module("ray", "pip install 'segkit[ray]'")
 
