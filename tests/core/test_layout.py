@@ -4,6 +4,7 @@ a lazy one, and functions that fit on a screen."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -191,10 +192,25 @@ MAX_README_LINES = 250
 
 def test_the_readme_is_short_and_its_links_resolve():
     """The README is read in five minutes; the rest is in docs/ (whose links `mkdocs build --strict` checks)."""
-    import re
-
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= MAX_README_LINES
     links = re.findall(r"\]\(([^)\s]+)\)", readme)
     local = [link.split("#")[0] for link in links if not link.startswith(("http://", "https://", "#"))]
     assert local and all((REPO / link).exists() for link in local), [link for link in local if not (REPO / link).exists()]
+
+
+def test_the_sites_home_page_is_the_readme_with_its_links_into_docs_made_relative():
+    """docs/index.md is a placeholder the site's hook fills with README.md: one text, never two drifting copies."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_home", REPO / "docs" / "readme_home.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    readme = (REPO / "README.md").read_text()
+    home = hook.readme_as_home(readme)
+    assert readme.startswith("---\n") and home.lstrip().startswith("# segkit")
+    assert "](docs/" in readme and "](docs/" not in home and "](train.md)" in home
+    for link in re.findall(r"\]\(([^)\s#]+)", home):
+        assert link.startswith(("http://", "https://")) or (REPO / "docs" / link).exists(), link
+    assert "README.md" in (REPO / "docs" / "index.md").read_text()
+    assert (REPO / "mkdocs.yml").read_text().count("docs/readme_home.py") == 1
