@@ -69,12 +69,23 @@ test:
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# Every benchmark that needs no trained model, each writing its page under docs/benchmarks/ (several hours on
+# 2 CPU cores: train.py, labelling.py and pointrend_quality.py take the longest). tiles.py, transfer.py and
+# speed.py's sizes page need trained models: docs/benchmarks.md says how to run them. A new page goes into
+# docs/benchmarks.md and mkdocs.yml's nav before `make docs` passes again.
 bench: setup
-	$(BIN)/python bench/data.py
-	$(BIN)/python bench/train.py
-	$(BIN)/python bench/infer.py
-	$(BIN)/python bench/large_image.py
-	$(BIN)/python bench/speed.py --report docs/benchmarks/speed.md
+	$(BIN)/python bench/data.py --report docs/benchmarks/data.md
+	$(BIN)/python bench/train.py --report docs/benchmarks/train.md
+	$(BIN)/python bench/infer.py --report docs/benchmarks/infer.md
+	$(BIN)/python bench/large_image.py --report docs/benchmarks/large_image.md
+	$(BIN)/python bench/pointrend.py --img-size 320 --runs 5 --repeat 2 --steps 2 --report docs/benchmarks/pointrend.md
+	$(BIN)/python bench/pointrend_quality.py --report docs/benchmarks/pointrend_quality.md
+	$(BIN)/python bench/semantic.py --img-size 320 --steps 4 --runs 3 --repeat 2 --report docs/benchmarks/semantic.md
+	$(BIN)/python bench/prompts.py --report docs/benchmarks/prompts.md
+	$(BIN)/python bench/backend.py --report docs/benchmarks/backend.md
+	$(BIN)/python bench/labelling.py --report docs/benchmarks/labelling.md
+	$(BIN)/python bench/scale.py --n 2 --report docs/benchmarks/scale.md
+	$(BIN)/python bench/speed.py --runs 5 --report docs/benchmarks/speed.md
 
 sample: setup
 	$(BIN)/python utils/make_sample.py

@@ -1,6 +1,6 @@
 """Memory and latency of ``segkit ml-backend``'s ``/predict``, against a plain baseline in the same run.
 
-    python bench/backend.py [--img-size 800] [--runs 5] [--slow-seconds 10]
+    python bench/backend.py [--img-size 800] [--runs 5] [--slow-seconds 10] [--report docs/benchmarks/backend.md]
 
 One run makes a random-init checkpoint (score threshold 0.05: it fills every detection slot) and a
 synthetic 50 MP JPEG (8660x5773, a gradient with noise and a few shapes, quality 90) in a temporary
@@ -47,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 SMALL_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
 CLASSES = ["leaf", "pebble", "shell"]
 PHOTO_SIZE = (8660, 5773)  # 50 MP, 3:2, a phone's full-resolution photo
@@ -55,6 +57,26 @@ GOAL_MB = 0.8 * 1024  # issue #18: a 50 MP photo costs under 0.8 GB above the id
 LABEL_CONFIG = ('<View><Image name="photo" value="$img"/><{tag} name="outline" toName="photo">'
                 '<Label value="leaf"/><Label value="pebble"/><Label value="shell"/></{tag}></View>')
 REGION_TAGS = {"polygons": "PolygonLabels", "brushes": "BrushLabels"}
+METHOD = """\
+What a real `segkit ml-backend` process costs to answer Label Studio's `/predict` for a 50 MP photo, and whether
+a normal request stays as fast while another one waits on a slow image server. The model is random init
+(score threshold 0.05, at most 20 detections, so that it fills every slot); the photo is a synthetic 8660x5773
+JPEG (a gradient with noise and a few shapes, about a phone photo's file size), served with the other images
+from a loopback HTTP server of the benchmark's own.
+
+**50 MP photo.** One `/predict` with polygons, then one with brushes (Label Studio's brush RLE is at the
+original's size); time is the HTTP round trip (download, decode, forward, regions). The backend's peak RSS is
+reset to its current RSS just before each request, so "peak above idle" is what that request cost over the
+idle backend. A small sample image's `/predict` is measured the same way, for reference: what the forward at
+the model's size costs. **Baseline**, in the same run, each case in a fresh process: what the backend did
+before it decoded large photos at reduced size (`load_image` at full size, `Predictor`, then the same region
+code), timed from the file on disk.
+
+**Latency.** The median of several `/predict` calls of a small sample image alone, then the same while another
+`/predict` waits on a route that hangs and then fails (503); a new waiting request starts as soon as one is
+answered, so one is waiting through every timed call. Goals (issue #18): the 50 MP photo under 0.8 GB above the
+idle backend; a normal request no slower while another waits on a slow image (its median at most the slowest
+call alone). RSS is in MiB, as /proc reports it."""
 
 
 # --- in fresh processes: the inputs, and the baseline ---------------------------------------------------
@@ -298,8 +320,9 @@ def load_line() -> str:
     return f"load average (1/5/15 min): {loads} on {os.cpu_count()} CPUs"
 
 
-def report(photo: dict, idle_at_start: float, backend_cases: dict, baseline_cases: dict, small: dict, lat: dict,
-           args) -> None:
+def results_markdown(photo: dict, idle_at_start: float, backend_cases: dict, baseline_cases: dict, small: dict,
+                     lat: dict, args: argparse.Namespace) -> str:
+    """This run's settings, its two tables and whether the goals were met (markdown)."""
     from PIL import Image
 
     rows = [["case", "time (s)", "idle RSS (MB)", "peak RSS (MB)", "peak above idle (MB)", "regions"]]
@@ -310,36 +333,36 @@ def report(photo: dict, idle_at_start: float, backend_cases: dict, baseline_case
     for name, c in cases + [(f"backend, polygons, small image ({small_size}), for reference", small)]:
         rows.append([name, f"{c['time_s']:.1f}", f"{c['idle_mb']:.0f}", f"{c['peak_mb']:.0f}",
                      f"{c['peak_mb'] - c['idle_mb']:.0f}", str(c["regions"])])
-    print(f"\n50 MP photo ({PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, {photo['photo_mb']:.1f} MB JPEG), "
-          f"model at {args.img_size} px, max {MAX_DETECTIONS} detections:\n")
-    print(table(rows))
+    out = [f"## 50 MP photo\n\n{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, {photo['photo_mb']:.1f} MB JPEG, "
+           f"model at {args.img_size} px, max {MAX_DETECTIONS} detections.\n", table(rows), ""]
     for regions, c in baseline_cases.items():
-        print(f"baseline {regions}: decode {c['decode_s']:.1f} s, forward {c['forward_s']:.1f} s, "
-              f"regions {c['regions_s']:.1f} s; ru_maxrss {c['ru_maxrss_mb']:.0f} MB")
+        out.append(f"- baseline {regions}: decode {c['decode_s']:.1f} s, forward {c['forward_s']:.1f} s, "
+                   f"regions {c['regions_s']:.1f} s; ru_maxrss {c['ru_maxrss_mb']:.0f} MB")
     if not all(c["peak_reset"] for c in [*backend_cases.values(), small]):
-        print("note: the kernel refused to reset the backend's VmHWM: its peak includes its start-up")
+        out.append("- the kernel refused to reset the backend's VmHWM: its peak includes its start-up")
 
     alone, during = statistics.median(lat["alone"]), statistics.median(lat["during"])
-    print(f"\nLatency of /predict, small image ({SMALL_IMAGE.name}), {args.runs} runs each; the slow route hangs "
-          f"{args.slow_seconds:g} s, then fails:\n")
-    print(table([["case", "median (s)", "min-max (s)"],
-                 ["alone", f"{alone:.2f}", f"{min(lat['alone']):.2f}-{max(lat['alone']):.2f}"],
-                 ["while another request waits on a slow image", f"{during:.2f}",
-                  f"{min(lat['during']):.2f}-{max(lat['during']):.2f}"]]))
-    print(f"ratio (while waiting / alone): {during / alone:.2f}")
+    out += [f"\n## Latency\n\n`/predict` of a small image ({SMALL_IMAGE.name}), {args.runs} runs each; the slow "
+            f"route hangs {args.slow_seconds:g} s, then fails.\n",
+            table([["case", "median (s)", "min-max (s)"],
+                   ["alone", f"{alone:.2f}", f"{min(lat['alone']):.2f}-{max(lat['alone']):.2f}"],
+                   ["while another request waits on a slow image", f"{during:.2f}",
+                    f"{min(lat['during']):.2f}-{max(lat['during']):.2f}"]]), "",
+            f"- ratio (while waiting / alone): {during / alone:.2f}"]
     slow = lat["slow"]
     answers = ", ".join(f"{s:.1f} s ({n} regions)" for s, n in slow["answers"])
-    print(f"the waiting requests: {len(slow['answers'])} answered: {answers}"
-          + (f"; failed: {slow['errors']}" if slow["errors"] else ""))
+    out.append(f"- the waiting requests: {len(slow['answers'])} answered: {answers}"
+               + (f"; failed: {slow['errors']}" if slow["errors"] else ""))
 
     worst = max(c["peak_mb"] - c["idle_mb"] for c in backend_cases.values())
     above_start = max(c["peak_mb"] for c in backend_cases.values()) - idle_at_start
-    print(f"\ngoal met? 50 MP photo under 0.8 GB ({GOAL_MB:.0f} MB) above the idle backend: "
-          f"{'yes' if max(worst, above_start) < GOAL_MB else 'NO'} (worst {worst:.0f} MB above the RSS before the "
-          f"request, {above_start:.0f} MB above the backend's RSS when it started)")
+    out.append(f"\n## Goals\n\n- 50 MP photo under 0.8 GB ({GOAL_MB:.0f} MB) above the idle backend: "
+               f"{'met' if max(worst, above_start) < GOAL_MB else 'MISSED'} (worst {worst:.0f} MB above the RSS "
+               f"before the request, {above_start:.0f} MB above the backend's RSS when it started)")
     ok = not slow["errors"] and during <= max(lat["alone"])
-    print(f"goal met? a normal /predict no slower while another waits on a slow image: {'yes' if ok else 'NO'} "
-          f"(median {during:.2f} s against {alone:.2f} s alone, whose slowest was {max(lat['alone']):.2f} s)")
+    out.append(f"- a normal `/predict` no slower while another waits on a slow image: {'met' if ok else 'MISSED'} "
+               f"(median {during:.2f} s against {alone:.2f} s alone, whose slowest was {max(lat['alone']):.2f} s)")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -347,6 +370,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=800, help="the random-init model's image size")
     parser.add_argument("--runs", type=int, default=5, help="timed /predict calls of the small image, per case")
     parser.add_argument("--slow-seconds", type=float, default=10, help="how long the slow route waits")
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)  # prepare DIR | baseline CKPT PHOTO REGIONS
     args = parser.parse_args()
     if args.internal:
@@ -378,7 +402,11 @@ def main() -> None:
         backend.stop()  # the baselines get the machine to themselves, as the backend had it
         baseline_cases = {regions: run_internal(["--internal", "baseline", photo["checkpoint"], photo["photo"],
                                                  regions]) for regions in REGION_TAGS}
-        report(photo, idle_at_start, backend_cases, baseline_cases, small, lat, args)
+        text = results_markdown(photo, idle_at_start, backend_cases, baseline_cases, small, lat, args)
+        print(text)
+        if args.report:
+            write_report(args.report, "The ML backend on a large photo and beside a slow image", "bench/backend.py",
+                         sys.argv[1:], f"{METHOD}\n\n{text}")
     except Exception:
         if backend is not None:
             print(f"backend log (tail):\n{backend.log_tail()}", file=sys.stderr)

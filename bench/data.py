@@ -1,6 +1,7 @@
 """Data pipeline throughput: segkit's loading + augmentation beside torchvision's detection reference.
 
-    python bench/data.py [--data data/sample] [--n 200] [--preset default] [--workers 0 2]
+    python bench/data.py [--data data/sample] [--n 200] [--preset default] [--workers 0 2] \
+        [--report docs/benchmarks/data.md]
 
 Both pipelines read the same copy of the sample, resized once (untimed) so the longest side is
 512 px, skip its empty images (torchvision's reference drops them for training, and RandomIoUCrop
@@ -17,7 +18,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +28,24 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 from segkit.data.dataset import SegmentationDataset, collate_fn
 from segkit.data.readers import load_dataset
 from segkit.data.transforms import build_transform
+
+METHOD = """\
+Loading plus a segkit augmentation preset, against torchvision's detection reference pipeline
+(`CocoDetection` + transforms v2: random horizontal flip, random IoU crop, colour jitter, on PIL images as the
+reference does by default) on the same images. Both read one copy of the data, resized once (untimed) so
+that the longest side is 512 px, skip its images without objects (the reference drops them for training) and
+visit the same image order, in batches of 2.
+
+segkit decodes each instance's polygons with one pycocotools call into a mask of the image's size and
+augments with albumentations on numpy arrays (OpenCV); the reference converts every polygon separately
+and runs its transforms on PIL images and tensors. Images/s counts the images after the first batch, so
+that worker start-up is not timed; every loading process runs one thread. The ratio is against the
+reference with the same number of DataLoader workers."""
 
 
 def resized_copy(src: Path, dst: Path, longest: int = 512) -> list[Path]:
@@ -107,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200, help="images timed per row")
     parser.add_argument("--preset", default="default", help="segkit augmentation preset")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     args = parser.parse_args(argv)
     # one thread per loading process, as DataLoader workers get: on a shared machine, intra-op threads
     # of the main process only add contention and noise
@@ -118,11 +134,21 @@ def main(argv: list[str] | None = None) -> None:
         pipelines = {f"segkit {args.preset}": segkit_dataset(Path(tmp), args.preset),
                      "torchvision v2 reference": torchvision_dataset(splits)}
         rows = [(name, w, throughput(ds, args.n, w)) for w in args.workers for name, ds in pipelines.items()]
+    text = results_markdown(rows, args.n, args.data)
+    print(text)
+    if args.report:
+        write_report(args.report, "Data pipeline: segkit against torchvision's reference", "bench/data.py",
+                     sys.argv[1:] if argv is None else argv, f"{METHOD}\n\n{text}")
+
+
+def results_markdown(rows: list[tuple[str, int, float]], n: int, data: Path) -> str:
+    """This run's settings and its table (markdown): one row per (pipeline, workers), ratio to the reference."""
     reference = {w: ips for name, w, ips in rows if name.startswith("torchvision")}
-    print(f"{args.n} images per row, 512 px longest side, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"{'pipeline':<26} {'workers':>7} {'images/s':>9} {'ratio':>6}")
-    for name, w, ips in rows:
-        print(f"{name:<26} {w:>7} {ips:>9.1f} {ips / reference[w]:>6.2f}")
+    shown = data.resolve().relative_to(REPO) if data.resolve().is_relative_to(REPO) else data
+    lines = [f"`{shown}`, {n} images per row, 512 px longest side, torch {torch.__version__}.", "",
+             "| pipeline | workers | images/s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {name} | {w} | {ips:.1f} | {ips / reference[w]:.2f} |" for name, w, ips in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

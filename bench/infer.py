@@ -6,6 +6,7 @@ Every backend runs through the one :class:`segkit.inference.predictor.Predictor`
 
     python bench/infer.py [--checkpoint best.pt] [--sizes 512 800] [--runs 5] [--backends eager onnxruntime ...]
     python bench/infer.py --checkpoint best.pt --data EXPORT   # adds box and mask AP on its val split
+    python bench/infer.py ... --report docs/benchmarks/infer.md   # also writes the page
 
 AP is measured per backend at the checkpoint's own image size (a model trained at 128 px detects
 nothing useful at 800), on the checkpoint's val split of ``--data`` (or the data's own val split).
@@ -31,10 +32,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segkit.models.checkpoint import load_checkpoint, save_checkpoint
-from segkit.inference.predictor import Predictor
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
+from segkit.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from segkit.inference.predictor import Predictor  # noqa: E402
+
+METHOD = """\
+Every backend runs through the same `Predictor` (PIL image in, `Prediction` out, masks pasted), at each
+size, on the same image resized so that its longest side is the size; the exported models are written once
+per size (the size is frozen in them). The timed runs alternate between backends, the order rotating each
+round, so that machine noise hits all alike; the table shows the median. The backends: eager PyTorch, eager
+channels-last (what `Predictor.from_checkpoint` runs on a CPU by default), TorchScript, ONNX Runtime, OpenVINO
+f32, OpenVINO bf16 (only where the CPU has bf16) and OpenVINO INT8 (NNCF post-training quantization, calibrated
+on 10 of the sample's training images).
+
+"matched": eager's instances that the backend finds again (same class, mask IoU >= 0.5); "mask IoU": the mean
+IoU of those matches. Peak RSS: a fresh process that loads the backend and segments the image once. Box and
+mask AP (with `--data`): each backend on the checkpoint's val split at the checkpoint's own image size, one
+image per forward for every backend, so that batching does not move eager's figures. Without `--checkpoint`
+the model is random init with the sample's classes: it fills all 100 detection slots, so its detections mean
+nothing but cost what a trained model's cost."""
 
 SAMPLE_IMAGE = next(iter(sorted((REPO / "data" / "sample" / "val" / "images").glob("*.jpg"))), None)
 EXPORTED = {"torchscript": ("torchscript", ".torchscript"), "onnxruntime": ("onnx", ".onnx"),
@@ -193,6 +211,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=ALL_BACKENDS, choices=ALL_BACKENDS)
     parser.add_argument("--data", help="dataset for box/mask AP on the checkpoint's val split")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-backend peak-RSS processes")
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     parser.add_argument("--rss-of", help=argparse.SUPPRESS)  # internal: one backend, one image, print peak RSS
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,25 +238,34 @@ def main() -> None:
             results += rows
             print(json.dumps(rows), file=sys.stderr, flush=True)  # progress, in case a later size fails
         aps = ap_by_backend(backends, source, folder, args.data) if args.data else {}
-    print_table(results, source if args.checkpoint else "random init", args, aps)
+    text = results_markdown(results, source if args.checkpoint else "random init", args, aps)
+    print(text)
+    if args.report:
+        write_report(args.report, "Inference backends", "bench/infer.py", sys.argv[1:], f"{METHOD}\n\n{text}")
 
 
-def print_table(results: list[dict], source, args, aps: dict[str, tuple[float, float]]) -> None:
-    print(f"Mask R-CNN inference through Predictor, {source}, CPU, {torch.get_num_threads()} torch threads, "
-          f"median of {args.runs} interleaved runs")
-    print(f"{'backend':<22}{'size':>5}{'median':>9}{'vs eager':>9}{'matched':>9}{'mask IoU':>9}{'peak RSS':>10}"
-          + (f"{'box AP':>8}{'mask AP':>8}" if args.data else ""))
+def results_markdown(results: list[dict], source, args: argparse.Namespace,
+                     aps: dict[str, tuple[float, float]]) -> str:
+    """This run's settings and its table (markdown): one row per (backend, size)."""
+    ap = f" Box and mask AP on `{args.data}`'s val split at the checkpoint's own image size." if args.data else ""
+    model = source if source == "random init" else f"`{source}`"
+    lines = [f"Mask R-CNN inference through `Predictor`, {model}, image `{Path(args.image).name}`, CPU, "
+             f"{torch.get_num_threads()} torch threads, median of {args.runs} interleaved runs after {args.warmup} "
+             f"warm-up round(s).{ap}", "",
+             "| backend | size | median (ms) | vs eager | matched | mask IoU | peak RSS (MB) |"
+             + (" box AP | mask AP |" if args.data else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if args.data else "")]
     eager = {r["size"]: r["median_s"] for r in results if r["backend"] == "eager"}
     for r in results:
-        ratio = r["median_s"] / eager[r["size"]] if r["size"] in eager else float("nan")
+        ratio = f"{r['median_s'] / eager[r['size']]:.2f}x" if r["size"] in eager else "-"
         matched = f"{r['matched']}/{r['of']}" if "matched" in r else "-"
-        line = (f"{r['backend']:<22}{r['size']:>5}{r['median_s'] * 1e3:>7.0f}ms{ratio:>8.2f}x{matched:>9}"
-                f"{r.get('mean_iou', float('nan')):>9.3f}{r.get('peak_rss_mb', float('nan')):>8.0f}MB")
+        iou = f"{r['mean_iou']:.3f}" if "mean_iou" in r else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        line = f"| {r['backend']} | {r['size']} | {r['median_s'] * 1e3:.0f} | {ratio} | {matched} | {iou} | {rss} |"
         if args.data:
-            line += f"{aps[r['backend']][0]:>8.3f}{aps[r['backend']][1]:>8.3f}"
-        print(line)
-    if args.data:
-        print(f"AP: on {args.data}'s val split at the checkpoint's own image size")
+            line += f" {aps[r['backend']][0]:.3f} | {aps[r['backend']][1]:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

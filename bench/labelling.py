@@ -26,7 +26,8 @@ model is trained from random init on each selection, and its mask AP on the held
 Data: data/sample's val split (20 images) is held out; the first ``--seed-images`` of its train split train
 the pre-annotation model; the rest of the train split is the pool the ordering picks from.
 
-    python -m bench.labelling [--seed-images 8] [--epochs 10] [--img-size 128] [--k 6] [--seeds 0 1 2]
+    python -m bench.labelling [--seed-images 8] [--epochs 10] [--img-size 128] [--k 6] [--seeds 0 1 2] \
+        [--report docs/benchmarks/labelling.md]
 
 The defaults took 35 minutes on 2 cores shared with other jobs (each training about 7); ``--k 4 --seeds 0 1``
 and fewer ``--epochs`` fit about 15.
@@ -41,6 +42,7 @@ import json
 import logging
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,17 +52,41 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segkit.inference.predictor import Predictor
-from segkit.serve.prelabel import labelling_prediction
-from segkit.serve.prompts import PromptEngine
-from segkit.data.readers import load_dataset
-from segkit.engine.trainer import TrainConfig, train
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
+from segkit.inference.predictor import Predictor  # noqa: E402
+from segkit.serve.prelabel import labelling_prediction  # noqa: E402
+from segkit.serve.prompts import PromptEngine  # noqa: E402
+from segkit.data.readers import load_dataset  # noqa: E402
+from segkit.engine.trainer import TrainConfig, train  # noqa: E402
 
 log = logging.getLogger("bench.labelling")
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 ACCEPT_IOU = 0.85
 NOC_IOUS = (0.85, 0.90)
+METHOD = """\
+The effort segkit saves a labeller, on labelled images held out from training: the sample's val split is held
+out, the first `--seed-images` of its train split train the pre-annotation model (random init, a few epochs at
+a small size on a CPU: a weak model, so the absolute numbers are small), and the rest of the train split is
+the pool that the ordering picks from.
+
+**Actions.** A simulated annotator labels every object of the held-out images along four paths, each counted
+in actions (a click, a polygon vertex, an accept, a delete). *Polygons by hand*: each object drawn as a
+polygon, its vertices those of `cv2.approxPolyDP` at the coarsest tolerance whose filled polygon still reaches
+IoU >= 0.85 with the object. *Pre-annotation only*: a shown pre-annotation of the right class matching an
+object at IoU >= 0.85 is accepted (1 action), the other objects are drawn by hand, and every shown
+pre-annotation that matched nothing is deleted (1 action). *Prompts only*: a box prompt (2 clicks) around each
+object, its answer accepted at IoU >= 0.85; else corrective clicks one at a time, at the interior point of the
+largest error region (positive in a missed area, negative in a false one), up to `--clicks`; else the polygon
+by hand, the failed clicks counted too. *Pre-annotation + prompts*: accept what matches, prompts for the rest,
+deletes as above. NoC@85 / NoC@90 (the interactive-segmentation literature's number of clicks, the box counting
+2) are over every object, one that never reaches the IoU counted at the cap.
+
+**Ordering.** The seed model scores the pool (low = least sure); `k` images picked least-sure-first and `k`
+picked at random (several seeds) are each added to the seed images, a fresh model is trained from random init
+on each selection, and its mask AP on the held-out split is reported. Differences as small as the spread
+between the random seeds are not findings."""
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -194,26 +220,28 @@ def annotate(predictor: Predictor, split: Path, limit: int) -> Tally:
 
 
 def annotation_report(tally: Tally, limit: int) -> list[str]:
+    """The annotator's table (actions per object along each path) and the prompt path's NoC (markdown lines)."""
     n = max(tally.objects, 1)
-    lines = [f"{tally.objects} objects; pre-annotations accepted: {tally.accepted}, deleted: {tally.deletes}",
-             f"{'path':<28}{'actions/object':>15}{'vs by hand':>12}"]
+    lines = [f"{tally.objects} objects; pre-annotations accepted: {tally.accepted}, deleted: {tally.deletes}.", "",
+             "| path | actions/object | vs by hand |", "|---|---|---|"]
     by_hand = tally.actions["polygons by hand"] / n
     for path in PATHS:
         per = tally.actions[path] / n
-        lines.append(f"{path:<28}{per:>15.2f}{per / by_hand if by_hand else float('nan'):>12.2f}")
+        lines.append(f"| {path} | {per:.2f} | {per / by_hand if by_hand else float('nan'):.2f} |")
+    lines.append("")
     cap = 2 + limit
     if tally.trajectories:
         after_box = statistics.mean(t[0][1] for t in tally.trajectories)
         best = statistics.mean(max(v for _, v in t) for t in tally.trajectories)
-        lines.append(f"prompt answers' IoU with the object: mean {after_box:.2f} after the box, mean best {best:.2f} "
-                     f"within {limit} corrective clicks")
+        lines.append(f"- prompt answers' IoU with the object: mean {after_box:.2f} after the box, mean best "
+                     f"{best:.2f} within {limit} corrective clicks")
     for target in NOC_IOUS:
         reached = [clicks_to(s, target) for s in tally.trajectories]
         noc = statistics.mean(r if r is not None else cap for r in reached) if reached else float("nan")
         hits = sum(r is not None for r in reached)
         box = sum(r == 2 for r in reached)
-        lines.append(f"NoC@{round(target * 100)} {noc:.2f} (cap {cap}); reached by {hits} of {len(reached)} objects, "
-                     f"{box} by the box alone")
+        lines.append(f"- NoC@{round(target * 100)} {noc:.2f} (cap {cap}); reached by {hits} of {len(reached)} "
+                     f"objects, {box} by the box alone")
     return lines
 
 
@@ -270,13 +298,13 @@ def ordering(predictor: Predictor, seed_names: list[str], pool: list[str], folde
     for name, chosen in picks.items():
         metrics = train_on(seed_names + chosen, folder / name.replace(" ", "_"), args)["best_metrics"]
         rows[name] = (metrics.get("val_segm_map", 0.0), metrics.get("val_segm_map50", 0.0))
-    lines = [f"pool {len(pool)} images, task scores of the least-sure {args.k}: "
-             f"{', '.join(f'{s:.2f}' for s in scores[:args.k])} ({sum(s == 0 for s in scores)} of the pool score 0)",
-             f"{'selection (seed images + k)':<30}{'mask AP':>9}{'mask AP50':>11}"]
-    lines += [f"{name:<30}{ap:>9.3f}{ap50:>11.3f}" for name, (ap, ap50) in rows.items()]
+    lines = [f"Pool {len(pool)} images, task scores of the least-sure {args.k}: "
+             f"{', '.join(f'{s:.2f}' for s in scores[:args.k])} ({sum(s == 0 for s in scores)} of the pool score "
+             f"0).", "", "| selection (seed images + k) | mask AP | mask AP50 |", "|---|---|---|"]
+    lines += [f"| {name} | {ap:.3f} | {ap50:.3f} |" for name, (ap, ap50) in rows.items()]
     randoms = [rows[n] for n in rows if n.startswith("random")]
-    lines.append(f"{'random, mean of ' + str(len(randoms)):<30}{statistics.mean(r[0] for r in randoms):>9.3f}"
-                 f"{statistics.mean(r[1] for r in randoms):>11.3f}")
+    lines.append(f"| random, mean of {len(randoms)} | {statistics.mean(r[0] for r in randoms):.3f} | "
+                 f"{statistics.mean(r[1] for r in randoms):.3f} |")
     return lines
 
 
@@ -291,6 +319,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random selections to compare with")
     p.add_argument("--max-detections", type=int, default=20, help="detections per image (the sample: 1-8 objects)")
     p.add_argument("--skip-ordering", action="store_true", help="only the annotator simulation")
+    p.add_argument("--report", default=None, help="also write the page (markdown) here")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
@@ -299,16 +328,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         summary = train_on(seed_names, Path(tmp) / "seed", args)
         predictor = Predictor.from_checkpoint(summary["best"], device="cpu", max_detections=args.max_detections)
-        print(f"seed model: {args.seed_images} train images, {args.epochs} epochs at {args.img_size} px, random init; "
-              f"held-out mask AP {summary['best_metrics'].get('val_segm_map', 0):.3f} "
-              f"({time.perf_counter() - start:.0f} s)")
-        print("\n".join(annotation_report(annotate(predictor, SAMPLE / "val", args.clicks), args.clicks)))
-        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+        lines = [f"Seed model: {args.seed_images} train images, {args.epochs} epochs at {args.img_size} px, random "
+                 f"init; held-out mask AP {summary['best_metrics'].get('val_segm_map', 0):.3f}. Pre-annotations "
+                 f"shown: score >= {args.threshold:g}, at most {args.max_detections} per image.", "",
+                 "## Actions", "",
+                 *annotation_report(annotate(predictor, SAMPLE / "val", args.clicks), args.clicks)]
+        print("\n".join(lines) + f"\n({time.perf_counter() - start:.0f} s)", flush=True)
         if not args.skip_ordering:
-            print("\n".join(ordering(predictor, seed_names, pool, Path(tmp), args)))
+            section = ordering(predictor, seed_names, pool, Path(tmp), args)
+            print("\n".join(section))
+            lines += ["", "## Ordering: least-sure first against random", "", *section]
     print(f"\nRandom-init weights, {args.epochs} epochs at {args.img_size} px on a CPU: the models are weak, so the "
           f"absolute numbers are small, and differences this small are within the spread between random seeds "
           f"({time.perf_counter() - start:.0f} s in all).")
+    if args.report:
+        write_report(args.report, "Labelling effort: pre-annotations, prompts and the order of images",
+                     "bench/labelling.py", sys.argv[1:], f"{METHOD}\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

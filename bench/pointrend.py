@@ -5,7 +5,8 @@ standard, pointrend, pointrend, standard, ... so that a slow drift of a shared m
 Latency is ``predictor(image)`` (decoded PIL image in, thresholded numpy masks out, pasting included),
 median of every timed run; training is ``engine.train_one_epoch`` over a few steps after a warm-up step.
 
-    python bench/pointrend.py [--standard A.pt --pointrend B.pt] [--runs 5] [--repeat 2] [--img-size 512]
+    python bench/pointrend.py [--standard A.pt --pointrend B.pt] [--runs 5] [--repeat 2] [--img-size 512] \
+        [--report docs/benchmarks/pointrend.md]
 
 Without checkpoints both models are random init from one seed, the PointRend model carrying the
 standard one's weights: they return the same boxes, and all ``--detections`` of them get a mask
@@ -25,8 +26,20 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 CLASSES = ["leaf", "pebble", "shell"]
 HEADS = ("standard", "pointrend")
+METHOD = """\
+What PointRend's mask head costs against the standard one, in inference and in training. Inference:
+`predictor(image)` on one sample val image resized so that its shorter side is the model's size (decoded PIL
+image in, thresholded masks out, pasting included), the median of every timed run after a warm-up. Training:
+`engine.train_one_epoch` over a few batches of 2 sample training images (no augmentation, 128 sampled RoIs
+per image), one untimed warm-up step, the median step. Each measurement runs in a process of its own, so that
+peak memory is that head's own, in the order standard, PointRend, PointRend, standard, ... so that a slow
+drift of the machine hits both alike. Without checkpoints both models are random init from one seed, the
+PointRend model carrying the standard one's weights: they return the same boxes, and every detection gets a
+mask (score threshold 0), so the difference is the mask head's alone."""
 
 
 def random_model(head: str, img_size: int, resolution: int) -> torch.nn.Module:
@@ -118,6 +131,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="processes per head and measurement, alternating")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     parser.add_argument("--job", choices=["infer", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--head", choices=HEADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -133,28 +147,37 @@ def main() -> None:
             for head in HEADS if i % 2 == 0 else HEADS[::-1]:
                 cmd = [sys.executable, __file__, "--job", job, "--head", head] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k not in ("job", "head") and v is not None]
+                    if k not in ("job", "head", "report") and v is not None]
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
                 results[(job, head)].append(json.loads(out.splitlines()[-1]))
-    _print_table(args, results, jobs)
+    text = results_markdown(args, results, jobs)
+    print(text)
+    if args.report:
+        write_report(args.report, "PointRend: what it costs", "bench/pointrend.py", sys.argv[1:],
+                     f"{METHOD}\n\n{text}")
 
 
-def _print_table(args, results: dict, jobs: list[str]) -> None:
+def results_markdown(args: argparse.Namespace, results: dict, jobs: list[str]) -> str:
+    """This run's settings and its tables (markdown): inference per head, then the training step if timed."""
     infer = {h: results[("infer", h)] for h in HEADS}
     p50 = {h: statistics.median(t for r in infer[h] for t in r["times"]) * 1000 for h in HEADS}
     first = infer["standard"][0]
-    print(f"PointRend vs standard mask head, {args.device}, {args.threads} threads, image {first['size']}, "
-          f"{first['instances']} instances, {args.repeat} processes x {args.runs} runs each, alternating")
-    print(f"{'mask head':<12}{'instances':>10}{'p50 ms':>10}{'ratio':>8}{'peak RSS MB':>13}")
+    models = f"`{args.standard}` and `{args.pointrend}`" if args.standard or args.pointrend else "random init"
+    peak = "peak GPU memory (MB)" if args.device.startswith("cuda") else "peak RSS (MB)"
+    lines = [f"PointRend against the standard mask head, {models}, {args.device}, {args.threads} threads, image "
+             f"{first['size']}, {args.repeat} processes x {args.runs} runs each, alternating.", "",
+             f"| mask head | instances | inference p50 (ms) | ratio | {peak} |", "|---|---|---|---|---|"]
     for h in HEADS:
         label = h if h == "standard" or args.pointrend else f"pointrend {args.resolution}"
-        peak = max(r["peak_mb"] for r in infer[h])
-        print(f"{label:<12}{infer[h][0]['instances']:>10}{p50[h]:>10.0f}{p50[h] / p50['standard']:>7.2f}x{peak:>13.0f}")
+        lines.append(f"| {label} | {infer[h][0]['instances']} | {p50[h]:.0f} | {p50[h] / p50['standard']:.2f}x | "
+                     f"{max(r['peak_mb'] for r in infer[h]):.0f} |")
     if "train" in jobs:
         step = {h: statistics.median(t for r in results[("train", h)] for t in r["times"]) * 1000 for h in HEADS}
-        print(f"training step (batch 2, {args.img_size} px, 128 RoIs per image), median of "
-              f"{args.repeat * args.steps} steps: standard {step['standard']:.0f} ms, pointrend "
-              f"{step['pointrend']:.0f} ms, ratio {step['pointrend'] / step['standard']:.2f}x")
+        lines += ["", f"Training step (batch 2, {args.img_size} px, 128 RoIs per image), median of "
+                  f"{args.repeat * args.steps} steps:", "",
+                  "| mask head | training step p50 (ms) | ratio |", "|---|---|---|"]
+        lines += [f"| {h} | {step[h]:.0f} | {step[h] / step['standard']:.2f}x |" for h in HEADS]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Side by side, on the same images, CPU and process, for each size:
 
 Goals (issue #20): warm prompt <= 0.25x the full forward; first prompt no slower than the full forward.
 
-    python -m bench.prompts [--sizes 320 800] [--images 3] [--runs 2] [--max-detections 100]
+    python -m bench.prompts [--sizes 320 800] [--images 3] [--runs 2] [--max-detections 100] \
+        [--report docs/benchmarks/prompts.md]
 
 Models are random-init (``weights=None``, the sample's 3 classes, score threshold 0.05): latency does not
 depend on training, and such a model fills every detection slot, so the mask head costs what a trained
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,16 +35,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segkit.models.checkpoint import save_checkpoint
-from segkit.tasks.checkpoint import make_checkpoint
-from segkit.models.mask_rcnn import build_model
-from segkit.inference.predictor import Predictor
-from segkit.serve.prompts import PromptEngine
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
+from segkit.models.checkpoint import save_checkpoint  # noqa: E402
+from segkit.tasks.checkpoint import make_checkpoint  # noqa: E402
+from segkit.models.mask_rcnn import build_model  # noqa: E402
+from segkit.inference.predictor import Predictor  # noqa: E402
+from segkit.serve.prompts import PromptEngine  # noqa: E402
+
 VAL_IMAGES = REPO / "data" / "sample" / "val" / "images"
 CLASSES = ["leaf", "pebble", "shell"]
 KINDS = ("full forward", "first prompt (cold)", "warm box prompt", "warm click prompt")
+METHOD = """\
+Is a prompt on an image the model has already seen cheap enough to feel live? Side by side, on the same
+images, in one process, for each size: the **full forward** (`predictor(image)`, what a plain pre-annotation
+runs); the **first prompt**, a box prompt on an image the `PromptEngine` has not seen (its cache cleared
+before each run: the full pass that fills the cache, then the heads on the box); and a **warm box** or **warm
+click** prompt on an image already in the cache, where only the box and mask heads run (or nothing, for a
+click on a detection). Goals (issue #20): a warm prompt at most 0.25x the full forward; the first prompt no
+slower than the full forward.
+
+The models are random init (the sample's 3 classes, score threshold 0.05): latency does not depend on
+training, and such a model fills every detection slot, so the mask head costs what a trained model's costs
+on a busy image. The images are the sample's val split, resized so that the shorter side is the size (320 px
+is about the sample's own), with the model's `img_size` set to the same. The timed calls rotate their order
+each round, so that machine noise hits all alike; median and p90 are over every (image, run). Peak RSS is
+the process's high-water mark after each size; "cache entry" is the FPN features one cached image holds."""
 
 
 def random_predictor(size: int, folder: Path, max_detections: int) -> Predictor:
@@ -118,18 +137,20 @@ def bench_size(size: int, paths: list[Path], runs: int, max_detections: int, fol
     return {"size": size, "times": times, "rss": peak_rss_mb(), "cache_mb": cache_mb, "shape": images[0].shape}
 
 
-def report(result: dict) -> list[str]:
+def size_markdown(result: dict) -> list[str]:
+    """One size's heading, table and goals (markdown lines)."""
     times, full = result["times"], statistics.median(result["times"][KINDS[0]])
-    lines = [f"\n{result['size']} px (first image {result['shape'][1]}x{result['shape'][0]}), "
-             f"peak RSS {result['rss']:.0f} MB, cache entry {result['cache_mb']:.1f} MB",
-             f"{'call':<22}{'median ms':>11}{'p90 ms':>9}{'x full':>8}"]
+    lines = [f"## {result['size']} px", "",
+             f"First image {result['shape'][1]}x{result['shape'][0]}, peak RSS {result['rss']:.0f} MB, "
+             f"cache entry {result['cache_mb']:.1f} MB.", "",
+             "| call | median (ms) | p90 (ms) | x full forward |", "|---|---|---|---|"]
     for kind in KINDS:
         med = statistics.median(times[kind])
-        lines.append(f"{kind:<22}{med:>11.1f}{p90(times[kind]):>9.1f}{med / full:>8.2f}")
+        lines.append(f"| {kind} | {med:.1f} | {p90(times[kind]):.1f} | {med / full:.2f} |")
     warm = max(statistics.median(times[k]) for k in KINDS[2:]) / full
     cold = statistics.median(times[KINDS[1]]) / full
-    lines.append(f"goal warm <= 0.25x full: {'met' if warm <= 0.25 else 'MISSED'} ({warm:.2f}x, the slower warm "
-                 f"kind); first prompt <= full forward: {'met' if cold <= 1.0 else 'MISSED'} ({cold:.2f}x)")
+    lines += ["", f"Goal warm <= 0.25x full: {'met' if warm <= 0.25 else 'MISSED'} ({warm:.2f}x, the slower warm "
+              f"kind); first prompt <= full forward: {'met' if cold <= 1.0 else 'MISSED'} ({cold:.2f}x)."]
     return lines
 
 
@@ -139,16 +160,22 @@ def main() -> None:
     p.add_argument("--images", type=int, default=3, help="val images to time on")
     p.add_argument("--runs", type=int, default=2, help="rounds per image")
     p.add_argument("--max-detections", type=int, default=100, help="the backend's default: 100")
+    p.add_argument("--report", default=None, help="also write the page (markdown) here")
     args = p.parse_args()
     import tempfile
 
     paths = sorted(VAL_IMAGES.glob("*.jpg"))[:args.images]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(paths)} images x {args.runs} runs, "
-          f"random-init Mask R-CNN R50-FPN, max {args.max_detections} detections")
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(paths)} images x {args.runs} runs, "
+             f"random-init Mask R-CNN R50-FPN, max {args.max_detections} detections."]
+    print(lines[0])
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            print("\n".join(report(bench_size(size, paths, args.runs, args.max_detections, Path(folder)))),
-                  flush=True)
+            section = size_markdown(bench_size(size, paths, args.runs, args.max_detections, Path(folder)))
+            print("\n" + "\n".join(section), flush=True)
+            lines += ["", *section]
+    if args.report:
+        write_report(args.report, "Interactive prompts against full forwards", "bench/prompts.py", sys.argv[1:],
+                     f"{METHOD}\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Does prediction scale? One single-thread process against N single-thread torchrun ranks and a local Ray pool
 of N single-thread actors, on the same images, in one run.
 
-    python bench/scale.py [--n 2] [--checkpoint best.pt] [--images 4 12]
+    python bench/scale.py [--n 2] [--checkpoint best.pt] [--images 4 12] [--report docs/benchmarks/scale.md]
 
 Each way runs ``segkit predict`` as a user would (a fresh output folder each time) on the first SMALL and
 then the first LARGE of the sample's images; images/s is the marginal rate (LARGE - SMALL) / (seconds of
@@ -24,8 +24,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 SAMPLE = REPO / "data" / "sample"
 ARGS = ["--max-detections", "10", "--score-threshold", "0.05", "--batch-size", "1", "--threads", "1"]
+METHOD = """\
+Does prediction scale? `segkit predict` run as a user would, in three ways on the same images: one
+single-thread process, N single-thread torchrun ranks, and a local Ray pool of N single-thread actors (a fresh
+output folder each time). Each way runs on the first SMALL and then the first LARGE of the sample's training
+images; images/s is the marginal rate, (LARGE - SMALL) / (seconds of the large run - seconds of the small
+one), so that start-up (importing torch, loading the model, starting torchrun's agent or a local Ray) cancels
+out, and the end-to-end time of the large run is shown beside it. Peak RSS is the kernel's high-water mark
+(VmHWM) of every process of the run, read while it runs: the largest worker (rank or actor), and all the
+processes together (the launcher and Ray's own daemons included). The goal on a CPU machine: N ranks at least
+0.8 x N x one process. Without `--checkpoint` the model is random init (10 detection slots at score threshold
+0.05, which it fills, so they cost what a trained model's detections cost)."""
 
 
 def random_init_checkpoint(folder: Path) -> Path:
@@ -109,6 +122,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs=2, default=[4, 12], metavar=("SMALL", "LARGE"),
                         help="image counts of the two runs of each way (default 4 12)")
     parser.add_argument("--ways", nargs="+", default=["one process", "torchrun", "ray"])
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="segkit-scale-") as tmp:
         tmp = Path(tmp)
@@ -128,20 +142,26 @@ def main() -> None:
             small, large = args.images
             rate = (large - small) / max(runs[large]["seconds"] - runs[small]["seconds"], 1e-9)
             rows.append({"way": way, "n": n, "rate": rate, **runs[large]})
-        print_table(rows, args)
+    print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
+    text = results_markdown(rows, args)
+    print(text)
+    if args.report:
+        write_report(args.report, "Scaling prediction: one process, torchrun ranks, a Ray pool", "bench/scale.py",
+                     sys.argv[1:], f"{METHOD}\n\n{text}")
 
 
-def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+def results_markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    """This run's settings and its table (markdown): one row per way, its rate against one process's."""
     base = rows[0]["rate"] if rows and rows[0]["way"] == "one process" else None
-    print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; images {args.images[0]} and "
-          f"{args.images[1]}; 1 thread per process\n")
-    print("| way | processes | images/s (marginal) | x one process | end to end, s | peak RSS per worker, MB | "
-          "peak RSS all, MB |")
-    print("|---|---|---|---|---|---|---|")
+    model = f"`{args.checkpoint}`" if args.checkpoint else "random init"
+    lines = [f"Images {args.images[0]} and {args.images[1]}; 1 thread per process; {model}.", "",
+             "| way | processes | images/s (marginal) | x one process | end to end, s | peak RSS per worker, MB | "
+             "peak RSS all, MB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['rate'] / base:.2f}" if base else "-"
-        print(f"| {r['way']} | {r['n']} | {r['rate']:.2f} | {ratio} | {r['seconds']:.1f} | {r['worker_mb']:.0f} | "
-              f"{r['total_mb']:.0f} |")
+        lines.append(f"| {r['way']} | {r['n']} | {r['rate']:.2f} | {ratio} | {r['seconds']:.1f} | "
+                     f"{r['worker_mb']:.0f} | {r['total_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ through segkit's own loop (``engine.train_one_epoch``, batch 2, no augmentation)
 (model, phase) runs in a fresh process, so peak RSS is that phase's own; the phases alternate
 between models run by run, and the best run of each is kept.
 
-    python bench/semantic.py [--img-size 320] [--steps 4] [--runs 3] [--repeat 1] [--models ...]
+    python bench/semantic.py [--img-size 320] [--steps 4] [--runs 3] [--repeat 1] [--models ...] \
+        [--report docs/benchmarks/semantic.md]
 """
 from __future__ import annotations
 
@@ -24,8 +25,20 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
 SAMPLE = REPO / "data" / "sample"
 MODELS = ["maskrcnn_resnet50_fpn", "unet_resnet34", "unet_resnet18", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large"]
+METHOD = """\
+Semantic segmentation models beside Mask R-CNN R50-FPN at the same image size: training images/s and inference
+latency. Every model starts from random init (the same seed). Training runs through segkit's own loop
+(`engine.train_one_epoch`, batch 2, no augmentation, Mask R-CNN sampling 128 RoIs per image) on the sample's
+training images, timed over a few batches after an untimed warm-up batch. Inference runs through `Predictor`
+on one sample val image, loaded from a saved checkpoint as users run it (PIL image in; masks pasted, or the
+class map made), the median of a few runs after a warm-up; Mask R-CNN's includes its mask head on all the
+detections a random-init model fills (score threshold 0.05). Each (model, phase) runs in a fresh process, so
+that peak RSS is that phase's own; the order of the models alternates from run to run and the best run of
+each is kept."""
 
 
 def _is_semantic(arch: str) -> bool:
@@ -108,6 +121,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed predictions per inference run (median)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each (model, phase), alternating")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=["train", "infer"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,9 +136,15 @@ def main() -> None:
                        "--steps", str(args.steps), "--runs", str(args.runs)]
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=REPO).stdout
                 results.append(json.loads(out.splitlines()[-1]))
-    print(f"random init, {args.img_size} px, CPU ({torch.get_num_threads()} threads), training: batch 2, "
-          f"{args.steps} steps; inference: median of {args.runs}; best of {args.repeat} run(s) each")
-    print(f"{'model':<28}{'train img/s':>12}{'train RSS MB':>14}{'infer ms':>10}{'vs Mask R-CNN':>15}{'infer RSS MB':>14}")
+    text = results_markdown(results, args)
+    print(text)
+    if args.report:
+        write_report(args.report, "Semantic models beside Mask R-CNN", "bench/semantic.py", sys.argv[1:],
+                     f"{METHOD}\n\n{text}")
+
+
+def results_markdown(results: list[dict], args: argparse.Namespace) -> str:
+    """This run's settings and its table (markdown): the best run of each (model, phase), one row per model."""
     best = {}
     for r in results:
         key = (r["model"], r["phase"])
@@ -133,11 +153,18 @@ def main() -> None:
         if key not in best or better(r, best[key]):
             best[key] = r
     base = best.get(("maskrcnn_resnet50_fpn", "infer"), {}).get("median_s")
+    image = next(r["image"] for r in results if r["phase"] == "infer")
+    lines = [f"Random init, {args.img_size} px, CPU ({torch.get_num_threads()} threads); training: batch 2, "
+             f"{args.steps} steps; inference: {image} image, median of {args.runs}; best of {args.repeat} run(s) "
+             "each.", "",
+             "| model | training images/s | training peak RSS (MB) | inference (ms) | vs Mask R-CNN | "
+             "inference peak RSS (MB) |", "|---|---|---|---|---|---|"]
     for model in args.models:
         train, infer = best[(model, "train")], best[(model, "infer")]
         ratio = f"{infer['median_s'] / base:.2f}x" if base else "-"
-        print(f"{model:<28}{train['images_per_s']:>12.2f}{train['peak_mb']:>14.0f}{infer['median_s'] * 1000:>10.0f}"
-              f"{ratio:>15}{infer['peak_mb']:>14.0f}")
+        lines.append(f"| `{model}` | {train['images_per_s']:.2f} | {train['peak_mb']:.0f} | "
+                     f"{infer['median_s'] * 1000:.0f} | {ratio} | {infer['peak_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ each pipeline runs in its own process so that peak memory is its own. By default
 epoch of the sample, so that both do the same work whatever order their samplers draw the images in
 (10 random steps of one can hold many more instances than 10 of the other). Prints a table with the ratio.
 
-    python bench/train.py [--steps 0] [--repeat 2] [--img-size 512] [--batch-size 2] [--workers 2] [--device cpu]
+    python bench/train.py [--steps 0] [--repeat 2] [--img-size 512] [--batch-size 2] [--workers 2] [--device cpu] \
+        [--report docs/benchmarks/train.md]
 """
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.report import write_report  # noqa: E402 - after the path it needs
+
+METHOD = """\
+One epoch of the sample's training images (those with objects), Mask R-CNN R50-FPN from random init, through
+segkit's `engine.train_one_epoch` (its `light` augmentation, gradient clipping, loss logging, the non-finite
+check) and through a loop written like torchvision's fine-tuning tutorial (its dataset reading the same COCO
+file, horizontal flips, its `train_one_epoch` with a linear warm-up): the same model, images, image size,
+batch, DataLoader workers and SGD settings, one untimed warm-up step each. A whole epoch, so that both do the
+same work whatever order their samplers draw the images in.
+
+Each run is a process of its own, so its peak memory (RSS on a CPU, allocated memory on a GPU) is that
+pipeline's. The runs alternate (tutorial, segkit, segkit, tutorial, ...) and the best of each pipeline is
+kept, so that a slow drift of the machine hits both alike. On a GPU segkit trains in mixed precision, which
+the tutorial loop does not."""
 
 
 class TutorialDataset(torch.utils.data.Dataset):
@@ -137,6 +153,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each pipeline, alternating")
+    parser.add_argument("--report", default=None, help="also write the page (markdown) here")
     parser.add_argument("--variant", choices=["segkit", "tutorial"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -148,17 +165,30 @@ def main() -> None:
     for i in range(args.repeat):
         for variant in order[i % 2]:
             cmd = [sys.executable, __file__, "--variant", variant] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "repeat")]
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("variant", "repeat", "report")]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
             runs.append(json.loads(out.splitlines()[-1]))
     rows = [max((r for r in runs if r["variant"] == v), key=lambda r: r["images_per_s"]) for v in ("tutorial", "segkit")]
+    text = results_markdown(rows, args)
+    print(text)
+    if args.report:
+        write_report(args.report, "Training: segkit against torchvision's tutorial loop", "bench/train.py",
+                     sys.argv[1:], f"{METHOD}\n\n{text}")
+
+
+def results_markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    """This run's settings and its table (markdown): the best run of each pipeline, speed against the tutorial's."""
     base = rows[0]["images_per_s"]
-    print(f"Mask R-CNN R50-FPN training, {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
-          f"{rows[0]['steps']} steps, {args.device}, best of {args.repeat} runs each")
-    print(f"{'pipeline':<22}{'images/s':>10}{'peak MB':>10}{'speed vs tutorial':>20}")
+    peak = "peak GPU memory (MB)" if args.device.startswith("cuda") else "peak RSS (MB)"
+    lines = [f"Mask R-CNN R50-FPN training, {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
+             f"{rows[0]['steps']} steps, {args.device}, best of {args.repeat} runs each.", "",
+             f"| pipeline | images/s | {peak} | speed vs tutorial |", "|---|---|---|---|"]
     for row in rows:
-        name = "torchvision tutorial" if row["variant"] == "tutorial" else "segkit"
-        print(f"{name:<22}{row['images_per_s']:>10.2f}{row['peak_mb']:>10.0f}{row['images_per_s'] / base:>19.2f}x")
+        name = "torchvision tutorial loop" if row["variant"] == "tutorial" else "segkit (`engine.train_one_epoch`)"
+        lines.append(f"| {name} | {row['images_per_s']:.2f} | {row['peak_mb']:.0f} | "
+                     f"{row['images_per_s'] / base:.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
