@@ -25,7 +25,7 @@ import sys
 import gradio as gr
 from PIL import Image
 
-from segkit.commands import add_tile_arguments, tiling_from_args
+from segkit.commands import add_tile_arguments, add_tta_arguments, tiling_from_args, tta_from_args
 from segkit.data.images import DEFAULT_MAX_PIXELS, as_rgb, downscale
 from segkit.engine.runs import newest_best
 from segkit.structures.prediction import Prediction, SemanticPrediction
@@ -37,6 +37,7 @@ from segkit.serve.demo import (ALPHA, CLASS_TABLE_COLUMNS, EXAMPLES_DIR, OutputF
                                write_downloads)
 
 MAX_SIDE = 2048  # larger images are downscaled before inference: the overlay is sent to a browser
+TILED_MAX_SIDE = 10000  # ... unless they are predicted tile by tile, which is for seeing them at full size
 
 
 def find_checkpoint(spec: str | None = None) -> str | None:
@@ -141,9 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", default=None,
                         help="folder of example images (default: the model's own val images where its data is on "
                              f"this machine, else {EXAMPLES_DIR} for a model of the sample's classes)")
-    parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale larger images to this side")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help=f"downscale larger images to this side (default {MAX_SIDE}; with --tile {TILED_MAX_SIDE}: "
+                             "tiles are for seeing large photos at full resolution)")
     parser.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     add_tile_arguments(parser)
+    add_tta_arguments(parser)
     parser.add_argument("--ls-backend", action="store_true",
                         default=os.environ.get("SEGKIT_LS_BACKEND", "").strip().lower() in ("1", "true", "yes", "on"),
                         help="also serve Label Studio's ML-backend routes (/health, /setup, /predict, /webhook, "
@@ -165,10 +169,11 @@ def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predicto
     """The app and the predictor it serves (None when there is no model yet)."""
     predictor, note = load_predictor(find_checkpoint(args.checkpoint), args.max_detections)
     if predictor is not None and predictor.task == "instance":
-        predictor.tile(tiling_from_args(args))
+        predictor.tile(tiling_from_args(args)).augment(tta_from_args(args))
+    max_side = args.max_side or (TILED_MAX_SIDE if getattr(predictor, "tiling", None) else MAX_SIDE)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)
-    return build_demo(predictor, model_examples(predictor, args.examples), note=note, max_side=args.max_side,
+    return build_demo(predictor, model_examples(predictor, args.examples), note=note, max_side=max_side,
                       max_pixels=args.max_pixels), predictor
 
 

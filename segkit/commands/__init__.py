@@ -38,17 +38,49 @@ def resolve_checkpoint_arg(args: argparse.Namespace) -> None:
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
 
 
+def _tile_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a tile size in pixels or 'auto', not {text!r}") from None
+
+
 def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
     """``--tile`` and ``--tile-overlap``: sliced inference of large images (:mod:`segkit.inference.tiles`)."""
-    parser.add_argument("--tile", type=int, default=None, metavar="PIXELS",
+    parser.add_argument("--tile", type=_tile_size, default=None, metavar="PIXELS",
                         help="predict images larger than this tile by tile at full resolution, plus a whole-image "
-                             "pass, merged by mask (small objects in large photos); default: whole images")
+                             "pass, merged by mask (small objects in large photos); 'auto': tiles as large as the "
+                             "model's training images, for images more than twice that; default: whole images")
     parser.add_argument("--tile-overlap", type=float, default=0.25, metavar="FRACTION",
                         help="--tile: how much neighbouring tiles overlap (default 0.25)")
 
 
 def tiling_from_args(args: argparse.Namespace):
-    """The :class:`~segkit.inference.tiles.Tiling` ``--tile`` asks for, or None."""
+    """The :class:`~segkit.inference.tiles.Tiling` ``--tile`` asks for, ``"auto"`` (the predictor works it out
+    from its model), or None."""
     from segkit.inference.tiles import Tiling
 
-    return Tiling(args.tile, args.tile_overlap) if getattr(args, "tile", None) else None
+    tile = getattr(args, "tile", None)
+    if tile == "auto":
+        return "auto"
+    return Tiling(tile, args.tile_overlap) if tile else None
+
+
+def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` and ``--tta-scales``: test-time augmentation (:mod:`segkit.inference.tta`)."""
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: predict each image also mirrored (and at --tta-scales) and "
+                             "let the views vote on each object's mask and score; costs a forward per view")
+    parser.add_argument("--tta-scales", type=float, nargs="+", default=(), metavar="FRACTION",
+                        help="with --tta: also predict at these fractions of the model's input size, e.g. 0.8 1.25")
+
+
+def tta_from_args(args: argparse.Namespace):
+    """The :class:`~segkit.inference.tta.TTA` ``--tta`` asks for, or None."""
+    from segkit.inference.tta import TTA
+
+    if not getattr(args, "tta", False) and not getattr(args, "tta_scales", ()):
+        return None
+    return TTA(flip=True, scales=tuple(args.tta_scales))

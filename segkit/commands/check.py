@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "COCO), a folder with train/ val/ test/ subfolders, or a Label Studio project URL")
     parser.add_argument("--images", metavar="DIR", help="folder searched for images before the export's own folder")
     parser.add_argument("--format", choices=FORMATS, help="skip format detection")
+    parser.add_argument("--img-size", type=int, default=512,
+                        help="the model's input size (shorter side) to judge object sizes at (train's default: 512)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the report")
     add_key_arguments(parser, " for a project URL")
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = report(records)
+    result = report(records, args.img_size)
     if args.json:
         print(json.dumps(result))
     else:
@@ -75,6 +77,8 @@ def _human(records: DatasetRecords, result: dict[str, Any]) -> str:
         lines += [f"    {p.file}: {p.detail}" for p in problems[:_SHOWN_PER_KIND]]
         if len(problems) > _SHOWN_PER_KIND:
             lines.append(f"    ... and {len(problems) - _SHOWN_PER_KIND} more (--json lists all)")
+    if result["small_objects_hint"]:
+        lines += ["", f"hint: {result['small_objects_hint']}"]
     reason = not_trainable_reason(records)
     lines += ["", "trainable: yes" if reason is None else f"NOT trainable: {reason}"]
     return "\n".join(lines)

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.commands import (add_key_arguments, add_tile_arguments, key_from_args, resolve_checkpoint_arg,
-                             tiling_from_args)
+from segkit.commands import (add_key_arguments, add_tile_arguments, add_tta_arguments, key_from_args,
+                             resolve_checkpoint_arg, tiling_from_args, tta_from_args)
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
 
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-detections", type=int, default=100,
                    help="most instances per image (COCO AP counts up to 100)")
     add_tile_arguments(p)
+    add_tta_arguments(p)
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--out", default=None, metavar="DIR", help="write confusion_matrix.png and pr_curves.png here")
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.evaluation.evaluate import evaluate_predictor
     from segkit.evaluation.metrics import BACKGROUND, EvaluateError
     from segkit.engine.plots import plot_confusion_matrix, plot_pr_curves
-    from segkit.inference.predictor import Predictor
+    from segkit.inference.predictor import Predictor, UnsupportedOption
     from segkit.models.checkpoint import CheckpointError
     from segkit.tasks import get_task
     from segkit.tasks.wording import wording
@@ -62,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     classes = list(ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, max_detections=args.max_detections)
-    predictor.tile(tiling_from_args(args))
+    try:
+        predictor.tile(tiling_from_args(args)).augment(tta_from_args(args))
+    except UnsupportedOption as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     task = get_task(predictor.task)
     threshold = predictor.score_threshold if args.score_threshold is None else args.score_threshold
     evaluator = task.evaluator(records, classes, threshold)

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from segkit.commands import add_tile_arguments, resolve_checkpoint_arg, tiling_from_args
+from segkit.commands import (add_tile_arguments, add_tta_arguments, resolve_checkpoint_arg, tiling_from_args,
+                             tta_from_args)
 from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "get slightly different outputs than alone)")
     p.add_argument("--max-detections", type=int, default=100, help="most instances per image")
     add_tile_arguments(p)
+    add_tta_arguments(p)
     p.add_argument("--from-name", default=DEFAULT_FROM_NAME,
                    help="Label Studio: name of the PolygonLabels/BrushLabels tag in the labeling config")
     p.add_argument("--to-name", default=DEFAULT_TO_NAME, help="Label Studio: name of the Image tag")
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """Predict; 2 when nothing can be done, 1 when some images could not be read, else 0."""
     from segkit.models.checkpoint import CheckpointError
     from segkit.inference.predict_files import LabelStudioOptions, SourceError
+    from segkit.inference.predictor import UnsupportedOption
 
     ls = LabelStudioOptions(args.from_name, args.to_name, args.ls_brush, args.image_root_url)
     try:
@@ -67,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
         if args.ray is not None:
             from segkit.inference.ray_predict import predict_with_ray
 
-            return predict_with_ray(args, ls)
+            return predict_with_ray(args, ls, tiling_from_args(args), tta_from_args(args))
         return _predict_here(args, ls)
-    except (SourceError, CheckpointError) as e:
+    except (SourceError, CheckpointError, UnsupportedOption) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -94,7 +97,7 @@ def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     try:
         result = predict_to_folder(Path(args.checkpoint), images, out, args.score_threshold, args.batch_size,
                                    args.max_detections, ls, ranks, rank_device(ranks) if ranks.distributed else None,
-                                   tiling_from_args(args))
+                                   tiling_from_args(args), tta_from_args(args))
     finally:
         ranks.leave()
     for path, error in result.failed:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from segkit.models.checkpoint import CheckpointError
     from segkit.labelstudio.client import Client, LabelStudioError, parse_project_url, resolve_api_key
     from segkit.labelstudio.config import LabelConfigError
-    from segkit.inference.predictor import Predictor
+    from segkit.inference.predictor import Predictor, UnsupportedOption
     from segkit.models.checkpoint import model_version
     from segkit.serve.prelabel import least_sure, prelabel_project, sort_hint
     from segkit.inference.sharding import Ranks, cpu_threads, rank_device
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             result = prelabel_project(client, project, predictor, version, args.only_missing,
                                       args.score_threshold, progress=not args.no_progress and ranks.rank == 0,
                                       shard=(ranks.rank, ranks.world))
-    except (LabelStudioError, LabelConfigError, CheckpointError, OSError) as e:
+    except (LabelStudioError, LabelConfigError, CheckpointError, OSError, UnsupportedOption) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     who = f"rank {ranks.rank}: " if ranks.distributed else ""

@@ -14,6 +14,7 @@ import torch
 from segkit.data.class_map import class_map
 from segkit.data.images import load_image
 from segkit.data.records import ImageRecord, Instance, label_map
+from segkit.data.tiling import crop_instances, random_window
 from segkit.data.transforms import build_transform
 
 Transform = Callable[..., tuple[torch.Tensor, dict]]
@@ -25,12 +26,15 @@ def _trainable(inst: Instance) -> bool:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Images with their instance masks, augmented by ``transform`` into torchvision's (image, target)."""
+    """Images with their instance masks, augmented by ``transform`` into torchvision's (image, target);
+    with ``tile``, a random crop of that many pixels at native resolution of each (:mod:`segkit.data.tiling`)."""
 
-    def __init__(self, images: Sequence[ImageRecord], classes: Sequence[str], transform: Transform | None = None):
+    def __init__(self, images: Sequence[ImageRecord], classes: Sequence[str], transform: Transform | None = None,
+                 tile: int | None = None):
         self.images = list(images)
         self.classes = list(classes)
         self.transform = transform if transform is not None else build_transform("none", train=False)
+        self.tile = tile
         self._labels = label_map(self.classes)
 
     def __len__(self) -> int:
@@ -39,6 +43,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image ``i`` before augmentation: HxWx3 uint8 RGB, (N, H, W) uint8 masks, (N,) int64 labels."""
         rec = self.images[i]
+        if self.tile:
+            return self._load_tile(rec)
         image = np.asarray(load_image(rec.path))
         h, w = image.shape[:2]
         instances = [inst for inst in rec.instances if _trainable(inst)]
@@ -48,11 +54,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if mask.shape != (h, w):  # an RLE keeps its own size: it was drawn on another image
                 raise ValueError(f"{rec.path}: a {inst.label!r} mask is {mask.shape}, the image {(h, w)}")
             masks[k] = mask
+        return image, masks, self._label_array(rec, instances)
+
+    def _load_tile(self, rec: ImageRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        photo = load_image(rec.path)
+        instances = [inst for inst in rec.instances if _trainable(inst)]
+        window = random_window(instances, photo.width, photo.height, self.tile)
+        instances, masks = crop_instances(instances, window, photo.width, photo.height)
+        return np.asarray(photo.crop(window)), masks, self._label_array(rec, instances)
+
+    def _label_array(self, rec: ImageRecord, instances: list[Instance]) -> np.ndarray:
         try:
-            labels = np.array([self._labels[inst.label] for inst in instances], np.int64)
+            return np.array([self._labels[inst.label] for inst in instances], np.int64)
         except KeyError as err:
             raise KeyError(f"{rec.path}: class {err.args[0]!r} is not one of {self.classes}") from None
-        return image, masks, labels
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         image, masks, labels = self.load(i)

@@ -44,17 +44,38 @@ class Instance:
 
     def mask(self, height: int, width: int) -> np.ndarray:
         """Decode to a uint8 (H, W) mask with pycocotools; an empty mask when there is no segmentation."""
+        rle = self._rle(height, width)
+        return np.zeros((height, width), dtype=np.uint8) if rle is None else mask_utils.decode(rle).astype(np.uint8)
+
+    def area(self, height: int, width: int) -> int:
+        """The mask's pixels (counted on its RLE: no full-size mask is made)."""
+        rle = self._rle(height, width)
+        return 0 if rle is None else int(mask_utils.area(rle))
+
+    def mask_in(self, window: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+        """The uint8 mask within ``window`` (x0, y0, x1, y1) of its ``height`` x ``width`` image, as ``mask()``
+        cut there: polygons are drawn on the window grown to hold them (pycocotools clips a polygon at the
+        canvas's edge slightly differently from inside it), so a crop of a huge photo costs its object's size."""
+        x0, y0, x1, y1 = window
+        seg = self.segmentation
+        if not (isinstance(seg, list) and seg):
+            return np.ascontiguousarray(self.mask(height, width)[y0:y1, x0:x1])
+        xs, ys = [v for p in seg for v in p[0::2]], [v for p in seg for v in p[1::2]]
+        cx0, cy0 = min(x0, max(0, int(min(xs)) - 1)), min(y0, max(0, int(min(ys)) - 1))
+        cx1, cy1 = max(x1, min(width, int(max(xs)) + 2)), max(y1, min(height, int(max(ys)) + 2))
+        shifted = [[v - (cx0 if k % 2 == 0 else cy0) for k, v in enumerate(polygon)] for polygon in seg]
+        canvas = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(shifted, cy1 - cy0, cx1 - cx0)))
+        return np.ascontiguousarray(canvas[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0], dtype=np.uint8)
+
+    def _rle(self, height: int, width: int) -> dict[str, Any] | None:
         seg = self.segmentation
         if seg is None or (isinstance(seg, list) and len(seg) == 0):
-            return np.zeros((height, width), dtype=np.uint8)
+            return None
         if isinstance(seg, list):
-            rles = mask_utils.frPyObjects(seg, height, width)
-            rle = mask_utils.merge(rles)
-        elif isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = seg
-        return mask_utils.decode(rle).astype(np.uint8)
+            return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        if isinstance(seg.get("counts"), list):
+            return mask_utils.frPyObjects(seg, height, width)
+        return seg
 
 
 @dataclass
@@ -105,3 +126,9 @@ def restrict_to_classes(records: Sequence[ImageRecord],
                 dropped[inst.label] = dropped.get(inst.label, 0) + 1
         out.append(replace(rec, instances=[i for i in rec.instances if i.label in known]))
     return out, dropped
+
+
+def median_side(records: Sequence[ImageRecord]) -> int | None:
+    """The median shorter side of ``records``' images (None for none): the scale a model trained on them knows."""
+    sides = sorted(min(r.width, r.height) for r in records)
+    return int(sides[len(sides) // 2]) if sides else None

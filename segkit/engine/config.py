@@ -51,6 +51,8 @@ class TrainConfig:
     batch_size: int = _opt(2, "images per step per process")
     workers: int = _opt(2, "DataLoader worker processes")
     img_size: int = _opt(512, "shorter image side inside the model (torchvision's min_size)")
+    train_tiles: int | None = _opt(None, "train on random crops of this many pixels at full resolution (small objects "
+                                         "in large photos; validation then predicts tile by tile, as --tile does)")
     aug: str = _opt("default", "augmentation preset", choices=list(PRESETS))
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw", choices=["sgd", "adamw"])
     lr: float = _opt(0.01, "peak learning rate (AdamW: try 1e-4)")
@@ -82,8 +84,12 @@ class TrainConfig:
 
 
 def resolve_model(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the task's default model filled in; a model of the other task stops with what would work."""
+    """``cfg`` with the task's default model filled in; a model of the other task, or tiles for a semantic
+    model, stop with what would work."""
     task = get_task(cfg.task)
+    if cfg.train_tiles is not None and (cfg.task != "instance" or cfg.train_tiles < 32):
+        raise TrainingStopped(f"--train-tiles is for instance models, with tiles of at least 32 px (got --task "
+                              f"{cfg.task}, {cfg.train_tiles} px)", exit_code=2)
     if cfg.model is None:
         return dataclasses.replace(cfg, model=task.default_model)
     if cfg.model not in task.architectures:

@@ -12,10 +12,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-
+from segkit.inference.tiles import Tiling, predict_tiled
+from segkit.models.forward import image_tensors
 
 # torchvision's loss names, shortened for the progress bar
 SHORT = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
@@ -133,28 +135,40 @@ def compute_losses(model, loader: Iterable, device: torch.device, desc: str = "v
 
 
 def evaluate(model, loader, device: torch.device, task, evaluator, prefix: str = "val",
-             show_progress: bool = True) -> tuple[dict[str, float], dict]:
+             show_progress: bool = True, tiling: Tiling | None = None) -> tuple[dict[str, float], dict]:
     """Losses, then ``task``'s metrics on ``loader``'s dataset (one of ``task.dataset``'s).
 
     ``task`` is a :class:`segkit.tasks.Task`, ``evaluator`` one of its evaluators over the dataset's
-    images. Returns (flat row of numbers for metrics.csv, the evaluator's full report).
+    images; ``tiling``: predict them tile by tile (the losses stay whole-image). Returns (flat row of
+    numbers for metrics.csv, the evaluator's full report).
     """
     losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
     evaluator.reset()
-    predict_into(model, loader, device, task, evaluator, f"{prefix} metrics", show_progress)
+    predict_into(model, loader, device, task, evaluator, f"{prefix} metrics", show_progress, tiling)
     report = evaluator.summarize()
     return {**{f"{prefix}_{k}": v for k, v in losses.items()}, **task.metrics_row(report, prefix)}, report
 
 
 @torch.inference_mode()
 def predict_into(model, loader: Iterable, device: torch.device, task, evaluator, desc: str = "val metrics",
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, tiling: Tiling | None = None) -> None:
     """Run the model in eval mode and feed everything it predicts, at any score, to ``evaluator``.
 
     Instance masks stay at their boxes' size (:func:`segkit.models.forward.detect`), as in the
     Predictor: 100 detections at torchvision's 0.05 floor would otherwise be 100 full-size float images.
+    With ``tiling``, each image is predicted tile by tile as ``--tile`` does (:mod:`segkit.inference.tiles`).
     """
     model.eval()
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
+        if tiling is not None:
+            evaluator.process(targets, [_predict_tiled(model, task, evaluator.classes, device, im, tiling)
+                                        for im in images])
+            continue
         images = [im.to(device, non_blocking=True) for im in images]
         evaluator.process(targets, task.predict(model, images, evaluator.classes, 0.0))
+
+
+def _predict_tiled(model, task, classes: list[str], device: torch.device, image: torch.Tensor, tiling: Tiling):
+    """One dataset image (float (3, H, W) in [0, 1]) predicted tile by tile, every detection kept."""
+    rgb = Image.fromarray(image.mul(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+    return predict_tiled(lambda tile: task.predict(model, image_tensors([tile], device), classes, 0.0)[0], rgb, tiling)

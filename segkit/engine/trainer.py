@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segkit.atomic import write_json
 from segkit.data.dataset import collate_fn
 from segkit.data.readers import DataError, load_dataset
+from segkit.data.records import median_side
 from segkit.data.splits import SPLITS, SplitError, restore_split, split_paths, split_records
 from segkit.data.transforms import build_transform
 from segkit.data.validate import ensure_trainable
@@ -30,6 +31,7 @@ from segkit.engine.distributed import agree, barrier, pick_device, setup_distrib
 from segkit.engine.optim import make_optimization, restore_optimization
 from segkit.engine.seeding import EpochSampler, rng_state, seed_epoch, seed_everything, set_rng_state
 from segkit.inference.predictor import Predictor
+from segkit.inference.tiles import Tiling
 from segkit.inference.visualize import preview_sheet, save_png
 from segkit.models.checkpoint import load_checkpoint, save_checkpoint
 from segkit.tasks.checkpoint import make_checkpoint
@@ -95,6 +97,7 @@ class _Run:
         return make_checkpoint(self.model, self.cfg.model, self.classes, self.cfg.img_size, self.cfg.score_threshold,
                                self.task.frozen_bn(self.cfg), task=self.cfg.task, config=dataclasses.asdict(self.cfg),
                                split=split_paths(self.splits, self.cfg.data), data_source=self.data_source,
+                               train_side=_train_side(self.cfg, self.splits["train"]),
                                **({"start": self.start} if self.start else {}), **extra)
 
     def resumable(self, epoch_done: int, step: int) -> dict:
@@ -324,7 +327,8 @@ def _make_loaders(cfg: TrainConfig, task: Task, splits: dict, classes: list[str]
     loaders = {}
     for split, images in splits.items():
         train = split == "train"
-        dataset = task.dataset(images, classes, build_transform(cfg.aug if train else "none", train=train))
+        dataset = task.dataset(images, classes, build_transform(cfg.aug if train else "none", train=train),
+                               tile=cfg.train_tiles if train else None)  # val/test: whole images, predicted in tiles
         if train:
             sampler = DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else \
                 EpochSampler(len(dataset), cfg.seed)
@@ -361,7 +365,15 @@ def _evaluate(run: _Run, split: str) -> tuple[dict, dict]:
     """(metrics.csv row, full report) of ``split`` for the run's task."""
     evaluator = run.task.evaluator(run.splits[split], run.classes, run.cfg.score_threshold,
                                    run.ground_truth.get(split))
-    return loops.evaluate(run.model, run.loaders[split], run.device, run.task, evaluator, split, run.cfg.progress)
+    tiling = Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None  # chosen as it will be used: --tile
+    return loops.evaluate(run.model, run.loaders[split], run.device, run.task, evaluator, split, run.cfg.progress,
+                          tiling)
+
+
+def _train_side(cfg: TrainConfig, images: list) -> int | None:
+    """The shorter side of the images the model trained on (median): where ``--tile auto`` cuts."""
+    side = median_side(images)
+    return min(side, cfg.train_tiles) if side and cfg.train_tiles else side
 
 
 def _print_epoch(run: _Run, row: dict) -> None:

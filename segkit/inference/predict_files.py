@@ -54,6 +54,7 @@ from segkit.labelstudio.preannotations import DEFAULT_FROM_NAME, DEFAULT_TO_NAME
 from segkit.inference.sharding import Ranks, shard
 from segkit.inference.predictor import Predictor
 from segkit.inference.tiles import Tiling
+from segkit.inference.tta import TTA
 from segkit.inference.visualize import mask_png, overlay, save_png
 from segkit.models.checkpoint import load_checkpoint, model_version, task_of
 from segkit.tasks import get_task
@@ -90,7 +91,8 @@ class FolderResult:
 def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Path,
                       score_threshold: float | None = None, batch_size: int = 4, max_detections: int | None = 100,
                       labelstudio: LabelStudioOptions | None = None, ranks: Ranks | None = None,
-                      device: str | torch.device | None = None, tiling: Tiling | None = None) -> FolderResult:
+                      device: str | torch.device | None = None, tiling: Tiling | str | None = None,
+                      tta: TTA | None = None) -> FolderResult:
     """Predict ``(path, reference)`` images (from :func:`find_images`) into ``out``.
 
     Images already done there for the same image, checkpoint and threshold are skipped; the json
@@ -107,8 +109,9 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     if get_task(task_of(ckpt)).region == "brush":  # a semantic model's class area is one region, often in pieces
         labelstudio = dataclasses.replace(labelstudio, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if score_threshold is None else score_threshold
-    run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold,
-               **({"tiling": dataclasses.asdict(tiling)} if tiling else {})}  # a record made otherwise is redone
+    run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold,  # made otherwise: redone
+               **({"tiling": tiling if isinstance(tiling, str) else dataclasses.asdict(tiling)} if tiling else {}),
+               **({"tta": dataclasses.asdict(tta)} if tta else {})}
     names = unique_names([path for path, _ in images])
     for sub in ("overlays", "masks", "records"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
     failed = []
     if mine:  # building the model takes seconds; a finished folder only needs its json rewritten
         predictor = Predictor.from_loaded_checkpoint(ckpt, checkpoint, device, max_detections=max_detections)
-        predictor.tile(tiling)
+        predictor.tile(tiling).augment(tta)
         failed = predict_images(predictor, mine, out, threshold, run_key, max(1, batch_size),
                                 progress=ranks.rank == 0)
     ranks.barrier()  # every share's records are written before rank 0 reads them

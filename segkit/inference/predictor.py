@@ -12,6 +12,7 @@ import torch
 
 from segkit.data.images import ImageInput, as_rgb
 from segkit.inference.tiles import Tiling, predict_tiled
+from segkit.inference.tta import TTA, predict_tta
 from segkit.models.artifacts import Runner, load_runner
 from segkit.models.forward import image_tensors, to_prediction
 from segkit.structures.prediction import Prediction, SemanticPrediction
@@ -23,6 +24,10 @@ from segkit.tasks import get_task
 # Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
 # itself: the same detections, and faster with oneDNN (bench/infer.py, README "Inference backends").
 CPU_CHANNELS_LAST = True
+
+
+class UnsupportedOption(ValueError):
+    """Tiles or test-time augmentation asked of a model that cannot use them (said to the user as it is)."""
 
 
 class Predictor:
@@ -54,13 +59,25 @@ class Predictor:
         self.score_threshold = score_threshold
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
         self.tiling: Tiling | None = None  # set with tile(): sliced inference of large images
+        self.tta: TTA | None = None  # set with augment(): test-time augmentation
 
-    def tile(self, tiling: Tiling | None) -> "Predictor":
-        """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`); None: whole.
-        Images are then read at full resolution: the point is to see small objects at native size."""
+    def tile(self, tiling: Tiling | str | None) -> "Predictor":
+        """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`); ``"auto"``:
+        :meth:`Tiling.auto` for this model; None: whole. Images are then read at full resolution: the point
+        is to see small objects at native size."""
         if tiling is not None and self.task != "instance":
-            raise ValueError(f"sliced inference is for instance models; this one is {self.task}")
-        self.tiling = tiling
+            raise UnsupportedOption(f"sliced inference is for instance models; this one is {self.task}")
+        self.tiling = Tiling.auto(self.info) if tiling == "auto" else tiling
+        return self
+
+    def augment(self, tta: TTA | None) -> "Predictor":
+        """Predict each image (or tile) in ``tta``'s views and vote (:mod:`segkit.inference.tta`); None: once."""
+        if tta is not None and self.task != "instance":
+            raise UnsupportedOption(f"test-time augmentation is for instance models; this one is {self.task}")
+        if tta is not None and tta.scales and self.runner is not None:
+            raise UnsupportedOption("test-time scales need the checkpoint's eager model: an exported model's input size "
+                             "is fixed (mirroring alone works with it)")
+        self.tta = tta
         return self
 
     @property
@@ -91,6 +108,7 @@ class Predictor:
         """
         task = get_task(task_of(ckpt))
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
+                "train_side": ckpt.get("train_side"),
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {}), "task": task.name,
                 **task.describe(ckpt)}
         threshold = ckpt.get("score_threshold", 0.5)
@@ -130,10 +148,18 @@ class Predictor:
 
     def _predict(self, images: list[ImageInput], threshold: float) -> list[Prediction] | list[SemanticPrediction]:
         tensors = image_tensors(images, self.device)
+        if self.tta is not None:
+            return [predict_tta(lambda image, scale: self._forward([image], threshold, scale)[0], t, self.tta,
+                                self.max_detections) for t in tensors]
+        return self._forward(tensors, threshold)
+
+    def _forward(self, tensors: list[torch.Tensor], threshold: float,
+                 scale: float = 1.0) -> list[Prediction] | list[SemanticPrediction]:
         if self.runner is not None:  # the score floor is frozen in the graph: filter afterwards
             outputs = [self._run_exported(t) for t in tensors]
             return [to_prediction(out, self.classes, threshold, t.shape[-2:]) for out, t in zip(outputs, tensors)]
-        return self._task.predict(self.model, tensors, self.classes, threshold)
+        size = None if scale == 1 else round(scale * self.model.transform.min_size[-1])
+        return self._task.predict(self.model, tensors, self.classes, threshold, size)
 
     def _run_exported(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         boxes, labels, scores, mask_probs = self.runner(image)

@@ -31,6 +31,8 @@ from segkit.atomic import atomic_write
 from segkit.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from segkit.evaluation.coco import image_entry
 from segkit.inference.predictor import Predictor
+from segkit.inference.tiles import Tiling
+from segkit.inference.tta import TTA
 from segkit.inference.visualize import mask_png, overlay
 from segkit.models.checkpoint import load_checkpoint, model_version, task_of
 from segkit.tasks import get_task
@@ -38,8 +40,10 @@ from segkit.inference.predict_files import (LabelStudioOptions, SourceError, fin
                                   write_outputs)
 
 
-def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
-    """``segkit predict --ray``: 0 when every image was predicted, 1 when some could not be read, 2 on bad input."""
+def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions, tiling: Tiling | str | None = None,
+                     tta: TTA | None = None) -> int:
+    """``segkit predict --ray``: 0 when every image was predicted, 1 when some could not be read, 2 on bad input.
+    ``tiling`` and ``tta``: as :meth:`~segkit.inference.predictor.Predictor.tile` and ``.augment`` take them."""
     import dataclasses
 
     import ray  # optional: segkit[ray]
@@ -56,7 +60,7 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
         ray.init(address=None if args.ray == "local" else args.ray, include_dashboard=False,
                  log_to_driver=False)
     try:
-        entries, failed = _predict_rows(args, threshold, out)
+        entries, failed = _predict_rows(args, threshold, out, tiling, tta)
     finally:
         if started:
             ray.shutdown()
@@ -70,7 +74,8 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     return 1 if failed else 0
 
 
-def _predict_rows(args: argparse.Namespace, threshold: float, out: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+def _predict_rows(args: argparse.Namespace, threshold: float, out: Path, tiling: Tiling | str | None,
+                  tta: TTA | None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Every predicted image's entry, in the order one process lists them, and ``(image, error)`` of the others;
     masks and overlays are written as answers stream in, so the driver never holds more than the entries."""
     import ray.data
@@ -85,7 +90,8 @@ def _predict_rows(args: argparse.Namespace, threshold: float, out: Path) -> tupl
                         fn_constructor_kwargs={"checkpoint": str(Path(args.checkpoint).resolve()),
                                                "threshold": threshold, "max_detections": args.max_detections,
                                                "threads": max(1, int(args.cpus_per_worker)),
-                                               "cuda": args.gpus_per_worker > 0, "overlays": not args.no_overlays})
+                                               "cuda": args.gpus_per_worker > 0, "overlays": not args.no_overlays,
+                                               "tiling": tiling, "tta": tta})
     for sub in ("masks", *(() if args.no_overlays else ("overlays",))):
         (out / sub).mkdir(parents=True, exist_ok=True)
     entries, errors = {}, {}
@@ -143,10 +149,11 @@ class PredictActor:
     """One Ray actor's model: ``map_batches`` builds it once per actor and calls it on batches of files."""
 
     def __init__(self, checkpoint: str, threshold: float, max_detections: int | None, threads: int,
-                 cuda: bool, overlays: bool):
+                 cuda: bool, overlays: bool, tiling: Tiling | str | None = None, tta: TTA | None = None):
         torch.set_num_threads(threads)
         # Ray gives a GPU actor its own device as CUDA_VISIBLE_DEVICES: "cuda" is that one.
         self.predictor = Predictor.from_checkpoint(checkpoint, "cuda" if cuda else "cpu", max_detections)
+        self.predictor.tile(tiling).augment(tta)
         self.threshold = threshold
         self.overlays = overlays
 

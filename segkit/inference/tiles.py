@@ -35,14 +35,26 @@ class Tiling:
     whole: bool = True
     whole_side: int = 1333  # torchvision's largest side: what the model would make of the photo anyway
     match: float = 0.5  # mask IoU, within the region both detections saw, that makes them one object
+    only_above: int = 0  # images whose longer side is at most this are predicted whole
 
     def __post_init__(self):
         if self.size < 32 or not 0 <= self.overlap < 1:
             raise ValueError(f"tiles need a size of at least 32 px and an overlap in [0, 1), got {self.size} "
                              f"and {self.overlap}")
 
+    @classmethod
+    def auto(cls, info: dict, overlap: float = 0.25) -> "Tiling":
+        """Tiles that show the model objects at the scale it learned them, for a model described by ``info``
+        (a :class:`~segkit.inference.predictor.Predictor`'s): a tile is as large as its median training image
+        (shorter side, ``train_side``; checkpoints without it: twice the model's input size), and only images
+        more than twice that are cut."""
+        side = int(info.get("train_side") or 2 * int(info["img_size"]))
+        return cls(max(32, side), overlap, only_above=2 * side)
+
     def windows(self, width: int, height: int) -> list[Window]:
         """The tiles covering a ``width`` x ``height`` image, row by row; one (the image) when it fits a tile."""
+        if max(width, height) <= self.only_above:
+            return [(0, 0, width, height)]
         xs, ys = _starts(width, self.size, self.overlap), _starts(height, self.size, self.overlap)
         return [(x, y, min(x + self.size, width), min(y + self.size, height)) for y in ys for x in xs]
 
@@ -103,7 +115,7 @@ class _Object:
     seen: list[tuple[Crop, Window]] = field(default_factory=list)  # each detection merged in, and where from
 
     def matches(self, crop: Crop, window: Window, threshold: float) -> bool:
-        return any(_iou_within(crop, other, shared) >= threshold for other, where in self.seen
+        return any(iou_within(crop, other, shared) >= threshold for other, where in self.seen
                    if (shared := _intersection(window, where)) is not None)
 
 
@@ -135,14 +147,15 @@ def _intersection(a: Window, b: Window) -> Window | None:
     return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
 
 
-def _extent(crop: Crop) -> Window:
+def extent(crop: Crop) -> Window:
+    """The window a crop covers."""
     return crop.x0, crop.y0, crop.x0 + crop.mask.shape[1], crop.y0 + crop.mask.shape[0]
 
 
-def _paint(crop: Crop, area: Window) -> np.ndarray:
+def paint(crop: Crop, area: Window) -> np.ndarray:
     """``crop``'s mask within ``area`` (False outside the crop)."""
     out = np.zeros((area[3] - area[1], area[2] - area[0]), dtype=bool)
-    inside = _intersection(_extent(crop), area)
+    inside = _intersection(extent(crop), area)
     if inside is not None:
         x0, y0, x1, y1 = inside
         out[y0 - area[1]:y1 - area[1], x0 - area[0]:x1 - area[0]] = \
@@ -150,24 +163,25 @@ def _paint(crop: Crop, area: Window) -> np.ndarray:
     return out
 
 
-def _iou_within(a: Crop, b: Crop, region: Window) -> float:
+def iou_within(a: Crop, b: Crop, region: Window) -> float:
     """IoU of two masks counting only the pixels inside ``region``."""
-    ea, eb = _intersection(_extent(a), region), _intersection(_extent(b), region)
+    ea, eb = _intersection(extent(a), region), _intersection(extent(b), region)
     if ea is None or eb is None or _intersection(ea, eb) is None:
         return 0.0
     area = (min(ea[0], eb[0]), min(ea[1], eb[1]), max(ea[2], eb[2]), max(ea[3], eb[3]))
-    ma, mb = _paint(a, area), _paint(b, area)
+    ma, mb = paint(a, area), paint(b, area)
     union = np.count_nonzero(ma | mb)
     return np.count_nonzero(ma & mb) / union if union else 0.0
 
 
 def _union(crops: list[Crop]) -> Crop:
-    extents = [_extent(c) for c in crops]
+    """The pixels any of ``crops`` covers."""
+    extents = [extent(c) for c in crops]
     area = (min(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents),
             max(e[3] for e in extents))
     mask = np.zeros((area[3] - area[1], area[2] - area[0]), dtype=bool)
     for c in crops:
-        mask |= _paint(c, area)
+        mask |= paint(c, area)
     return Crop(area[0], area[1], mask)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, expand_boxes, expand_masks, maskrcnn_inference
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 from segkit.data.images import ImageInput, as_rgb
@@ -25,8 +25,8 @@ def image_tensors(images: list[ImageInput], device: torch.device) -> list[torch.
     return [pil_to_tensor(as_rgb(im)).to(device, non_blocking=True).float().div_(255) for im in images]
 
 
-def detect(model: torch.nn.Module, images: list[torch.Tensor],
-           score_threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+def detect(model: torch.nn.Module, images: list[torch.Tensor], score_threshold: float | None = None,
+           size: int | None = None) -> list[dict[str, torch.Tensor]]:
     """A torchvision Mask R-CNN in eval mode, stopped before it pastes masks into full-size images.
 
     Per image: ``boxes`` (N, 4) in the input image's pixels, ``labels``, ``scores`` and
@@ -35,10 +35,11 @@ def detect(model: torch.nn.Module, images: list[torch.Tensor],
     back), less the paste, whose float image per detection is what makes a large photo cost gigabytes.
 
     ``score_threshold`` drops the detections scoring under it before the mask head runs (None: keep
-    all that pass the model's own floor). Nothing on the model is changed, so threads can share it.
+    all that pass the model's own floor). ``size`` resizes the images' shorter side to it instead of the
+    model's own size (test-time scales). Nothing on the model is changed, so threads can share it.
     """
     original_sizes = [tuple(im.shape[-2:]) for im in images]
-    batch, _ = model.transform(images)
+    batch, _ = (model.transform if size is None else resized_transform(model.transform, size))(images)
     features = model.backbone(batch.tensors)
     if isinstance(features, torch.Tensor):
         features = OrderedDict([("0", features)])
@@ -48,6 +49,14 @@ def detect(model: torch.nn.Module, images: list[torch.Tensor],
     masks = mask_probs(heads, features, boxes, labels, batch.image_sizes)
     return [{"boxes": resize_boxes(b, size, original), "labels": c, "scores": s, "mask_probs": m}
             for b, c, s, m, size, original in zip(boxes, labels, scores, masks, batch.image_sizes, original_sizes)]
+
+
+def resized_transform(transform: GeneralizedRCNNTransform, size: int) -> GeneralizedRCNNTransform:
+    """A copy of a model's input transform that resizes to ``size`` (shorter side; the longer side's cap scaled
+    alike), for one call: the model's own transform stays as it is."""
+    scale = size / transform.min_size[-1]
+    return GeneralizedRCNNTransform(size, round(transform.max_size * scale), transform.image_mean, transform.image_std,
+                                    size_divisible=transform.size_divisible, fixed_size=transform.fixed_size).eval()
 
 
 def box_detections(heads: RoIHeads, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],

@@ -76,8 +76,10 @@ class ServedModel:
             predictor.model.img_size = self.cfg.img_size
         if self.cfg.score_threshold is not None:
             predictor.score_threshold = self.cfg.score_threshold
-        if self.cfg.tile:
-            predictor.tile(Tiling(self.cfg.tile, self.cfg.tile_overlap))
+        if self.cfg.tile and predictor.task != "instance":
+            log.warning("--tile is for instance models; %s is %s: predicting whole images", checkpoint, predictor.task)
+        elif self.cfg.tile:
+            predictor.tile("auto" if self.cfg.tile == "auto" else Tiling(self.cfg.tile, self.cfg.tile_overlap))
         version = model_version(checkpoint)
         with self._swap:
             self.predictor, self.checkpoint, self.version = predictor, checkpoint, version

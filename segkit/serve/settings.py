@@ -53,7 +53,7 @@ class BackendConfig:
     max_projects: int = 1000  # projects /setup may name (each keeps its server and key) and label configs kept
     decode_workers: int = 2  # images decoded at once, all requests together: each may take hundreds of MB
     download_workers: int = 16  # image downloads at once, all requests together
-    tile: int | None = None  # sliced inference of images larger than this (segkit.inference.tiles)
+    tile: int | str | None = None  # sliced inference of images larger than this, or "auto" (segkit.inference.tiles)
     tile_overlap: float = 0.25
 
 

@@ -71,8 +71,9 @@ class Task:
         """Whether run ``cfg`` keeps batch norm frozen (recorded so that the model rebuilds alike)."""
         return False
 
-    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform) -> Dataset:
-        """Training or evaluation samples of ``images``."""
+    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform,
+                tile: int | None = None) -> Dataset:
+        """Training or evaluation samples of ``images``; ``tile``: random crops of that size at full resolution."""
         raise NotImplementedError
 
     def loader_options(self, cfg: Any, train: bool, n_images: int, world: int) -> dict[str, Any]:
@@ -89,8 +90,9 @@ class Task:
         raise NotImplementedError
 
     def predict(self, model: nn.Module, images: list[torch.Tensor], classes: list[str],
-                threshold: float) -> list[Any]:
-        """Predictions of an eager model in eval mode on float (3, H, W) images, keeping scores >= ``threshold``."""
+                threshold: float, size: int | None = None) -> list[Any]:
+        """Predictions of an eager model in eval mode on float (3, H, W) images, keeping scores >= ``threshold``;
+        ``size``: resize the images' shorter side to it instead of the model's own size."""
         raise NotImplementedError
 
     def score_floor(self, model: nn.Module) -> float:

@@ -65,8 +65,9 @@ class InstanceTask(Task):
     def frozen_bn(self, cfg: Any) -> bool:
         return uses_frozen_bn(cfg.model, cfg.weights)
 
-    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform) -> SegmentationDataset:
-        return SegmentationDataset(images, classes, transform)
+    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform,
+                tile: int | None = None) -> SegmentationDataset:
+        return SegmentationDataset(images, classes, transform, tile)
 
     def loader_options(self, cfg: Any, train: bool, n_images: int, world: int) -> dict[str, Any]:
         # val/test go one image per forward, as torchvision's references evaluate: padding a batch to a
@@ -81,9 +82,9 @@ class InstanceTask(Task):
         return metrics.SegmentationEvaluator(images, classes, threshold, ground_truth)
 
     def predict(self, model: nn.Module, images: list[torch.Tensor], classes: list[str],
-                threshold: float) -> list[Prediction]:
-        # the threshold goes with the call, not on the model: threads share one model
-        outputs = detect(model, images, threshold)
+                threshold: float, size: int | None = None) -> list[Prediction]:
+        # the threshold and the size go with the call, not on the model: threads share one model
+        outputs = detect(model, images, threshold, size)
         return [to_prediction(out, classes, threshold, image.shape[-2:]) for out, image in zip(outputs, images)]
 
     def score_floor(self, model: nn.Module) -> float:

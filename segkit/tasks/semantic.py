@@ -44,7 +44,10 @@ class SemanticTask(Task):
         model.load_state_dict(ckpt["model"])
         return model
 
-    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform) -> SemanticDataset:
+    def dataset(self, images: Sequence[ImageRecord], classes: Sequence[str], transform,
+                tile: int | None = None) -> SemanticDataset:
+        if tile is not None:
+            raise ValueError("tiled training is for instance models")
         return SemanticDataset(images, classes, transform)
 
     def loader_options(self, cfg: Any, train: bool, n_images: int, world: int) -> dict[str, Any]:
@@ -56,7 +59,9 @@ class SemanticTask(Task):
         return semantic_metrics.SemanticEvaluator(classes, images)
 
     def predict(self, model: nn.Module, images: list[torch.Tensor], classes: list[str],
-                threshold: float) -> list[SemanticPrediction]:
+                threshold: float, size: int | None = None) -> list[SemanticPrediction]:
+        if size is not None:
+            raise ValueError("test-time scales are for instance models; this one is semantic")
         # no scores to cut: the threshold is accepted for the callers' sake
         return [SemanticPrediction(m, classes, conf) for m, conf in predict_maps(model, images)]
 

@@ -15,7 +15,7 @@ from segkit.commands import check
 from segkit.data.readers import DataError, load_dataset
 from tests.helpers import REPO
 
-KEYS = {"format", "images", "instances", "classes", "problems", "trainable"}
+KEYS = {"format", "images", "instances", "classes", "problems", "trainable", "object_px_median", "small_objects_hint"}
 
 
 def segkit_check(*args: str) -> subprocess.CompletedProcess:
@@ -54,6 +54,22 @@ def test_report_counts_what_training_uses(tmp_path):
     validate.ensure_trainable(load_dataset(tmp_path))  # does not raise
 
 
+def test_check_says_when_objects_are_too_small_at_the_models_size_and_what_to_do(tmp_path):
+    """20 px objects in a 4000 x 3000 photo are 3 px at 512: check suggests tiles; at 4096 they are not small."""
+    write_image(tmp_path / "images" / "aerial.png", size=(4000, 3000))
+    coco_export(tmp_path, [{"id": 0, "file_name": "images/aerial.png", "width": 4000, "height": 3000}],
+                [coco_ann(i + 1, 0, 0, [square(100 * i, 100, 100 * i + 20, 120)]) for i in range(1, 6)],
+                [{"id": 0, "name": "car"}])
+    records = load_dataset(tmp_path)
+    small = validate.report(records, img_size=512)
+    assert small["object_px_median"] == pytest.approx(20 * 512 / 3000, abs=0.1)
+    assert "--train-tiles 512" in small["small_objects_hint"] and "--tile auto" in small["small_objects_hint"]
+    assert validate.report(records, img_size=4096)["small_objects_hint"] is None
+    assert validate.report(load_dataset(_good_export(tmp_path / "good")))["small_objects_hint"] is None
+    shown = segkit_check(str(tmp_path))
+    assert shown.returncode == 0 and "hint: objects are small" in shown.stdout
+
+
 def test_rectangles_only_is_not_trainable_and_says_why(tmp_path):
     records = load_dataset(_rectangles_only(tmp_path))
     assert validate.report(records)["trainable"] is False and validate.report(records)["instances"] == 0
@@ -71,7 +87,7 @@ def test_no_usable_images_is_not_trainable(tmp_path):
 
 
 def test_human_report_shows_table_and_problems_by_kind(tmp_path, capsys):
-    args = argparse.Namespace(path=str(_good_export(tmp_path)), images=None, format=None, json=False, ls_token=None)
+    args = argparse.Namespace(path=str(_good_export(tmp_path)), images=None, format=None, json=False, ls_token=None, img_size=512)
     assert check.run(args) == 0
     out = capsys.readouterr().out
     assert "2 images, 2 instances" in out and "images without objects (used as negative examples): 1" in out
