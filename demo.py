@@ -29,7 +29,7 @@ from segkit.commands import add_tile_arguments, add_tta_arguments, tiling_from_a
 from segkit.data.images import DEFAULT_MAX_PIXELS, as_rgb, downscale
 from segkit.engine.runs import newest_best
 from segkit.structures.prediction import Prediction, SemanticPrediction
-from segkit.inference.predictor import Predictor
+from segkit.inference.predictor import Predictor, UnsupportedOption
 from segkit.models.checkpoint import CheckpointError
 from segkit.serve.demo import (ALPHA, CLASS_TABLE_COLUMNS, EXAMPLES_DIR, OutputFiles, ReusedPredictions,  # noqa: F401
                                add_ls_backend, app_layout, detections_table, ls_backend_config, model_examples,
@@ -169,7 +169,10 @@ def create_demo_and_model(args: argparse.Namespace) -> tuple[gr.Blocks, Predicto
     """The app and the predictor it serves (None when there is no model yet)."""
     predictor, note = load_predictor(find_checkpoint(args.checkpoint), args.max_detections)
     if predictor is not None and predictor.task == "instance":
-        predictor.tile(tiling_from_args(args)).augment(tta_from_args(args))
+        try:
+            predictor.tile(tiling_from_args(args)).augment(tta_from_args(args))
+        except UnsupportedOption as e:
+            raise SystemExit(f"error: {e}") from None
     max_side = args.max_side or (TILED_MAX_SIDE if getattr(predictor, "tiling", None) else MAX_SIDE)
     print(f"segkit demo: {predictor.info.get('checkpoint') if predictor else 'no model'}. {note}".strip(),
           file=sys.stderr if predictor is None else sys.stdout, flush=True)

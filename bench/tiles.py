@@ -1,11 +1,16 @@
-"""Sliced inference against whole-image inference on large scenes: mask AP, time and peak memory.
+"""Sliced inference and tiled training against whole-image inference on large scenes: mask AP, time, memory.
 
-The scenes are mosaics of a checkpoint's held-out (test) photos at their native size, each placed at a
-random offset so that tile seams cut through objects; their annotations move with them. Each way runs as
-``segkit evaluate`` in a fresh process (its peak RSS is that process's), side by side in one run:
+The scenes are mosaics of a checkpoint's photos at their native size, each placed at a random offset so
+that tile seams cut through objects; their annotations move with them. The test scenes come from its
+held-out (test) photos; ``--write-scenes DIR`` also writes train and val scenes from its train and val
+photos, to train on large photos whole or with ``--train-tiles``. Each way runs as ``segkit evaluate`` in a
+fresh process (its peak RSS is that process's), side by side in one run:
 
     python bench/tiles.py --checkpoint bench-out/transfer/imagenet_128-rois-500-proposals/best.pt \\
-        --tiles 512 768 --report docs/benchmarks/tiles.md
+        --write-scenes bench-out/scenes
+    python train.py --data bench-out/scenes --train-tiles 512 ...   # and the same without --train-tiles
+    python bench/tiles.py --checkpoint ... --scenes bench-out/scenes/test --model "tile-trained=runs/.../best.pt" \\
+        --tiles 512 --tta --report docs/benchmarks/tiles.md
 """
 from __future__ import annotations
 
@@ -25,20 +30,28 @@ sys.path.insert(0, str(REPO))
 from bench.report import write_report  # noqa: E402 - after the path it needs
 
 
-def build_scenes(ckpt_path: Path, out: Path, per_scene: int, seed: int) -> tuple[Path, int]:
-    """Mosaics of the checkpoint's test photos as a COCO export in ``out``; (its json, the photos used)."""
+def checkpoint_photos(ckpt_path: Path, split: str) -> tuple[list, list[str]]:
+    """The checkpoint's ``split`` photos (its saved split of its own data) and its classes."""
     from segkit.data.readers import load_dataset
     from segkit.data.splits import model_split
     from segkit.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     data = Path(ckpt["config"]["data"])
-    records, which, _ = model_split(load_dataset(data).images, ckpt, "test", data)
+    return model_split(load_dataset(data).images, ckpt, split, data)[0], list(ckpt["classes"])
+
+
+def build_scenes(records: list, classes: list[str], out: Path, per_scene: int, seed: int,
+                 count: int | None = None) -> tuple[Path, int]:
+    """Mosaics of ``records``' photos as a COCO export in ``out``; (its json, the photos used): consecutive
+    groups of ``per_scene`` photos, or ``count`` scenes of photos drawn at random (each at most once a scene)."""
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, len(records) - per_scene + 1, per_scene)):
-        group = records[start:start + per_scene]
+    groups = ([records[i:i + per_scene] for i in range(0, len(records) - per_scene + 1, per_scene)] if count is None
+              else [[records[k] for k in rng.choice(len(records), per_scene, replace=len(records) < per_scene)]
+                    for _ in range(count)])
+    for s, group in enumerate(groups):
         side = int(np.ceil(np.sqrt(per_scene)))
         cell = max(max(r.width, r.height) for r in group) + 64
         canvas = Image.new("RGB", (side * cell, side * cell), (114, 114, 114))
@@ -46,21 +59,28 @@ def build_scenes(ckpt_path: Path, out: Path, per_scene: int, seed: int) -> tuple
             x = (k % side) * cell + int(rng.integers(0, 64))
             y = (k // side) * cell + int(rng.integers(0, 64))
             canvas.paste(Image.open(record.path).convert("RGB"), (x, y))
-            for inst in record.instances:  # polygons move with their photo (the vehicles export has only those)
-                if not isinstance(inst.segmentation, list):
-                    continue
-                polygons = [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)] for p in inst.segmentation]
-                x0, y0, x1, y1 = inst.bbox
-                annotations.append({"id": len(annotations) + 1, "image_id": s + 1, "iscrowd": 0,
-                                    "category_id": ckpt["classes"].index(inst.label) + 1, "segmentation": polygons,
-                                    "bbox": [x0 + x, y0 + y, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+            annotations += moved_annotations(record, x, y, s + 1, classes, len(annotations))
         name = f"images/scene{s}.jpg"
         canvas.save(out / name, quality=95)
         images.append({"id": s + 1, "file_name": name, "width": canvas.width, "height": canvas.height})
-    categories = [{"id": i, "name": n} for i, n in enumerate(ckpt["classes"], 1)]
+    categories = [{"id": i, "name": n} for i, n in enumerate(classes, 1)]
     (out / "result.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                  "categories": categories}))
     return out / "result.json", len(images) * per_scene
+
+
+def moved_annotations(record, x: int, y: int, image_id: int, classes: list[str], first: int) -> list[dict]:
+    """``record``'s polygons (the vehicles export has only those) moved with its photo to (x, y), as COCO."""
+    moved = []
+    for inst in record.instances:
+        if not isinstance(inst.segmentation, list):
+            continue
+        polygons = [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)] for p in inst.segmentation]
+        x0, y0, x1, y1 = inst.bbox
+        moved.append({"id": first + len(moved) + 1, "image_id": image_id, "iscrowd": 0,
+                      "category_id": classes.index(inst.label) + 1, "segmentation": polygons,
+                      "bbox": [x0 + x, y0 + y, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    return moved
 
 
 # runs a command and prints its peak RSS (KB): getrusage of this wrapper's one child, whatever ran before
@@ -118,40 +138,64 @@ HEAD = ("| inference | mask AP | mask AP50 | mask AP small | box AP | seam-cross
 
 
 def scene_rows(args: argparse.Namespace, data: Path, scenes: int, tmp: Path) -> list[str]:
-    """Each way of predicting the scenes, for the checkpoint and the tile-trained one if given."""
+    """Each way of predicting the scenes, for each model: whole, in tiles (also ``auto`` for a model that
+    records its training scale), and with TTA for the first model when asked."""
+    from segkit.models.checkpoint import load_checkpoint
+
     rows = []
-    for label, ckpt in [("", Path(args.checkpoint)),
-                        *([("tile-trained model, ", Path(args.tiled_checkpoint))] if args.tiled_checkpoint else [])]:
-        rows.append(row(f"{label}whole image", evaluate(ckpt, data, [], tmp), scenes, None))
-        for tile in [*args.tiles, *(["auto"] if label else [])]:
-            ways = [([], "")] + ([(["--tta"], " + TTA (mirror)")] if args.tta and not label else [])
+    for k, (label, ckpt) in enumerate(models(args)):
+        rows.append(row(f"{label}: whole image", evaluate(ckpt, data, [], tmp), scenes, None))
+        tiles = [*args.tiles, *(["auto"] if load_checkpoint(ckpt).get("train_side") else [])]
+        ways = [([], "")] + ([(["--tta"], " + TTA (mirror)")] if args.tta and k == 0 else [])
+        for tile in tiles:
             for extra, what in ways:
                 result = evaluate(ckpt, data, ["--tile", str(tile), *extra], tmp)
-                name = f"{label}tiles of {tile} px" if tile != "auto" else f"{label}--tile auto"
-                rows.append(row(f"{name}, overlap 0.25, + whole{what}", result, scenes,
-                                seam_splits(ckpt, data, int(tile) if tile != "auto" else "auto", bool(extra))))
+                name = f"tiles of {tile} px" if tile != "auto" else "--tile auto"
+                seams = seam_splits(ckpt, data, int(tile) if tile != "auto" else "auto", bool(extra))
+                rows.append(row(f"{label}: {name}, overlap 0.25, + whole{what}", result, scenes, seams))
     return rows
+
+
+def models(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(label, checkpoint) of ``--checkpoint`` and each ``--model LABEL=PATH``."""
+    return [("photo-trained", Path(args.checkpoint)),
+            *((label, Path(path)) for label, path in (m.split("=", 1) for m in args.model))]
 
 
 def tta_rows(args: argparse.Namespace, tmp: Path) -> tuple[list[str], int]:
     """Test-time augmentation on the checkpoint's held-out photos, whole."""
-    from segkit.data.readers import load_dataset
-    from segkit.data.splits import model_split
-    from segkit.models.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(args.checkpoint)
-    data = Path(ckpt["config"]["data"])
-    photos = len(model_split(load_dataset(data).images, ckpt, "test", data)[0])
+    photos = len(checkpoint_photos(Path(args.checkpoint), "test")[0])
     ways = [("no TTA", []), ("TTA: mirror", ["--tta"]), ("TTA: mirror, scales 0.8 and 1.25",
                                                           ["--tta", "--tta-scales", "0.8", "1.25"])]
     return [row(name, evaluate(Path(args.checkpoint), None, extra, tmp), photos, None) for name, extra in ways], photos
 
 
+def write_scenes(args: argparse.Namespace) -> None:
+    """Train, val and test scenes from the checkpoint's own splits (test from val where it has none), as a
+    folder of split folders: ``--scene-counts`` scenes of random photos each, or consecutive groups."""
+    for k, split in enumerate(("train", "val", "test")):
+        records, classes = checkpoint_photos(Path(args.checkpoint), split)
+        if not records:
+            print(f"{split}: the checkpoint has no {split} photos; its scenes are made of val photos")
+            records, classes = checkpoint_photos(Path(args.checkpoint), "val")
+        count = args.scene_counts[k] if args.scene_counts else None
+        json_path, photos = build_scenes(records, classes, Path(args.write_scenes) / split, args.per_scene,
+                                         args.seed + k, count)
+        print(f"{json_path}: {len(json.loads(json_path.read_text())['images'])} scenes of {photos} photos")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="an instance checkpoint whose run has a test split")
-    p.add_argument("--tiled-checkpoint", default=None,
-                   help="a model trained with --train-tiles on the same data: its rows too (with --tile auto)")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
+                   help="another checkpoint to compare on the same scenes (e.g. trained on scenes with --train-tiles)")
+    p.add_argument("--scenes", default=None, help="evaluate on this export of scenes (default: mosaics of the "
+                                                  "checkpoint's test photos, made here)")
+    p.add_argument("--write-scenes", default=None, metavar="DIR",
+                   help="only write train/, val/ and test/ scenes from the checkpoint's splits into DIR")
+    p.add_argument("--scene-counts", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="--write-scenes: this many scenes per split, of photos drawn at random (default: each photo "
+                        "once, in consecutive groups)")
     p.add_argument("--tiles", type=int, nargs="+", default=[512], help="tile sizes to compare (pixels)")
     p.add_argument("--tta", action="store_true", help="also test-time augmentation: on the scenes and on the "
                                                      "held-out photos whole")
@@ -159,23 +203,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
+    if args.write_scenes:
+        return write_scenes(args)
     with tempfile.TemporaryDirectory() as tmp:
-        data, photos = build_scenes(Path(args.checkpoint), Path(tmp) / "scenes", args.per_scene, args.seed)
+        if args.scenes:
+            data = Path(args.scenes) / "result.json"
+        else:
+            data = build_scenes(*checkpoint_photos(Path(args.checkpoint), "test"), Path(tmp) / "scenes",
+                                args.per_scene, args.seed)[0]
         scenes = json.loads(data.read_text())["images"]
         rows = scene_rows(args, data, len(scenes), Path(tmp))
         held_out = tta_rows(args, Path(tmp)) if args.tta else None
-    text = (f"{len(scenes)} scenes of {args.per_scene} held-out photos each at native size ({scenes[0]['width']} x "
-            f"{scenes[0]['height']} px the first), {photos} photos; `{args.checkpoint}`"
-            + (f" and the tile-trained `{args.tiled_checkpoint}`" if args.tiled_checkpoint else "") + ". "
-            "Seam-crossing objects: those no single tile holds; in pieces: found as two or more detections "
-            "(score >= 0.5, most of each on the object).\n\n" + "\n".join([HEAD, *rows]))
-    if held_out:
-        text += (f"\n\nTest-time augmentation on the {held_out[1]} held-out photos, whole:\n\n"
-                 + "\n".join([HEAD, *held_out[0]]))
-    print(text)
+    print(report_text(args, scenes, rows, held_out))
     if args.report:
-        write_report(args.report, "Sliced inference on large scenes", "bench/tiles.py",
-                     sys.argv[1:] if argv is None else argv, text)
+        write_report(args.report, "Sliced inference and tiled training on large scenes", "bench/tiles.py",
+                     sys.argv[1:] if argv is None else argv, report_text(args, scenes, rows, held_out))
+
+
+def report_text(args: argparse.Namespace, scenes: list[dict], rows: list[str],
+                held_out: tuple[list[str], int] | None) -> str:
+    """The page's text: what was compared, the scenes' table, and TTA on the held-out photos."""
+    text = (f"{len(scenes)} test scenes, each a mosaic of {args.per_scene} held-out photos at native size "
+            f"({scenes[0]['width']} x {scenes[0]['height']} px the first). Models: "
+            + ", ".join(f"{label} `{path}`" for label, path in models(args)) + ". "
+            "Seam-crossing objects: those no single tile holds; in pieces: found as two or more detections "
+            "(score >= 0.5, most of each on the object). s / image: the whole `segkit evaluate` process "
+            "(loading included) over the number of scenes.\n\n" + "\n".join([HEAD, *rows]))
+    if held_out:
+        text += (f"\n\nTest-time augmentation on the {held_out[1]} held-out photos, whole, photo-trained model:"
+                 "\n\n" + "\n".join([HEAD, *held_out[0]]))
+    return text
 
 
 if __name__ == "__main__":

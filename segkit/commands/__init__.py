@@ -58,13 +58,10 @@ def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tiling_from_args(args: argparse.Namespace):
-    """The :class:`~segkit.inference.tiles.Tiling` ``--tile`` asks for, ``"auto"`` (the predictor works it out
-    from its model), or None."""
+    """The :class:`~segkit.inference.tiles.Tiling` ``--tile`` asks for (its size maybe ``"auto"``), or None."""
     from segkit.inference.tiles import Tiling
 
     tile = getattr(args, "tile", None)
-    if tile == "auto":
-        return "auto"
     return Tiling(tile, args.tile_overlap) if tile else None
 
 
@@ -73,8 +70,19 @@ def add_tta_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: predict each image also mirrored (and at --tta-scales) and "
                              "let the views vote on each object's mask and score; costs a forward per view")
-    parser.add_argument("--tta-scales", type=float, nargs="+", default=(), metavar="FRACTION",
-                        help="with --tta: also predict at these fractions of the model's input size, e.g. 0.8 1.25")
+    parser.add_argument("--tta-scales", type=_tta_scale, nargs="+", default=(), metavar="FRACTION",
+                        help="also predict at these fractions of the model's input size, e.g. 0.8 1.25 (in 0.25-4; "
+                             "turns --tta on)")
+
+
+def _tta_scale(text: str) -> float:
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = 0.0
+    if not 0.25 <= scale <= 4:
+        raise argparse.ArgumentTypeError(f"a fraction of the model's input size in [0.25, 4], not {text!r}")
+    return scale
 
 
 def tta_from_args(args: argparse.Namespace):

@@ -59,25 +59,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict; 2 when nothing can be done, 1 when some images could not be read, else 0."""
-    from segkit.models.checkpoint import CheckpointError
+    from segkit.models.checkpoint import CheckpointError, load_checkpoint, task_of
     from segkit.inference.predict_files import LabelStudioOptions, SourceError
-    from segkit.inference.predictor import UnsupportedOption
+    from segkit.inference.predictor import UnsupportedOption, refuse_unsupported
 
     ls = LabelStudioOptions(args.from_name, args.to_name, args.ls_brush, args.image_root_url)
     try:
         # an hf:// checkpoint is downloaded here, once: every later step (and every Ray worker) reads a file
         resolve_checkpoint_arg(args)
+        tiling, tta = tiling_from_args(args), tta_from_args(args)
+        ckpt = load_checkpoint(args.checkpoint)  # said here, not by each rank or Ray actor
+        refuse_unsupported(task_of(ckpt), "export" in ckpt, tiling, tta)
         if args.ray is not None:
             from segkit.inference.ray_predict import predict_with_ray
 
-            return predict_with_ray(args, ls, tiling_from_args(args), tta_from_args(args))
-        return _predict_here(args, ls)
+            return predict_with_ray(args, ls, tiling, tta)
+        return _predict_here(args, ls, tiling, tta)
     except (SourceError, CheckpointError, UnsupportedOption) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
+def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions, tiling, tta) -> int:
     """This process's part: all of it, or under torchrun its rank's share (rank 0 writes the json files)."""
     import torch
 
@@ -97,7 +100,7 @@ def _predict_here(args: argparse.Namespace, ls: LabelStudioOptions) -> int:
     try:
         result = predict_to_folder(Path(args.checkpoint), images, out, args.score_threshold, args.batch_size,
                                    args.max_detections, ls, ranks, rank_device(ranks) if ranks.distributed else None,
-                                   tiling_from_args(args), tta_from_args(args))
+                                   tiling, tta)
     finally:
         ranks.leave()
     for path, error in result.failed:

@@ -14,7 +14,7 @@ import torch
 from segkit.data.class_map import class_map
 from segkit.data.images import load_image
 from segkit.data.records import ImageRecord, Instance, label_map
-from segkit.data.tiling import crop_instances, random_window
+from segkit.data.tiling import crop_generator, crop_instances, random_window
 from segkit.data.transforms import build_transform
 
 Transform = Callable[..., tuple[torch.Tensor, dict]]
@@ -27,7 +27,8 @@ def _trainable(inst: Instance) -> bool:
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Images with their instance masks, augmented by ``transform`` into torchvision's (image, target);
-    with ``tile``, a random crop of that many pixels at native resolution of each (:mod:`segkit.data.tiling`)."""
+    with ``tile``, a random crop of that many pixels at native resolution of each (:mod:`segkit.data.tiling`),
+    the same for the same image and :meth:`set_epoch` whatever the workers or a resume skipped."""
 
     def __init__(self, images: Sequence[ImageRecord], classes: Sequence[str], transform: Transform | None = None,
                  tile: int | None = None):
@@ -35,7 +36,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.classes = list(classes)
         self.transform = transform if transform is not None else build_transform("none", train=False)
         self.tile = tile
+        self.epoch_seed = 0
         self._labels = label_map(self.classes)
+
+    def set_epoch(self, epoch_seed: int) -> None:
+        """Draw this epoch's crops from ``epoch_seed``."""
+        self.epoch_seed = epoch_seed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -44,7 +50,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Image ``i`` before augmentation: HxWx3 uint8 RGB, (N, H, W) uint8 masks, (N,) int64 labels."""
         rec = self.images[i]
         if self.tile:
-            return self._load_tile(rec)
+            return self._load_tile(rec, crop_generator(self.epoch_seed, i))
         image = np.asarray(load_image(rec.path))
         h, w = image.shape[:2]
         instances = [inst for inst in rec.instances if _trainable(inst)]
@@ -56,10 +62,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
             masks[k] = mask
         return image, masks, self._label_array(rec, instances)
 
-    def _load_tile(self, rec: ImageRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load_tile(self, rec: ImageRecord, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         photo = load_image(rec.path)
         instances = [inst for inst in rec.instances if _trainable(inst)]
-        window = random_window(instances, photo.width, photo.height, self.tile)
+        for inst in instances:  # an RLE keeps its own size: it was drawn on another image
+            size = inst.segmentation.get("size") if isinstance(inst.segmentation, dict) else None
+            if size is not None and tuple(size) != (photo.height, photo.width):
+                raise ValueError(f"{rec.path}: a {inst.label!r} mask is {tuple(size)}, the image "
+                                 f"{(photo.height, photo.width)}")
+        window = random_window(instances, photo.width, photo.height, self.tile, generator)
         instances, masks = crop_instances(instances, window, photo.width, photo.height)
         return np.asarray(photo.crop(window)), masks, self._label_array(rec, instances)
 

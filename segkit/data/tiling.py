@@ -8,6 +8,7 @@ teaches nothing and a large part of one marked as background would teach the wro
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,24 +22,31 @@ MIN_VISIBLE = 0.25  # of an object's pixels, inside the crop, to keep it
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1
 
 
-def _uniform(low: int, high: int) -> int:
-    """An integer in [low, high] from torch's generator (seeded per epoch and per DataLoader worker)."""
-    return low + int(torch.randint(0, max(0, high - low) + 1, ()).item())
+def crop_generator(epoch_seed: int, index: int) -> torch.Generator:
+    """The generator of image ``index``'s crop in the epoch seeded ``epoch_seed``: the same crop whichever
+    worker loads it and whatever a resumed run skipped."""
+    return torch.Generator().manual_seed(epoch_seed * 1_000_003 + index)
 
 
-def random_window(instances: Sequence[Instance], width: int, height: int, tile: int) -> Window:
+def _uniform(low: int, high: int, generator: torch.Generator) -> int:
+    """An integer in [low, high]."""
+    return low + int(torch.randint(0, max(0, high - low) + 1, (), generator=generator).item())
+
+
+def random_window(instances: Sequence[Instance], width: int, height: int, tile: int,
+                  generator: torch.Generator) -> Window:
     """A ``tile`` x ``tile`` crop of a ``width`` x ``height`` image (the image's size where it is smaller),
-    on one of ``instances`` (:data:`ON_OBJECT` of the time) or anywhere."""
+    on one of ``instances`` (:data:`ON_OBJECT` of the time) or anywhere, drawn from ``generator``."""
     tw, th = min(tile, width), min(tile, height)
-    if instances and torch.rand(()).item() < ON_OBJECT:
-        x0, y0, x1, y1 = instances[_uniform(0, len(instances) - 1)].bbox
+    if instances and torch.rand((), generator=generator).item() < ON_OBJECT:
+        x0, y0, x1, y1 = instances[_uniform(0, len(instances) - 1, generator)].bbox
         # the crop holds the whole box when it fits (anywhere around it), else lies inside the box
-        lo_x, hi_x = sorted((int(x1) - tw, int(x0)))
-        lo_y, hi_y = sorted((int(y1) - th, int(y0)))
-        x = min(max(_uniform(lo_x, hi_x), 0), width - tw)
-        y = min(max(_uniform(lo_y, hi_y), 0), height - th)
+        lo_x, hi_x = sorted((math.ceil(x1) - tw, int(x0)))
+        lo_y, hi_y = sorted((math.ceil(y1) - th, int(y0)))
+        x = min(max(_uniform(lo_x, hi_x, generator), 0), width - tw)
+        y = min(max(_uniform(lo_y, hi_y, generator), 0), height - th)
     else:
-        x, y = _uniform(0, width - tw), _uniform(0, height - th)
+        x, y = _uniform(0, width - tw, generator), _uniform(0, height - th, generator)
     return x, y, x + tw, y + th
 
 

@@ -12,7 +12,7 @@ from segkit.data.readers import DataError
 from segkit.data.records import DatasetRecords
 
 
-# An object this small (square root of its box's area) at the model's input size spans two cells of the
+# An object this small (square root of its box's area) at the model's input size spans four cells of the
 # finest FPN level (stride 4) and no anchor (the smallest is 32 px): it is barely learned or found.
 SMALL_OBJECT_PX = 16
 

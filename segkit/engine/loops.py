@@ -12,10 +12,10 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from segkit.data.images import load_image
 from segkit.inference.tiles import Tiling, predict_tiled
 from segkit.models.forward import image_tensors
 
@@ -139,8 +139,9 @@ def evaluate(model, loader, device: torch.device, task, evaluator, prefix: str =
     """Losses, then ``task``'s metrics on ``loader``'s dataset (one of ``task.dataset``'s).
 
     ``task`` is a :class:`segkit.tasks.Task`, ``evaluator`` one of its evaluators over the dataset's
-    images; ``tiling``: predict them tile by tile (the losses stay whole-image). Returns (flat row of
-    numbers for metrics.csv, the evaluator's full report).
+    images; ``tiling``: predict the whole images tile by tile (the losses are those of the dataset's
+    samples: tiles, for tiled training). Returns (flat row of numbers for metrics.csv, the evaluator's
+    full report).
     """
     losses = compute_losses(model, loader, device, f"{prefix} loss", show_progress)
     evaluator.reset()
@@ -156,19 +157,22 @@ def predict_into(model, loader: Iterable, device: torch.device, task, evaluator,
 
     Instance masks stay at their boxes' size (:func:`segkit.models.forward.detect`), as in the
     Predictor: 100 detections at torchvision's 0.05 floor would otherwise be 100 full-size float images.
-    With ``tiling``, each image is predicted tile by tile as ``--tile`` does (:mod:`segkit.inference.tiles`).
+    With ``tiling``, the dataset's whole images are read and predicted tile by tile as ``--tile`` does
+    (:mod:`segkit.inference.tiles`), whatever samples the loader gives: no full-size mask is decoded.
     """
     model.eval()
+    if tiling is not None:
+        for i, record in enumerate(tqdm(loader.dataset.images, desc=desc, leave=False, dynamic_ncols=True,
+                                        disable=not show_progress)):
+            evaluator.process([{"image_id": i}], [_tiled(model, task, evaluator.classes, device, record.path, tiling)])
+        return
     for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress):
-        if tiling is not None:
-            evaluator.process(targets, [_predict_tiled(model, task, evaluator.classes, device, im, tiling)
-                                        for im in images])
-            continue
         images = [im.to(device, non_blocking=True) for im in images]
         evaluator.process(targets, task.predict(model, images, evaluator.classes, 0.0))
 
 
-def _predict_tiled(model, task, classes: list[str], device: torch.device, image: torch.Tensor, tiling: Tiling):
-    """One dataset image (float (3, H, W) in [0, 1]) predicted tile by tile, every detection kept."""
-    rgb = Image.fromarray(image.mul(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
-    return predict_tiled(lambda tile: task.predict(model, image_tensors([tile], device), classes, 0.0)[0], rgb, tiling)
+def _tiled(model, task, classes: list[str], device: torch.device, path, tiling: Tiling):
+    """The image at ``path`` predicted tile by tile, every detection kept."""
+    def predict(tile):
+        return task.predict(model, image_tensors([tile], device), classes, 0.0)[0]
+    return predict_tiled(predict, load_image(path), tiling)

@@ -39,6 +39,8 @@ def seed_epoch(seed: int, epoch: int, loader: DataLoader) -> None:
     loader.generator.manual_seed(epoch_seed)  # worker seeds come from here, not from the model's stream
     loader.dataset.transform.augment.set_random_seed(epoch_seed)  # in-process loading; workers reseed
     loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # tiled training's crops
+        loader.dataset.set_epoch(epoch_seed)
 
 
 def rng_state() -> dict:

@@ -327,8 +327,9 @@ def _make_loaders(cfg: TrainConfig, task: Task, splits: dict, classes: list[str]
     loaders = {}
     for split, images in splits.items():
         train = split == "train"
+        # tiled training: val/test losses on fixed tiles; their metrics predict the whole images in tiles
         dataset = task.dataset(images, classes, build_transform(cfg.aug if train else "none", train=train),
-                               tile=cfg.train_tiles if train else None)  # val/test: whole images, predicted in tiles
+                               tile=cfg.train_tiles)
         if train:
             sampler = DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else \
                 EpochSampler(len(dataset), cfg.seed)
@@ -365,7 +366,7 @@ def _evaluate(run: _Run, split: str) -> tuple[dict, dict]:
     """(metrics.csv row, full report) of ``split`` for the run's task."""
     evaluator = run.task.evaluator(run.splits[split], run.classes, run.cfg.score_threshold,
                                    run.ground_truth.get(split))
-    tiling = Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None  # chosen as it will be used: --tile
+    tiling = Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None  # as --tile auto will predict
     return loops.evaluate(run.model, run.loaders[split], run.device, run.task, evaluator, split, run.cfg.progress,
                           tiling)
 
@@ -426,6 +427,7 @@ def _track_epoch(run: _Run, row: dict, evaluated: bool) -> None:
 def _preview(run: _Run):
     """Predictions beside the ground truth of the first val images (train without val), as one image."""
     predictor = Predictor(run.model, run.classes, run.cfg.score_threshold, device=run.device, task=run.task.name)
+    predictor.tile(Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None)  # as its validation predicts
     return preview_sheet(predictor, run.splits["val"] or run.splits["train"])
 
 

@@ -133,8 +133,9 @@ def _info(ckpt: dict, path: Path, fmt: str, model: nn.Module) -> dict[str, Any]:
                        "source_sha256": sha256(path), "frozen": frozen_settings(model), "opset": OPSET},
             "arch": ckpt["arch"], "classes": list(ckpt["classes"]), "img_size": int(ckpt["img_size"]),
             "score_threshold": float(ckpt.get("score_threshold", 0.5)), "epoch": ckpt.get("epoch"),
-            "metrics": ckpt.get("metrics", {}), "split": ckpt.get("split"),
-            "config": {"data": (ckpt.get("config") or {}).get("data")}}
+            "metrics": ckpt.get("metrics", {}), "split": ckpt.get("split"), "train_side": ckpt.get("train_side"),
+            "config": {"data": (ckpt.get("config") or {}).get("data"),
+                       "train_tiles": (ckpt.get("config") or {}).get("train_tiles")}}
 
 
 def _example(info: dict) -> Tensor:

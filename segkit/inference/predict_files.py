@@ -91,7 +91,7 @@ class FolderResult:
 def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Path,
                       score_threshold: float | None = None, batch_size: int = 4, max_detections: int | None = 100,
                       labelstudio: LabelStudioOptions | None = None, ranks: Ranks | None = None,
-                      device: str | torch.device | None = None, tiling: Tiling | str | None = None,
+                      device: str | torch.device | None = None, tiling: Tiling | None = None,
                       tta: TTA | None = None) -> FolderResult:
     """Predict ``(path, reference)`` images (from :func:`find_images`) into ``out``.
 
@@ -110,8 +110,9 @@ def predict_to_folder(checkpoint: Path, images: list[tuple[Path, str]], out: Pat
         labelstudio = dataclasses.replace(labelstudio, brush=True)
     threshold = ckpt.get("score_threshold", 0.5) if score_threshold is None else score_threshold
     run_key = {"checkpoint": file_identity(Path(checkpoint)), "score_threshold": threshold,  # made otherwise: redone
-               **({"tiling": tiling if isinstance(tiling, str) else dataclasses.asdict(tiling)} if tiling else {}),
+               **({"tiling": dataclasses.asdict(tiling)} if tiling else {}),
                **({"tta": dataclasses.asdict(tta)} if tta else {})}
+    run_key = json.loads(json.dumps(run_key))  # as a record holds it (tuples are lists there)
     names = unique_names([path for path, _ in images])
     for sub in ("overlays", "masks", "records"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,17 @@ class UnsupportedOption(ValueError):
     """Tiles or test-time augmentation asked of a model that cannot use them (said to the user as it is)."""
 
 
+def refuse_unsupported(task: str, exported: bool, tiling: Tiling | None, tta: TTA | None) -> None:
+    """Raise :class:`UnsupportedOption` when a model of ``task`` (``exported``: a fixed-size graph) cannot
+    predict with ``tiling`` or ``tta``: before any work is shared out, and by the Predictor itself."""
+    for option, what in ((tiling, "sliced inference"), (tta, "test-time augmentation")):
+        if option is not None and task != "instance":
+            raise UnsupportedOption(f"{what} is for instance models; this one is {task}")
+    if tta is not None and tta.scales and exported:
+        raise UnsupportedOption("test-time scales need the checkpoint's eager model: an exported model's input size "
+                                "is fixed (mirroring alone works with it)")
+
+
 class Predictor:
     """A trained model, loaded once, ready to segment images: the task's model (eager) or an exported one.
 
@@ -61,22 +72,17 @@ class Predictor:
         self.tiling: Tiling | None = None  # set with tile(): sliced inference of large images
         self.tta: TTA | None = None  # set with augment(): test-time augmentation
 
-    def tile(self, tiling: Tiling | str | None) -> "Predictor":
-        """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`); ``"auto"``:
-        :meth:`Tiling.auto` for this model; None: whole. Images are then read at full resolution: the point
-        is to see small objects at native size."""
-        if tiling is not None and self.task != "instance":
-            raise UnsupportedOption(f"sliced inference is for instance models; this one is {self.task}")
-        self.tiling = Tiling.auto(self.info) if tiling == "auto" else tiling
+    def tile(self, tiling: Tiling | None) -> "Predictor":
+        """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`; a size of
+        ``"auto"`` is worked out for this model, :meth:`Tiling.resolved`); None: whole. Images are then read
+        at full resolution: the point is to see small objects at native size."""
+        refuse_unsupported(self.task, self.runner is not None, tiling, None)
+        self.tiling = tiling.resolved(self.info) if tiling is not None else None
         return self
 
     def augment(self, tta: TTA | None) -> "Predictor":
         """Predict each image (or tile) in ``tta``'s views and vote (:mod:`segkit.inference.tta`); None: once."""
-        if tta is not None and self.task != "instance":
-            raise UnsupportedOption(f"test-time augmentation is for instance models; this one is {self.task}")
-        if tta is not None and tta.scales and self.runner is not None:
-            raise UnsupportedOption("test-time scales need the checkpoint's eager model: an exported model's input size "
-                             "is fixed (mirroring alone works with it)")
+        refuse_unsupported(self.task, self.runner is not None, None, tta)
         self.tta = tta
         return self
 
@@ -108,7 +114,7 @@ class Predictor:
         """
         task = get_task(task_of(ckpt))
         info = {"checkpoint": str(Path(path)), "arch": ckpt["arch"], "img_size": ckpt["img_size"],
-                "train_side": ckpt.get("train_side"),
+                "train_side": ckpt.get("train_side"), "train_tiles": (ckpt.get("config") or {}).get("train_tiles"),
                 "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics", {}), "task": task.name,
                 **task.describe(ckpt)}
         threshold = ckpt.get("score_threshold", 0.5)
@@ -148,9 +154,9 @@ class Predictor:
 
     def _predict(self, images: list[ImageInput], threshold: float) -> list[Prediction] | list[SemanticPrediction]:
         tensors = image_tensors(images, self.device)
-        if self.tta is not None:
-            return [predict_tta(lambda image, scale: self._forward([image], threshold, scale)[0], t, self.tta,
-                                self.max_detections) for t in tensors]
+        if self.tta is not None:  # the views keep all they find; the threshold applies to the voted scores
+            return [predict_tta(lambda image, scale: self._forward([image], 0.0, scale)[0], t, self.tta,
+                                self.max_detections).at_least(threshold) for t in tensors]
         return self._forward(tensors, threshold)
 
     def _forward(self, tensors: list[torch.Tensor], threshold: float,

@@ -40,7 +40,7 @@ from segkit.inference.predict_files import (LabelStudioOptions, SourceError, fin
                                   write_outputs)
 
 
-def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions, tiling: Tiling | str | None = None,
+def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions, tiling: Tiling | None = None,
                      tta: TTA | None = None) -> int:
     """``segkit predict --ray``: 0 when every image was predicted, 1 when some could not be read, 2 on bad input.
     ``tiling`` and ``tta``: as :meth:`~segkit.inference.predictor.Predictor.tile` and ``.augment`` take them."""
@@ -74,7 +74,7 @@ def predict_with_ray(args: argparse.Namespace, ls: LabelStudioOptions, tiling: T
     return 1 if failed else 0
 
 
-def _predict_rows(args: argparse.Namespace, threshold: float, out: Path, tiling: Tiling | str | None,
+def _predict_rows(args: argparse.Namespace, threshold: float, out: Path, tiling: Tiling | None,
                   tta: TTA | None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Every predicted image's entry, in the order one process lists them, and ``(image, error)`` of the others;
     masks and overlays are written as answers stream in, so the driver never holds more than the entries."""
@@ -149,7 +149,7 @@ class PredictActor:
     """One Ray actor's model: ``map_batches`` builds it once per actor and calls it on batches of files."""
 
     def __init__(self, checkpoint: str, threshold: float, max_detections: int | None, threads: int,
-                 cuda: bool, overlays: bool, tiling: Tiling | str | None = None, tta: TTA | None = None):
+                 cuda: bool, overlays: bool, tiling: Tiling | None = None, tta: TTA | None = None):
         torch.set_num_threads(threads)
         # Ray gives a GPU actor its own device as CUDA_VISIBLE_DEVICES: "cuda" is that one.
         self.predictor = Predictor.from_checkpoint(checkpoint, "cuda" if cuda else "cpu", max_detections)

@@ -13,6 +13,7 @@ objects and one tile, not the photo's megapixels.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ class Tiling:
     """Tiles of ``size`` pixels (of the original image) overlapping by ``overlap`` of a tile; ``whole`` adds a
     pass over the whole image (shrunk to ``whole_side``) for objects larger than a tile."""
 
-    size: int
+    size: int | str  # "auto": :meth:`auto` works it out for the model (see :meth:`resolved`)
     overlap: float = 0.25
     whole: bool = True
     whole_side: int = 1333  # torchvision's largest side: what the model would make of the photo anyway
@@ -38,18 +39,22 @@ class Tiling:
     only_above: int = 0  # images whose longer side is at most this are predicted whole
 
     def __post_init__(self):
-        if self.size < 32 or not 0 <= self.overlap < 1:
+        if (self.size != "auto" and (not isinstance(self.size, int) or self.size < 32)) or not 0 <= self.overlap < 1:
             raise ValueError(f"tiles need a size of at least 32 px and an overlap in [0, 1), got {self.size} "
                              f"and {self.overlap}")
 
-    @classmethod
-    def auto(cls, info: dict, overlap: float = 0.25) -> "Tiling":
-        """Tiles that show the model objects at the scale it learned them, for a model described by ``info``
-        (a :class:`~segkit.inference.predictor.Predictor`'s): a tile is as large as its median training image
-        (shorter side, ``train_side``; checkpoints without it: twice the model's input size), and only images
-        more than twice that are cut."""
-        side = int(info.get("train_side") or 2 * int(info["img_size"]))
-        return cls(max(32, side), overlap, only_above=2 * side)
+    def resolved(self, info: dict) -> "Tiling":
+        """This tiling, with ``"auto"`` worked out for the model ``info`` describes (a Predictor's ``info``):
+        a model trained on tiles (``--train-tiles``) gets those tiles, for every image larger than one, as
+        its validation was; one trained on whole photos gets tiles as large as its median training photo
+        (shorter side, ``train_side``; checkpoints without it: twice the model's input size), only for
+        images more than twice that: a little larger than what it learned from, it sees them whole."""
+        if self.size != "auto":
+            return self
+        if info.get("train_tiles"):
+            return dataclasses.replace(self, size=int(info["train_tiles"]))
+        side = max(32, int(info.get("train_side") or 2 * int(info.get("img_size") or 800)))
+        return dataclasses.replace(self, size=side, only_above=2 * side)
 
     def windows(self, width: int, height: int) -> list[Window]:
         """The tiles covering a ``width`` x ``height`` image, row by row; one (the image) when it fits a tile."""

@@ -79,7 +79,7 @@ class ServedModel:
         if self.cfg.tile and predictor.task != "instance":
             log.warning("--tile is for instance models; %s is %s: predicting whole images", checkpoint, predictor.task)
         elif self.cfg.tile:
-            predictor.tile("auto" if self.cfg.tile == "auto" else Tiling(self.cfg.tile, self.cfg.tile_overlap))
+            predictor.tile(Tiling(self.cfg.tile, self.cfg.tile_overlap))
         version = model_version(checkpoint)
         with self._swap:
             self.predictor, self.checkpoint, self.version = predictor, checkpoint, version
@@ -412,13 +412,8 @@ class Retrainer:
         if server is None:
             self.link.client(project)  # raises, saying what to set
         url, key = server
-        ckpt = load_checkpoint(self.model.checkpoint)
-        cmd = [sys.executable, "-m", "segkit", "train", "--data", f"{url}/projects/{project}",
-               "--weights", str(self.model.checkpoint), "--model", ckpt["arch"],
-               "--task", ckpt.get("task") or "instance",
-               "--img-size", str(self.cfg.train_img_size or ckpt["img_size"]),
-               "--score-threshold", str(ckpt.get("score_threshold", 0.5)),
-               "--epochs", str(self.cfg.train_epochs), "--out", str(out), "--no-progress", *self.cfg.train_args]
+        cmd = retrain_command(load_checkpoint(self.model.checkpoint), self.model.checkpoint,
+                              f"{url}/projects/{project}", self.cfg, out)
         out.mkdir(parents=True, exist_ok=True)
         log.info("training on project %s -> %s", project, out)
         with open(out / "train.log", "wb") as log_file:
@@ -435,6 +430,17 @@ class Retrainer:
             raise RuntimeError(f"segkit train exited with {rc}: {' | '.join(tail)} (log: {out / 'train.log'})")
         best = out / "best.pt"
         return best if best.is_file() else out / "last.pt"
+
+
+def retrain_command(ckpt: dict, checkpoint: Path, data: str, cfg: BackendConfig, out: Path) -> list[str]:
+    """``segkit train`` of a new model from the served ``checkpoint`` (loaded: ``ckpt``) on ``data``, made as the
+    served one was (architecture, task, size, threshold, training tiles), plus the backend's own settings."""
+    tiles = (ckpt.get("config") or {}).get("train_tiles")
+    return [sys.executable, "-m", "segkit", "train", "--data", data, "--weights", str(checkpoint),
+            "--model", ckpt["arch"], "--task", ckpt.get("task") or "instance",
+            "--img-size", str(cfg.train_img_size or ckpt["img_size"]),
+            "--score-threshold", str(ckpt.get("score_threshold", 0.5)), *(["--train-tiles", str(tiles)] if tiles else []),
+            "--epochs", str(cfg.train_epochs), "--out", str(out), "--no-progress", *cfg.train_args]
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -91,11 +91,16 @@ def test_no_views_beyond_the_image_is_plain_prediction():
 
 
 def test_tiles_auto_follow_the_scale_the_model_learned():
-    tiling = Tiling.auto({"train_side": 600, "img_size": 512})
-    assert (tiling.size, tiling.only_above) == (600, 1200)
+    tiling = Tiling("auto", 0.1).resolved({"train_side": 600, "img_size": 512})
+    assert (tiling.size, tiling.overlap, tiling.only_above) == (600, 0.1, 1200)
     assert tiling.windows(1100, 900) == [(0, 0, 1100, 900)]  # not much larger than what it learned: whole
     assert len(tiling.windows(4000, 3000)) > 20
-    assert Tiling.auto({"train_side": None, "img_size": 512}).size == 1024  # checkpoints from before train_side
+    assert Tiling("auto").resolved({"train_side": None, "img_size": 512}).size == 1024  # from before train_side
+    tile_trained = Tiling("auto").resolved({"train_side": 384, "train_tiles": 512, "img_size": 384})
+    assert tile_trained == Tiling(512)  # every image larger than a tile, as its validation predicted
+    assert Tiling("auto").resolved({"arch": "maskrcnn_resnet50_fpn"}).size == 1600  # torchvision's COCO model
+    with pytest.raises(ValueError, match="at least 32 px"):
+        Tiling("big")
 
 
 def test_the_trained_model_under_tta(trained_checkpoint):
@@ -116,6 +121,8 @@ def test_the_trained_model_under_tta(trained_checkpoint):
     assert not np.array_equal(plain.boxes, larger.boxes)
     voted = predictor.augment(TTA(scales=(0.75, 1.25)))(image, 0.3)
     assert 0 < len(voted) <= 10 and voted.image_size == image.size
+    everything = predictor(image, 0.0)  # the threshold cuts the voted scores, not each view's
+    assert voted.scores.min() >= 0.3 and np.array_equal(voted.scores, everything.scores[everything.scores >= 0.3])
     masks = voted.instance_masks.dense()
     assert all(max(iou(p, m) for m in masks) >= 0.5 for p in plain.masks[plain.scores >= 0.7])
     ckpt = load_checkpoint(trained_checkpoint)
@@ -124,7 +131,8 @@ def test_the_trained_model_under_tta(trained_checkpoint):
     assert trained_on and predictor.info["train_side"] == median_side(trained_on)
 
 
-def test_tta_and_tiles_are_refused_where_they_cannot_work(semantic_checkpoint, exported):
+def test_tta_and_tiles_are_refused_where_they_cannot_work(semantic_checkpoint, exported, capsys):
+    from segkit.cli import main
     from segkit.inference.predictor import Predictor, UnsupportedOption
 
     semantic = Predictor.from_checkpoint(semantic_checkpoint, "cpu")
@@ -136,6 +144,31 @@ def test_tta_and_tiles_are_refused_where_they_cannot_work(semantic_checkpoint, e
     with pytest.raises(UnsupportedOption, match="input size is fixed"):
         onnx.augment(TTA(scales=(1.25,)))
     assert onnx.augment(TTA()).tta == TTA()  # mirroring needs no other size
+    for option in (["--tile", "512"], ["--tta"]):  # a message and exit status 2, not a traceback
+        assert main(["evaluate", "--checkpoint", str(semantic_checkpoint), *option]) == 2
+        assert "is for instance models; this one is semantic" in capsys.readouterr().err
+
+
+def test_segkit_predict_with_tta_writes_its_answers_and_reuses_them(trained_checkpoint, tmp_path, capsys):
+    import json
+
+    from segkit.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((SAMPLE / "val" / "images").glob("*.jpg"))[:2]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    args = ["predict", str(photos), "--checkpoint", str(trained_checkpoint), "--out", str(tmp_path / "out"),
+            "--max-detections", "10", "--tta", "--tta-scales", "1.25"]
+    assert main(args) == 0
+    coco = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(coco["images"]) == 2 and coco["annotations"]
+    capsys.readouterr()
+    assert main(args) == 0 and "2 of 2 images already done" in capsys.readouterr().out
+    assert main([*args[:-3]]) == 0 and "already done" not in capsys.readouterr().out  # other views: predicted again
+    with pytest.raises(SystemExit):  # argparse: a scale out of range
+        main([*args[:-1], "9"])
+    assert "in [0.25, 4], not '9'" in capsys.readouterr().err
 
 
 def test_segkit_evaluate_with_tta(trained_checkpoint, capsys):

@@ -28,7 +28,7 @@ from segkit.labelstudio.egress import EgressPolicy, is_public
 from segkit.labelstudio.project import image_url, is_image_path
 from segkit.serve.backend import add_routes, create_app, create_backend
 from segkit.serve.prelabel import project_tasks
-from segkit.serve.settings import backend_config
+from segkit.serve.settings import BackendConfig, backend_config
 from tests.serve.test_backend_attacks import CONFIG, KEY, Recorder, _jpeg, _static
 
 LOOPBACK = "http://127.0.0.1:9090"
@@ -355,3 +355,18 @@ def test_a_key_file_is_read_and_a_bad_one_named(tmp_path):
         with pytest.raises(LabelStudioError, match=name):
             key_from_args(parser.parse_args(["--ls-token-file", str(tmp_path / name)]))
     assert key_from_args(parser.parse_args([])) is None
+
+
+def test_retraining_is_made_as_the_served_model_was(tmp_path):
+    """"Start training" trains the new model like the served one: a tile-trained model on tiles again."""
+    from segkit.serve.backend import retrain_command
+
+    cfg = BackendConfig(checkpoint=tmp_path / "best.pt", runs_dir=tmp_path, cache_dir=tmp_path, label_studio_url=None,
+                        api_key=None)
+    ckpt = {"arch": "maskrcnn_mobilenet_v2_fpn", "img_size": 384, "score_threshold": 0.4,
+            "config": {"train_tiles": 512}}
+    cmd = retrain_command(ckpt, tmp_path / "best.pt", "http://ls/projects/3", cfg, tmp_path / "run")
+    assert " ".join(cmd[cmd.index("--data"):]).startswith(
+        f"--data http://ls/projects/3 --weights {tmp_path / 'best.pt'} --model maskrcnn_mobilenet_v2_fpn "
+        "--task instance --img-size 384 --score-threshold 0.4 --train-tiles 512 --epochs")
+    assert "--train-tiles" not in retrain_command({**ckpt, "config": {}}, tmp_path / "best.pt", "d", cfg, tmp_path)

@@ -314,7 +314,8 @@ def test_ml_backend_answers_with_one_region_per_class(semantic_checkpoint, tiny_
     polygons = f'<PolygonLabels name="outline" toName="photo">{labels}</PolygonLabels>'
     brushes = f'<BrushLabels name="paint" toName="photo">{labels}</BrushLabels>'
     cfg = BackendConfig(checkpoint=semantic_checkpoint, runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
-                        label_studio_url=None, api_key=None, allow_hosts=["127.0.0.1"])  # the test's image server
+                        label_studio_url=None, api_key=None, allow_hosts=["127.0.0.1"],  # the test's image server
+                        tile=512)  # tiles are for instance models: a warning, whole images, no crash at start
     task = {"id": 1, "data": {"img": f"http://127.0.0.1:{server.server_address[1]}/{name}"}}
     try:
         with TestClient(create_app(cfg), base_url="http://127.0.0.1") as client:
