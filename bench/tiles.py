@@ -89,10 +89,10 @@ PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=Tru
 
 
 def evaluate(ckpt: Path, data: Path | None, extra: list[str], out: Path) -> dict:
-    """``segkit evaluate`` (``data`` None: the checkpoint's own test split) with ``extra`` options in a process
+    """``segkit evaluate`` (``data`` None: the checkpoint's own data, ``extra`` naming a split) in a process
     of its own: its metrics, seconds and peak RSS (MB)."""
     report = out / f"report-{len(list(out.glob('report-*.json')))}.json"
-    where = ["--data", str(data), "--split", "all"] if data else ["--split", "test"]
+    where = ["--data", str(data), "--split", "all"] if data else []  # else: --split in ``extra``
     cmd = [sys.executable, "-m", "segkit", "evaluate", "--checkpoint", str(ckpt), *where, "--json", str(report), *extra]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", PEAK, *cmd], check=True, cwd=REPO, capture_output=True, text=True)
@@ -102,25 +102,29 @@ def evaluate(ckpt: Path, data: Path | None, extra: list[str], out: Path) -> dict
 
 
 def seam_splits(ckpt: Path, data: Path, tile: int | str, tta: bool, threshold: float = 0.5) -> tuple[int, int]:
-    """(objects that cross a tile seam and come back as two or more detections, objects that cross a seam and
-    are found): a detection is a piece of an object when most of its mask lies on it."""
+    """(objects cut by a tile's edge that come back as two or more detections, objects cut by a tile's edge
+    that are found): a detection is a piece of an object when most of its mask lies on it."""
     from segkit.data.readers import load_dataset
     from segkit.inference.predictor import Predictor
+    from segkit.inference.tiles import Tiling, paint
     from segkit.inference.tta import TTA
 
-    predictor = Predictor.from_checkpoint(ckpt, "cpu", max_detections=100).tile(tile).augment(TTA() if tta else None)
+    predictor = Predictor.from_checkpoint(ckpt, "cpu", max_detections=100)
+    predictor.tile(Tiling(tile)).augment(TTA() if tta else None)
     split = found = 0
     for record in load_dataset(data).images:
         windows = predictor.tiling.windows(record.width, record.height)
         prediction = predictor(record.path, threshold)
-        masks = prediction.instance_masks.dense()
+        found_masks = list(zip(prediction.instance_masks.crops, prediction.class_names))
         for inst in record.instances:
             x0, y0, x1, y1 = inst.bbox
-            if any(wx0 <= x0 and wy0 <= y0 and x1 <= wx1 and y1 <= wy1 for wx0, wy0, wx1, wy1 in windows):
-                continue  # inside one tile: no seam to stitch
-            truth = inst.mask(record.height, record.width).astype(bool)
-            pieces = [m for m, name in zip(masks, prediction.class_names)
-                      if name == inst.label and np.count_nonzero(m & truth) > 0.5 * max(1, np.count_nonzero(m))]
+            if not any(x0 < wx1 and wx0 < x1 and y0 < wy1 and wy0 < y1  # a tile that sees part of it only
+                       and not (wx0 <= x0 and wy0 <= y0 and x1 <= wx1 and y1 <= wy1) for wx0, wy0, wx1, wy1 in windows):
+                continue  # no tile edge cuts it: nothing to stitch
+            box = (int(x0), int(y0), min(record.width, int(x1) + 1), min(record.height, int(y1) + 1))
+            truth = inst.mask_in(box, record.height, record.width).astype(bool)
+            pieces = [crop for crop, name in found_masks
+                      if name == inst.label and np.count_nonzero(paint(crop, box) & truth) > 0.5 * crop.mask.sum()]
             found += bool(pieces)
             split += len(pieces) > 1
     return split, found
@@ -133,19 +137,17 @@ def row(name: str, result: dict, count: int, seams: tuple[int, int] | None) -> s
             f"{split} | {result['seconds'] / count:.1f} | {result['peak_rss_mb']:.0f} |")
 
 
-HEAD = ("| inference | mask AP | mask AP50 | mask AP small | box AP | seam-crossing objects found in pieces | "
+HEAD = ("| inference | mask AP | mask AP50 | mask AP small | box AP | objects cut by a tile edge, found in pieces | "
         "s / image | peak RSS (MB) |\n|---|---|---|---|---|---|---|---|")
 
 
 def scene_rows(args: argparse.Namespace, data: Path, scenes: int, tmp: Path) -> list[str]:
-    """Each way of predicting the scenes, for each model: whole, in tiles (also ``auto`` for a model that
-    records its training scale), and with TTA for the first model when asked."""
-    from segkit.models.checkpoint import load_checkpoint
-
+    """Each way of predicting the scenes: the first model whole, in ``--tiles`` and with TTA when asked; the
+    others (trained on tiles) whole and with ``--tile auto``."""
     rows = []
     for k, (label, ckpt) in enumerate(models(args)):
         rows.append(row(f"{label}: whole image", evaluate(ckpt, data, [], tmp), scenes, None))
-        tiles = [*args.tiles, *(["auto"] if load_checkpoint(ckpt).get("train_side") else [])]
+        tiles = args.tiles if k == 0 else ["auto"]
         ways = [([], "")] + ([(["--tta"], " + TTA (mirror)")] if args.tta and k == 0 else [])
         for tile in tiles:
             for extra, what in ways:
@@ -162,12 +164,14 @@ def models(args: argparse.Namespace) -> list[tuple[str, Path]]:
             *((label, Path(path)) for label, path in (m.split("=", 1) for m in args.model))]
 
 
-def tta_rows(args: argparse.Namespace, tmp: Path) -> tuple[list[str], int]:
-    """Test-time augmentation on the checkpoint's held-out photos, whole."""
-    photos = len(checkpoint_photos(Path(args.checkpoint), "test")[0])
+def tta_rows(args: argparse.Namespace, tmp: Path) -> tuple[list[str], int, str]:
+    """Test-time augmentation on the checkpoint's held-out photos (test, else val), whole."""
+    split = "test" if checkpoint_photos(Path(args.checkpoint), "test")[0] else "val"
+    photos = len(checkpoint_photos(Path(args.checkpoint), split)[0])
     ways = [("no TTA", []), ("TTA: mirror", ["--tta"]), ("TTA: mirror, scales 0.8 and 1.25",
                                                           ["--tta", "--tta-scales", "0.8", "1.25"])]
-    return [row(name, evaluate(Path(args.checkpoint), None, extra, tmp), photos, None) for name, extra in ways], photos
+    return [row(name, evaluate(Path(args.checkpoint), None, [*extra, "--split", split], tmp), photos, None)
+            for name, extra in ways], photos, split
 
 
 def write_scenes(args: argparse.Namespace) -> None:
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      "held-out photos whole")
     p.add_argument("--per-scene", type=int, default=4, help="photos per mosaic")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="a paragraph for the page, e.g. how the models were trained")
     p.add_argument("--report", default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
     if args.write_scenes:
@@ -221,16 +226,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_text(args: argparse.Namespace, scenes: list[dict], rows: list[str],
-                held_out: tuple[list[str], int] | None) -> str:
+                held_out: tuple[list[str], int, str] | None) -> str:
     """The page's text: what was compared, the scenes' table, and TTA on the held-out photos."""
     text = (f"{len(scenes)} test scenes, each a mosaic of {args.per_scene} held-out photos at native size "
             f"({scenes[0]['width']} x {scenes[0]['height']} px the first). Models: "
             + ", ".join(f"{label} `{path}`" for label, path in models(args)) + ". "
-            "Seam-crossing objects: those no single tile holds; in pieces: found as two or more detections "
-            "(score >= 0.5, most of each on the object). s / image: the whole `segkit evaluate` process "
-            "(loading included) over the number of scenes.\n\n" + "\n".join([HEAD, *rows]))
+            "Objects cut by a tile's edge: those some tile sees only part of; in pieces: found as two or more "
+            "detections (score >= 0.5, most of each on the object). s / image: the whole `segkit evaluate` process "
+            "(loading included) over the number of scenes." + (f"\n\n{args.note}" if args.note else "")
+            + "\n\n" + "\n".join([HEAD, *rows]))
     if held_out:
-        text += (f"\n\nTest-time augmentation on the {held_out[1]} held-out photos, whole, photo-trained model:"
+        text += (f"\n\nTest-time augmentation on the model's {held_out[1]} {held_out[2]} photos, whole, photo-trained "
+                 "model:"
                  "\n\n" + "\n".join([HEAD, *held_out[0]]))
     return text
 

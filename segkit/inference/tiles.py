@@ -140,7 +140,7 @@ def merge_detections(found: list[tuple[Prediction, Window]], match: float = 0.5)
         if same is None:
             objects.append(same := _Object(label, name, score))
         same.seen.append((crop, window))
-    crops = [_union([c for c, _ in o.seen]) for o in objects]
+    crops = [covered([c for c, _ in o.seen]) for o in objects]
     boxes = np.array([[c.x0, c.y0, c.x0 + c.mask.shape[1], c.y0 + c.mask.shape[0]] for c in crops],
                      dtype=np.float32).reshape(-1, 4)
     return Prediction(boxes, np.array([o.label for o in objects], dtype=np.int64), [o.name for o in objects],
@@ -179,15 +179,16 @@ def iou_within(a: Crop, b: Crop, region: Window) -> float:
     return np.count_nonzero(ma & mb) / union if union else 0.0
 
 
-def _union(crops: list[Crop]) -> Crop:
-    """The pixels any of ``crops`` covers."""
+def covered(crops: list[Crop], votes: int = 1) -> Crop:
+    """The pixels at least ``votes`` of ``crops`` cover, cut to where they are (1: their union)."""
     extents = [extent(c) for c in crops]
     area = (min(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents),
             max(e[3] for e in extents))
-    mask = np.zeros((area[3] - area[1], area[2] - area[0]), dtype=bool)
+    count = np.zeros((area[3] - area[1], area[2] - area[0]), dtype=np.uint16)
     for c in crops:
-        mask |= paint(c, area)
-    return Crop(area[0], area[1], mask)
+        count += paint(c, area)
+    inside = Crop.from_dense(count >= votes)
+    return Crop(inside.x0 + area[0], inside.y0 + area[1], inside.mask) if inside.mask.size else inside
 
 
 def _first(prediction: Prediction, n: int) -> Prediction:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from segkit.inference.tiles import extent, iou_within, paint
+from segkit.inference.tiles import covered, extent, iou_within
 from segkit.structures.masks import Crop, InstanceMasks
 from segkit.structures.prediction import Prediction
 
@@ -93,22 +93,10 @@ def vote(found: list[Prediction], match: float = 0.5) -> Prediction:
         group.crops.append(crop)
         group.scores.append(score)
         group.views.add(view)
-    objects = [(sum(g.scores) / len(found), g, _majority(g.crops)) for g in groups]
+    objects = [(sum(g.scores) / len(found), g, covered(g.crops, (len(g.crops) + 1) // 2)) for g in groups]
     objects = sorted((o for o in objects if o[2].mask.any()), key=lambda o: -o[0])
     crops = [crop for _, _, crop in objects]
     boxes = np.array([extent(c) for c in crops], dtype=np.float32).reshape(-1, 4)
     return Prediction(boxes, np.array([g.label for _, g, _ in objects], dtype=np.int64),
                       [g.name for _, g, _ in objects], np.array([s for s, _, _ in objects], dtype=np.float32),
                       InstanceMasks(crops, height, width))
-
-
-def _majority(crops: list[Crop]) -> Crop:
-    """The pixels at least half of ``crops`` cover, cut to where they are."""
-    extents = [extent(c) for c in crops]
-    area = (min(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents),
-            max(e[3] for e in extents))
-    votes = np.zeros((area[3] - area[1], area[2] - area[0]), dtype=np.uint16)
-    for c in crops:
-        votes += paint(c, area)
-    inside = Crop.from_dense(2 * votes >= len(crops))
-    return Crop(inside.x0 + area[0], inside.y0 + area[1], inside.mask) if inside.mask.size else inside
