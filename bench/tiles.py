@@ -133,7 +133,8 @@ def seam_splits(ckpt: Path, data: Path, tile: int | str, tta: bool, threshold: f
 def row(name: str, result: dict, count: int, seams: tuple[int, int] | None) -> str:
     segm, bbox = result["metrics"]["segm"], result["metrics"]["bbox"]
     split = f"{seams[0]} of {seams[1]}" if seams else "-"
-    return (f"| {name} | {segm['AP']:.3f} | {segm['AP50']:.3f} | {segm['AP_small']:.3f} | {bbox['AP']:.3f} | "
+    small = "-" if segm["AP_small"] is None else f"{segm['AP_small']:.3f}"  # none under 32 px in the images
+    return (f"| {name} | {segm['AP']:.3f} | {segm['AP50']:.3f} | {small} | {bbox['AP']:.3f} | "
             f"{split} | {result['seconds'] / count:.1f} | {result['peak_rss_mb']:.0f} |")
 
 

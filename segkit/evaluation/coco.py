@@ -124,8 +124,9 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
     """Run COCOeval once for boxes and once for masks.
 
     Returns ``{"bbox": {"AP", "AP50", "AP75", "AP_small", "per_class": {name: AP}, "pr_curves": {name: precision}},
-    "segm": {...}}``; ``pr_curves`` holds precision at COCO's 101 recall points at IoU 0.5 (all areas,
-    100 detections). Classes without ground truth in these images get no per-class AP (NaN is not a score).
+    "segm": {...}}`` (``AP_small``: None when the ground truth has no object under 32 x 32 px); ``pr_curves``
+    holds precision at COCO's 101 recall points at IoU 0.5 (all areas, 100 detections). Classes without
+    ground truth in these images get no per-class AP (NaN is not a score).
     """
     coco_gt = _coco_from_dict(gt)
     names = {c["id"]: c["name"] for c in gt["categories"]}
@@ -133,7 +134,8 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
     for iou_type in IOU_TYPES:
         if not results:  # COCOeval cannot load an empty result list: nothing found, nothing right
             with_gt = [names[c] for c in names if coco_gt.getAnnIds(catIds=[c])]
-            out[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP_small": 0.0,
+            small = any(a.get("area", 0) < 32 ** 2 for a in gt["annotations"] if not a.get("iscrowd"))
+            out[iou_type] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP_small": 0.0 if small else None,
                              "per_class": dict.fromkeys(with_gt, 0.0),
                              "pr_curves": {name: [0.0] * 101 for name in with_gt}}
             continue
@@ -146,7 +148,8 @@ def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]],
             ev.accumulate()
             ev.summarize()
         out[iou_type] = {"AP": _nonneg(ev.stats[0]), "AP50": _nonneg(ev.stats[1]), "AP75": _nonneg(ev.stats[2]),
-                         "AP_small": _nonneg(ev.stats[3]),  # objects under 32 x 32 px: what tiles are for
+                         # objects under 32 x 32 px; None where the images have none (COCOeval's -1)
+                         "AP_small": None if ev.stats[3] < 0 else float(ev.stats[3]),
                          "per_class": _per_class_ap(ev, names), "pr_curves": _pr_curves(ev, names, PR_IOU)}
     return out
 
