@@ -189,6 +189,41 @@ def write_scenes(args: argparse.Namespace) -> None:
         print(f"{json_path}: {len(json.loads(json_path.read_text())['images'])} scenes of {photos} photos")
 
 
+def huge_photo(records: list, side: int, objects: int, out: Path, seed: int) -> tuple[Path, int]:
+    """A ``side`` x ``side`` photo holding about ``objects`` objects: ``records``' photos in random cells of a
+    grid; (its path, the objects in it)."""
+    rng = np.random.default_rng(seed)
+    cell = max(max(r.width, r.height) for r in records) + 64
+    cells = rng.permutation((side // cell) ** 2)
+    canvas, placed, k = Image.new("RGB", (side, side), (114, 114, 114)), 0, 0
+    while placed < objects and k < len(cells):
+        record = records[int(rng.integers(len(records)))]
+        x, y = (cells[k] % (side // cell)) * cell, (cells[k] // (side // cell)) * cell
+        canvas.paste(Image.open(record.path).convert("RGB"), (int(x), int(y)))
+        placed, k = placed + len(record.instances), k + 1
+    canvas.save(out / "huge.jpg", quality=90)
+    return out / "huge.jpg", placed
+
+
+def huge_row(args: argparse.Namespace, tmp: Path) -> str:
+    """``segkit predict`` of one huge photo in tiles by the last model: time, peak RSS, objects found."""
+    label, ckpt = models(args)[-1]
+    records, _ = checkpoint_photos(Path(args.checkpoint), "test")
+    records = records or checkpoint_photos(Path(args.checkpoint), "val")[0]
+    photo, placed = huge_photo(records, args.huge, args.huge_objects, tmp, args.seed)
+    tile = "auto" if len(models(args)) > 1 else str(args.tiles[0])
+    cmd = [sys.executable, "-m", "segkit", "predict", str(photo), "--checkpoint", str(ckpt), "--out",
+           str(tmp / "huge-out"), "--tile", tile]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK, *cmd], check=True, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    found = len(json.loads((tmp / "huge-out" / "predictions.json").read_text())["annotations"])
+    return ("| photo | objects in it | found (score >= the model's threshold) | model | --tile | s | peak RSS (MB) |\n"
+            "|---|---|---|---|---|---|---|\n"
+            f"| {args.huge} x {args.huge} px | {placed} | {found} | {label} | {tile} | {seconds:.0f} | "
+            f"{int(done.stdout.split()[-1]) / 1024:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="an instance checkpoint whose run has a test split")
@@ -206,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      "held-out photos whole")
     p.add_argument("--per-scene", type=int, default=4, help="photos per mosaic")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--huge", type=int, default=0, metavar="SIDE",
+                   help="also predict one SIDE x SIDE photo in tiles (the last model): time and peak RSS")
+    p.add_argument("--huge-objects", type=int, default=300, help="--huge: about this many objects in it")
     p.add_argument("--note", default="", help="a paragraph for the page, e.g. how the models were trained")
     p.add_argument("--report", default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
@@ -220,10 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         scenes = json.loads(data.read_text())["images"]
         rows = scene_rows(args, data, len(scenes), Path(tmp))
         held_out = tta_rows(args, Path(tmp)) if args.tta else None
-    print(report_text(args, scenes, rows, held_out))
+        huge = huge_row(args, Path(tmp)) if args.huge else ""
+    text = report_text(args, scenes, rows, held_out) + (f"\n\nOne huge photo, predicted by `segkit predict`:\n\n{huge}"
+                                                        if huge else "")
+    print(text)
     if args.report:
         write_report(args.report, "Sliced inference and tiled training on large scenes", "bench/tiles.py",
-                     sys.argv[1:] if argv is None else argv, report_text(args, scenes, rows, held_out))
+                     sys.argv[1:] if argv is None else argv, text)
 
 
 def report_text(args: argparse.Namespace, scenes: list[dict], rows: list[str],
