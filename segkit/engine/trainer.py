@@ -366,9 +366,13 @@ def _evaluate(run: _Run, split: str) -> tuple[dict, dict]:
     """(metrics.csv row, full report) of ``split`` for the run's task."""
     evaluator = run.task.evaluator(run.splits[split], run.classes, run.cfg.score_threshold,
                                    run.ground_truth.get(split))
-    tiling = Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None  # as --tile auto will predict
     return loops.evaluate(run.model, run.loaders[split], run.device, run.task, evaluator, split, run.cfg.progress,
-                          tiling)
+                          _tiling(run.cfg))
+
+
+def _tiling(cfg: TrainConfig) -> Tiling | None:
+    """How a tiled run's validation and previews predict: as ``--tile auto`` will for its checkpoint."""
+    return Tiling(cfg.train_tiles) if cfg.train_tiles else None
 
 
 def _train_side(cfg: TrainConfig, images: list) -> int | None:
@@ -427,7 +431,7 @@ def _track_epoch(run: _Run, row: dict, evaluated: bool) -> None:
 def _preview(run: _Run):
     """Predictions beside the ground truth of the first val images (train without val), as one image."""
     predictor = Predictor(run.model, run.classes, run.cfg.score_threshold, device=run.device, task=run.task.name)
-    predictor.tile(Tiling(run.cfg.train_tiles) if run.cfg.train_tiles else None)  # as its validation predicts
+    predictor.tile(_tiling(run.cfg))
     return preview_sheet(predictor, run.splits["val"] or run.splits["train"])
 
 

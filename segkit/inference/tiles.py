@@ -84,7 +84,7 @@ def predict_tiled(predict: Callable[[Image.Image], Prediction], image: Image.Ima
         small = downscale(image, tiling.whole_side)
         found.append((_enlarged(predict(small), width, height), (0, 0, width, height)))
     merged = merge_detections(found, tiling.match)
-    return merged if max_detections is None else _first(merged, max_detections)
+    return merged if max_detections is None else highest(merged, max_detections)
 
 
 def _placed(prediction: Prediction, window: Window, width: int, height: int) -> Prediction:
@@ -191,7 +191,8 @@ def covered(crops: list[Crop], votes: int = 1) -> Crop:
     return Crop(inside.x0 + area[0], inside.y0 + area[1], inside.mask) if inside.mask.size else inside
 
 
-def _first(prediction: Prediction, n: int) -> Prediction:
+def highest(prediction: Prediction, n: int) -> Prediction:
+    """The ``n`` highest-scoring instances of ``prediction``."""
     keep = np.argsort(-prediction.scores, kind="stable")[:n]
     return Prediction(prediction.boxes[keep], prediction.labels[keep], [prediction.class_names[i] for i in keep],
                       prediction.scores[keep], prediction.instance_masks.select(keep))

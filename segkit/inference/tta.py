@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from segkit.inference.tiles import covered, extent, iou_within
+from segkit.inference.tiles import covered, extent, highest, iou_within
 from segkit.structures.masks import Crop, InstanceMasks
 from segkit.structures.prediction import Prediction
 
@@ -49,11 +49,7 @@ def predict_tta(predict: Callable[[torch.Tensor, float], Prediction], image: tor
     found = [_unflipped(predict(torch.flip(image, dims=[-1]), scale)) if mirrored else predict(image, scale)
              for mirrored, scale in views]
     voted = vote(found, tta.match)
-    if max_detections is not None and len(voted) > max_detections:
-        keep = np.arange(max_detections)  # vote() sorts by score
-        voted = Prediction(voted.boxes[keep], voted.labels[keep], voted.class_names[:max_detections],
-                           voted.scores[keep], voted.instance_masks.select(keep))
-    return voted
+    return voted if max_detections is None else highest(voted, max_detections)
 
 
 def _unflipped(prediction: Prediction) -> Prediction:
