@@ -9,8 +9,8 @@ a polygon vertex, an accept, a delete):
   matching an object at IoU >= 0.85 is accepted (1 action, one object per pre-annotation); the other objects
   are drawn by hand; every shown pre-annotation that matched nothing is deleted (1 action);
 - **prompts only**: a box prompt (2 clicks) around each object, the model's answer accepted at IoU >= 0.85;
-  else corrective clicks, one at a time, at the interior point (farthest from its edge) of the largest error
-  region: positive inside a missed area, negative inside a false one, up to ``--clicks``; else the
+  else corrective clicks, one at a time, at the point farthest inside the larger error (RITM's clicker,
+  ``segkit.engine.refiner.next_click``): positive in a missed area, negative in a false one, up to ``--clicks``; else the
   polygon by hand, the failed clicks counted too;
 - **pre-annotation + prompts**: accept what matches, prompts for the rest, deletes as above.
 
@@ -59,6 +59,7 @@ from segkit.inference.predictor import Predictor  # noqa: E402
 from segkit.serve.prelabel import labelling_prediction  # noqa: E402
 from segkit.serve.prompts import PromptEngine  # noqa: E402
 from segkit.data.readers import load_dataset  # noqa: E402
+from segkit.engine.refiner import next_click  # noqa: E402
 from segkit.engine.trainer import TrainConfig, train  # noqa: E402
 
 log = logging.getLogger("bench.labelling")
@@ -77,8 +78,8 @@ polygon, its vertices those of `cv2.approxPolyDP` at the coarsest tolerance whos
 IoU >= 0.85 with the object. *Pre-annotation only*: a shown pre-annotation of the right class matching an
 object at IoU >= 0.85 is accepted (1 action), the other objects are drawn by hand, and every shown
 pre-annotation that matched nothing is deleted (1 action). *Prompts only*: a box prompt (2 clicks) around each
-object, its answer accepted at IoU >= 0.85; else corrective clicks one at a time, at the interior point of the
-largest error region (positive in a missed area, negative in a false one), up to `--clicks`; else the polygon
+object, its answer accepted at IoU >= 0.85; else corrective clicks one at a time, at the point farthest inside the
+larger error (positive in a missed area, negative in a false one), up to `--clicks`; else the polygon
 by hand, the failed clicks counted too. *Pre-annotation + prompts*: accept what matches, prompts for the rest,
 deletes as above. NoC@85 / NoC@90 (the interactive-segmentation literature's number of clicks, the box counting
 2) are over every object, one that never reaches the IoU counted at the cap.
@@ -113,21 +114,6 @@ def polygon_vertices(mask: np.ndarray, target: float = ACCEPT_IOU) -> int:
     return sum(max(len(p), 3) for p in polys)
 
 
-def correction_click(mask: np.ndarray, gt: np.ndarray) -> tuple[tuple[float, float], bool]:
-    """((x, y), positive): the interior point of the largest error region; positive when it was missed."""
-    best = None
-    for positive, error in ((True, gt & ~mask), (False, mask & ~gt)):
-        n, regions, stats, _ = cv2.connectedComponentsWithStats(error.astype(np.uint8), connectivity=8)
-        for i in range(1, n):
-            if best is None or stats[i, cv2.CC_STAT_AREA] > best[0]:
-                best = (stats[i, cv2.CC_STAT_AREA], positive, regions == i)
-    _, positive, region = best
-    # padded so that the image's border counts as the region's edge, as RITM's click simulator does
-    inside = cv2.distanceTransform(np.pad(region, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(inside.argmax()), inside.shape)
-    return (x + 0.5, y + 0.5), positive
-
-
 def prompt_trajectory(engine: PromptEngine, key: str, image: np.ndarray, gt: np.ndarray, label: int,
                       limit: int) -> list[tuple[int, float]]:
     """(clicks so far, IoU) after the box prompt and after each corrective click, until IoU >= 0.90 or
@@ -142,7 +128,10 @@ def prompt_trajectory(engine: PromptEngine, key: str, image: np.ndarray, gt: np.
     for _ in range(limit):
         if steps[-1][1] >= max(NOC_IOUS):
             break
-        point, positive = correction_click(mask, gt)
+        click = next_click(mask, gt)
+        if click is None:
+            break
+        point, positive = click
         (positives if positive else negatives).append(point)
         answers = engine.clicks(key, image, positives, negatives, [label] * len(positives)) if positives else []
         box_kept = not any(box_mask[int(y), int(x)] for x, y in negatives)

@@ -16,6 +16,7 @@ COMMANDS = {
     "export": "write a checkpoint as an ONNX, OpenVINO or TorchScript model that any --checkpoint runs",
     "ml-backend": "serve a checkpoint as a Label Studio ML backend (pre-annotations, retraining)",
     "prelabel": "pre-annotate a Label Studio project, scored so the least-sure tasks can go first",
+    "refiner": "train the click-refinement head of a trained checkpoint (clicks that correct masks)",
     "space": "write a checkpoint as a complete Hugging Face Space folder (git push deploys it)",
 }
 

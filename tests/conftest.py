@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from tests.helpers import (EXPORT_MAX_DETECTIONS, EXPORT_SUFFIX, MORE_EPOCHS, REPO, SAMPLE, SHARED, TINY_IMAGES,
+from tests.helpers import (EXPORT_MAX_DETECTIONS, EXPORT_SUFFIX, MORE_EPOCHS, REFINER_STEPS, REPO, SAMPLE, SHARED, TINY_IMAGES,
                            overfit_config, tiny_config, write_subset)
 
 SEMANTIC_EPOCHS = 40  # x 2 steps of AdamW: U-Net R18 from random init learns the 4 images
@@ -237,6 +237,27 @@ def overfit_run(tiny_data, tmp_path_factory) -> dict:
 def trained_checkpoint(overfit_run) -> Path:
     """best.pt of a tiny model overfit on 4 sample images: its predictions match their ground truth."""
     return Path(overfit_run["best"])
+
+
+@pytest.fixture(scope="session")
+def refined_checkpoint(trained_checkpoint, tmp_path_factory):
+    """The overfit fixture's best.pt with a refinement head trained on its train images."""
+    from segkit.data.dataset import SegmentationDataset
+    from segkit.data.readers import load_dataset
+    from segkit.engine.refiner import RefinerConfig, add_refiner
+    from segkit.models.checkpoint import load_checkpoint, save_checkpoint
+
+    def make() -> dict:
+        ckpt = load_checkpoint(trained_checkpoint)
+        records = load_dataset(ckpt["config"]["data"]).images
+        losses = []
+        refined = add_refiner(ckpt, SegmentationDataset(records, ckpt["classes"]), RefinerConfig(steps=REFINER_STEPS),
+                              progress=lambda step, loss: losses.append(loss))
+        path = tmp_path_factory.mktemp("refined") / "best.pt"
+        save_checkpoint({k: v for k, v in refined.items() if k != "segkit_version"}, path)
+        return {"path": str(path), "losses": losses, "data": ckpt["config"]["data"]}
+
+    return made_once("refined_checkpoint", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")

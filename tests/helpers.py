@@ -166,3 +166,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REFINER_STEPS = 120  # training steps of the overfit model's refinement head (conftest's refined_checkpoint)

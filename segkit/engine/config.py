@@ -53,6 +53,8 @@ class TrainConfig:
     img_size: int = _opt(512, "shorter image side inside the model (torchvision's min_size)")
     train_tiles: int | None = _opt(None, "train on random crops of this many pixels at full resolution (small objects "
                                          "in large photos; validation then predicts tile by tile, as --tile does)")
+    interactive_head: bool = _opt(False, "after training, also train the click-refinement head (clicks that correct "
+                                         "masks in Label Studio; a few minutes on a CPU; later: segkit refiner)")
     aug: str = _opt("default", "augmentation preset", choices=list(PRESETS))
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw", choices=["sgd", "adamw"])
     lr: float = _opt(0.01, "peak learning rate (AdamW: try 1e-4)")

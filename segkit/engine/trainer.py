@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
 from segkit.atomic import write_json
-from segkit.data.dataset import collate_fn
+from segkit.data.dataset import SegmentationDataset, collate_fn
 from segkit.data.readers import DataError, load_dataset
 from segkit.data.records import median_side
 from segkit.data.splits import SPLITS, SplitError, restore_split, split_paths, split_records
@@ -29,6 +30,7 @@ from segkit.engine import loops, model_card, runs, tracking
 from segkit.engine.config import TrainConfig, TrainingStopped, resolve_model, resumed_config
 from segkit.engine.distributed import agree, barrier, pick_device, setup_distributed
 from segkit.engine.optim import make_optimization, restore_optimization
+from segkit.engine.refiner import RefinerConfig, add_refiner
 from segkit.engine.seeding import EpochSampler, rng_state, seed_epoch, seed_everything, set_rng_state
 from segkit.inference.predictor import Predictor
 from segkit.inference.tiles import Tiling
@@ -262,6 +264,8 @@ def _finish(run: _Run) -> dict:
         test, report = _evaluate(run, "test")
         write_json(out / "test_metrics.json", {"epoch": best["epoch"], **test, task.report_key: report}, indent=2)
     runs.write_history(out, run.history, task, test)
+    if run.cfg.interactive_head and task.name == "instance":
+        _add_refiner(run, best, best_path)
     sheet = _preview(run)
     if sheet is not None:
         save_png(sheet, out / "val_predictions.png")
@@ -279,6 +283,21 @@ def _finish(run: _Run) -> dict:
         print(f"  {out / name}")
     print(f"serve it: python demo.py --checkpoint {best_path}")
     return summary
+
+
+def _add_refiner(run: _Run, best: dict, best_path: Path) -> None:
+    """best.pt with the click-refinement head trained on the run's train split (the detector stays as it is)."""
+    cfg = RefinerConfig(seed=run.cfg.seed)
+    dataset = SegmentationDataset(run.splits["train"], run.classes, tile=run.cfg.train_tiles)
+    bar = tqdm(total=cfg.steps, desc="refinement head", disable=not run.cfg.progress, leave=False)
+    try:
+        refined = add_refiner(best, dataset, cfg, run.device, lambda step, loss: bar.update(1))
+    finally:
+        bar.close()
+    save_checkpoint({k: v for k, v in refined.items() if k != "segkit_version"}, best_path)
+    stats = refined["refiner"]
+    print(f"refinement head: {stats['steps']} steps on {stats['objects']} objects in {stats['seconds']} s, "
+          f"loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
 
 
 # What --tracker mlflow uploads at the end (TensorBoard's event files sit beside them already)

@@ -19,6 +19,7 @@ from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.models.checkpoint import load_checkpoint, resolve_checkpoint, task_of
 from segkit.tasks.checkpoint import model_from_checkpoint
 from segkit.models.mask_rcnn import coco_pretrained
+from segkit.models.refiner import ClickRefiner, refiner_from_state
 from segkit.tasks import get_task
 
 # Convolutions in channels-last (NHWC) memory format, on the CPU, for models the Predictor builds
@@ -71,6 +72,7 @@ class Predictor:
         self.info = info or {}  # what the checkpoint says about its training: metrics, image size, ...
         self.tiling: Tiling | None = None  # set with tile(): sliced inference of large images
         self.tta: TTA | None = None  # set with augment(): test-time augmentation
+        self.refiner: ClickRefiner | None = None  # the checkpoint's click-refinement head, for prompts
 
     def tile(self, tiling: Tiling | None) -> "Predictor":
         """Predict images larger than ``tiling.size`` tile by tile (:mod:`segkit.inference.tiles`; a size of
@@ -123,6 +125,9 @@ class Predictor:
                        runner=load_runner(path, ckpt), task=task.name)
         predictor = cls(model_from_checkpoint(ckpt), ckpt["classes"], threshold, device, info, max_detections,
                         task=task.name)
+        if ckpt.get("refiner") is not None:
+            predictor.refiner = refiner_from_state(ckpt["refiner"]).to(predictor.device)
+            predictor.info["refiner"] = {k: v for k, v in ckpt["refiner"].items() if k not in ("state_dict", "config")}
         if channels_last is None:
             channels_last = CPU_CHANNELS_LAST and task.channels_last and predictor.device.type == "cpu"
         if channels_last:

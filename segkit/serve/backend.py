@@ -50,7 +50,7 @@ from segkit.labelstudio.preannotations import prediction_result
 from segkit.labelstudio.project import ImageCache, TaskImage, cache_folder
 from segkit.models.checkpoint import load_checkpoint, model_version
 from segkit.serve.prelabel import labelling_prediction, max_image_side, prelabel_project
-from segkit.serve.prompts import FeatureCache, PromptEngine, prompts_from_context
+from segkit.serve.prompts import STEP_CACHE, FeatureCache, PromptEngine, prompts_from_context
 from segkit.serve.settings import BackendConfig, check_settings, host_name, trusted_host_names
 from segkit.tasks import get_task
 
@@ -180,6 +180,7 @@ class Predictions:
         self._decodes = threading.BoundedSemaphore(cfg.decode_workers)
         self._downloads = threading.BoundedSemaphore(cfg.download_workers)
         self._features = None  # segkit.serve.prompts.FeatureCache, made on the first prompt (keyed by model version)
+        self._steps = None  # the same for refinement steps (keyed by task, image, clicks so far and model version)
         self._lock = threading.Lock()
 
     def target(self, label_config: str, classes: list[str],
@@ -268,8 +269,10 @@ class Predictions:
         with self._lock:
             if self._features is None:
                 self._features = FeatureCache(self.cfg.prompt_cache)
+                self._steps = FeatureCache(STEP_CACHE)
         label_classes = {label: i for i, name in enumerate(predictor.classes, 1) if (label := labels.get(name))}
-        return PromptEngine(predictor, version, cache=self._features).predict(key, image, prompts, label_classes)
+        engine = PromptEngine(predictor, version, cache=self._features, steps=self._steps)
+        return engine.predict(key, image, prompts, label_classes)
 
     def _cache(self, project: str | None) -> ImageCache:
         # One folder per Label Studio server for every project's predictions, so --cache-mb bounds them all;
@@ -434,13 +437,15 @@ class Retrainer:
 
 def retrain_command(ckpt: dict, checkpoint: Path, data: str, cfg: BackendConfig, out: Path) -> list[str]:
     """``segkit train`` of a new model from the served ``checkpoint`` (loaded: ``ckpt``) on ``data``, made as the
-    served one was (architecture, task, size, threshold, training tiles), plus the backend's own settings."""
+    served one was (architecture, task, size, threshold, training tiles, refinement head), plus the backend's own
+    settings."""
     tiles = (ckpt.get("config") or {}).get("train_tiles")
+    refiner = ["--interactive-head"] if ckpt.get("refiner") is not None else []  # clicks keep correcting masks
     return [sys.executable, "-m", "segkit", "train", "--data", data, "--weights", str(checkpoint),
             "--model", ckpt["arch"], "--task", ckpt.get("task") or "instance",
             "--img-size", str(cfg.train_img_size or ckpt["img_size"]),
             "--score-threshold", str(ckpt.get("score_threshold", 0.5)), *(["--train-tiles", str(tiles)] if tiles else []),
-            "--epochs", str(cfg.train_epochs), "--out", str(out), "--no-progress", *cfg.train_args]
+            "--epochs", str(cfg.train_epochs), "--out", str(out), "--no-progress", *refiner, *cfg.train_args]
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -11,6 +11,13 @@ every detection with its mask. A further prompt on that image runs only the box 
 to three boxes (a box prompt, or a click where nothing was detected), or nothing at all (a click on
 a detection), never the backbone.
 
+Clicks that correct a mask: with a checkpoint that has a click-refinement head
+(:mod:`segkit.models.refiner`), the clicks after an object's first (or after a box) go to the head with the
+object's current mask, which it corrects: a positive click on a missed part adds it, a negative click in a
+false part removes it. Every step is a pure function of the image, the model and the clicks so far, so the
+steps are memoized by that sequence (:meth:`PromptEngine.refine`): two annotators never see each other's
+state, and a request that repeats a sequence and adds a click costs one step of the head.
+
 Coordinates: boxes are (x0, y0, x1, y1) and points (x, y) in the pixels of the image given, continuous,
 pixel (i, j) covering [i, i + 1) x [j, j + 1), as torchvision's boxes and mask paste have them.
 """
@@ -35,6 +42,7 @@ from segkit.data.images import ImageInput
 from segkit.structures.masks import Crop, InstanceMasks
 from segkit.structures.prediction import Prediction
 from segkit.models.forward import box_detections, image_tensors, mask_probs, paste_masks
+from segkit.models.refiner import click_maps, image_in_grid, mask_in_grid, to_grid, with_clicks
 from segkit.inference.predictor import Predictor
 from segkit.data.records import class_key
 
@@ -42,6 +50,8 @@ CLICK_THRESHOLD = 0.05  # detections a click may pick: low, since the annotator'
 REFINE_IOU = 0.5  # a prompt box this close to a detection takes the detection's box for its mask
 FALLBACK_SCALES = (1 / 16, 1 / 8, 1 / 4)  # square sides, of the image's shorter side, tried around a lone click
 MIN_FALLBACK_SIDE = 4.0  # pixels: the mask head needs a few pixels of box to say anything
+ROI_MARGIN = 0.1  # of the side: an object's region around its mask (the head learned boxes jittered by 15%)
+STEP_CACHE = 256  # refinement steps kept (a mask crop each), across images and annotators
 
 # Label Studio region types read as prompts; other types (polygons, brushes, choices) are not prompts.
 PROMPT_TYPES = {"rectanglelabels": "box", "rectangle": "box", "keypointlabels": "point", "keypoint": "point"}
@@ -90,13 +100,24 @@ class ImageFeatures:
     model_boxes: Tensor  # the same in the model's input pixels
     labels: Tensor  # (N,) int64 class indices
     scores: Tensor  # (N,)
+    image: Tensor  # the model's normalized input (1, 3, h, w), for the refinement head (1/85 of the features)
     # Their masks at the image's size, by index, made only for detections under a click: a box needs none
     # (a first box prompt costs no more than a plain prediction) and a click a few, not all 100
     crops: dict[int, Crop] = field(default_factory=dict)
 
 
+class RefineState(NamedTuple):
+    """One object after some clicks: its region ``roi`` (x0, y0, x1, y1 in image pixels), its mask, class and score."""
+
+    roi: tuple[float, float, float, float]
+    crop: Crop
+    label: int
+    score: float
+
+
 class FeatureCache:
-    """A small LRU of :class:`ImageFeatures`, keyed by (image key, model version); safe across threads.
+    """A small LRU of :class:`ImageFeatures` (or of refinement steps), keyed by (key, model version); safe
+    across threads.
 
     The model version is part of the key, so a retrained model never answers from another model's
     features; :meth:`clear` drops everything (e.g. when memory is wanted back).
@@ -154,12 +175,15 @@ class PromptEngine:
     """
 
     def __init__(self, predictor: Predictor, version: str | None = None, cache: FeatureCache | None = None,
-                 cache_size: int = 8, click_threshold: float = CLICK_THRESHOLD):
+                 cache_size: int = 8, click_threshold: float = CLICK_THRESHOLD, steps: FeatureCache | None = None):
+        """``steps`` memoizes refinement steps (shared like ``cache`` by engines of one model version)."""
         _check_model(predictor)
         self.predictor = predictor
         self.model = predictor.model
+        self.refiner = getattr(predictor, "refiner", None)
         self.version = version if version is not None else f"engine-{uuid.uuid4().hex}"
         self.cache = cache if cache is not None else FeatureCache(cache_size)
+        self.steps = steps if steps is not None else FeatureCache(STEP_CACHE)
         self.click_threshold = click_threshold
 
     @property
@@ -216,10 +240,36 @@ class PromptEngine:
         return self._clicks(self.features(image_key, image), positives, negatives, labels)
 
     @torch.inference_mode()
+    def refine(self, image_key: Hashable, image: ImageInput, clicks: Sequence[tuple[float, float, bool]],
+               box: Sequence[float] | None = None, label: int | None = None,
+               negatives: Sequence[Sequence[float]] = ()) -> PromptMask | None:
+        """One object, corrected click by click by the checkpoint's refinement head.
+
+        ``clicks`` are (x, y, positive) in the image's pixels, in the order given. The object starts as the
+        answer to ``box`` (:meth:`box`) or, without one, to its first click, which must be positive
+        (:meth:`clicks`, ``negatives`` steering that first pick; where nothing answers it, from no mask in
+        a square around it); each further click then corrects the mask: the head sees the object's region
+        (grown to hold positive clicks outside it; a box stays the region and cuts the mask), all clicks so
+        far and the previous mask. None when no positive click starts an object. Raises ``ValueError`` when
+        the checkpoint has no refinement head.
+        """
+        self._need_refiner()
+        entry = self.features(image_key, image)
+        state = self._refine(image_key, entry, clicks, box, label, negatives)
+        if state is None:
+            return None
+        return PromptMask(InstanceMasks([state.crop], *entry.original_size).dense(0), state.label, state.score)
+
+    @torch.inference_mode()
     def predict(self, image_key: Hashable, image: ImageInput, prompts: Sequence[Prompt],
                 label_classes: Mapping[str, int] | None = None) -> Prediction:
         """All of ``prompts`` on one image as a :class:`Prediction`: one instance per box, one per answered
         positive click (negative clicks only steer the clicks), empty masks left out.
+
+        With a refinement head, clicks correct objects instead (:meth:`refine`): a click inside an object's
+        region (a box, or the region of an object a click started), the latest object first, corrects that
+        object; a positive click elsewhere starts a new object; a negative click elsewhere only steers later
+        first clicks.
 
         ``label_classes`` maps the labeling config's labels to class indices (1..C); by default a label
         is the class of the same name, ignoring case. A label it lacks leaves the class to the model.
@@ -231,6 +281,9 @@ class PromptEngine:
         def class_of(p: Prompt) -> int | None:
             return lookup.get(class_key(p.label)) if p.label is not None else None
 
+        if self.refiner is not None:
+            found = self._refined_objects(image_key, entry, prompts, class_of)
+            return prompt_prediction(found, self.classes, (height, width))
         found = [self._box(entry, p.box(width, height), class_of(p)) for p in prompts if p.kind == "box"]
         points = [p for p in prompts if p.kind == "point"]
         positives = [p for p in points if p.positive]
@@ -241,6 +294,118 @@ class PromptEngine:
 
     def _default_labels(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes, start=1)}
+
+    def _refined_objects(self, image_key: Hashable, entry: ImageFeatures, prompts: Sequence[Prompt],
+                         class_of) -> list[PromptMask]:
+        """Prompts grouped into objects and each refined (the rules: :meth:`predict`)."""
+        height, width = entry.original_size
+        objects = [{"box": p.box(width, height), "label": class_of(p), "clicks": [], "negatives": ()}
+                   for p in prompts if p.kind == "box"]
+        states: list[RefineState | None] = [None] * len(objects)
+        negatives: list[tuple[float, float]] = []
+        for p in (p for p in prompts if p.kind == "point"):
+            x, y = p.point(width, height)
+            target = next((i for i in reversed(range(len(objects)))
+                           if _inside((x, y), states[i].roi if states[i] is not None else objects[i]["box"])), None)
+            if target is None and not p.positive:
+                negatives.append((x, y))
+                continue
+            if target is None:
+                objects.append({"box": None, "label": class_of(p), "clicks": [], "negatives": tuple(negatives)})
+                states.append(None)
+                target = len(objects) - 1
+            objects[target]["clicks"].append((x, y, p.positive))
+            obj = objects[target]
+            states[target] = self._refine(image_key, entry, obj["clicks"], obj["box"], obj["label"], obj["negatives"])
+        for i, obj in enumerate(objects):  # boxes without clicks
+            if states[i] is None and obj["box"] is not None:
+                states[i] = self._refine(image_key, entry, [], obj["box"], obj["label"], ())
+        return [PromptMask(InstanceMasks([s.crop], height, width).dense(0), s.label, s.score)
+                for s in states if s is not None]
+
+    def _refine(self, image_key: Hashable, entry: ImageFeatures, clicks: Sequence[tuple[float, float, bool]],
+                box: Sequence[float] | None, label: int | None,
+                negatives: Sequence[Sequence[float]]) -> RefineState | None:
+        """The object's state after ``clicks``, from the longest memoized prefix of the sequence (see :meth:`refine`)."""
+        clicks = tuple((float(x), float(y), bool(positive)) for x, y, positive in clicks)
+        base = (image_key, None if box is None else tuple(float(v) for v in box), label,
+                tuple((float(x), float(y)) for x, y in negatives))
+        state, done = None, len(clicks)
+        while state is None and done >= 0:
+            state = self.steps.get(((*base, clicks[:done]), self.version))
+            done -= state is None
+        if state is None:
+            state, done = self._start(entry, clicks, box, label, negatives)
+            if state is None:
+                return None
+            self.steps.put(((*base, clicks[:done]), self.version), state)
+        for k in range(done + 1, len(clicks) + 1):
+            state = self._correct(entry, state, clicks[:k], box)
+            self.steps.put(((*base, clicks[:k]), self.version), state)
+        return state
+
+    def _start(self, entry: ImageFeatures, clicks: Sequence[tuple[float, float, bool]], box: Sequence[float] | None,
+               label: int | None, negatives: Sequence[Sequence[float]]) -> tuple[RefineState | None, int]:
+        """(the object before refinement, how many clicks that used): the box's answer, or the first click's."""
+        height, width = entry.original_size
+        if box is not None:
+            answer = self._box(entry, box, label)
+            roi = tuple(_clamped_box(box, width, height, self.predictor.device)[0].tolist())
+            return RefineState(roi, Crop.from_dense(answer.mask), answer.label, answer.score), 0
+        if not clicks or not clicks[0][2]:
+            return None, 0
+        x, y, _ = clicks[0]
+        answers = self._clicks(entry, [(x, y)], negatives, [label])
+        if answers:
+            crop = Crop.from_dense(answers[0].mask)
+            if crop.mask.size:
+                roi = _grown((crop.x0, crop.y0, crop.x0 + crop.mask.shape[1], crop.y0 + crop.mask.shape[0]),
+                             width, height)
+                return RefineState(roi, crop, answers[0].label, answers[0].score), 1
+        squares = _squares((x, y), width, height, self.predictor.device)
+        if len(squares) == 0:
+            return None, 0
+        square = squares[len(squares) // 2:len(squares) // 2 + 1]
+        cls = self._check_label(label) if label is not None else int(self._class_probs(entry, square)[0, 1:].argmax()) + 1
+        return RefineState(tuple(square[0].tolist()), Crop(0, 0, np.zeros((0, 0), bool)), cls, 0.0), 0
+
+    @torch.inference_mode()
+    def correct(self, image_key: Hashable, image: ImageInput, state: RefineState,
+                clicks: Sequence[tuple[float, float, bool]], box: Sequence[float] | None = None) -> RefineState:
+        """One answer of the refinement head: ``state``'s mask corrected by all of ``clicks`` (x, y, positive),
+        the last being the new one; ``box``: the region stays ``state.roi`` and the mask is cut to it. The step
+        :meth:`refine` takes per click, not memoized."""
+        self._need_refiner()
+        return self._correct(self.features(image_key, image), state, clicks, box)
+
+    def _need_refiner(self) -> None:
+        if self.refiner is None:
+            raise ValueError(f"{self.predictor.info.get('checkpoint', 'this checkpoint')} has no click-refinement "
+                             "head: train one with `segkit train --interactive-head` (or `segkit refiner CHECKPOINT` "
+                             "for a trained model)")
+
+    def _correct(self, entry: ImageFeatures, state: RefineState, clicks: Sequence[tuple[float, float, bool]],
+                 box: Sequence[float] | None) -> RefineState:
+        height, width = entry.original_size
+        grid, device = self.refiner.grid, self.predictor.device
+        positives = [(x, y) for x, y, positive in clicks if positive]
+        roi = state.roi if box is not None else _holding(state.roi, positives, width, height)
+        in_grid = [(x, y, p) for (x, y), (_, _, p) in zip(to_grid([c[:2] for c in clicks], roi, grid), clicks)]
+        maps = click_maps(np.array([c[:2] for c in in_grid if c[2]]), np.array([c[:2] for c in in_grid if not c[2]]), grid)
+        if state.crop.mask.size:
+            previous = mask_in_grid(torch.from_numpy(state.crop.mask), (state.crop.x0, state.crop.y0), roi, grid)
+        else:
+            previous = torch.zeros(grid, grid)
+        roi_tensor = torch.tensor([roi], dtype=torch.float32, device=device)
+        model_box = resize_boxes(roi_tensor, entry.original_size, entry.image_size)
+        pooled = self.refiner.pooled(entry.features, [model_box], [entry.image_size])
+        image = image_in_grid(entry.image, model_box, grid)
+        probs = torch.sigmoid(self.refiner(pooled, image, maps[None].to(device), previous[None, None].to(device)))
+        probs = with_clicks(probs, in_grid)
+        crop = paste_masks(probs, roi_tensor, height, width).crops[0]
+        if box is not None:
+            crop = Crop.from_dense(_cut_to_box(InstanceMasks([crop], height, width).dense(0), roi))
+        return RefineState(roi, crop, state.label, _foreground_confidence(probs[0]))
 
     def _clicks(self, entry: ImageFeatures, positives: Sequence[Sequence[float]],
                 negatives: Sequence[Sequence[float]], labels: Sequence[int | None] | None) -> list[PromptMask]:
@@ -277,7 +442,8 @@ class PromptEngine:
         heads, sizes = model.roi_heads, batch.image_sizes
         boxes, scores, labels = box_detections(heads, features, proposals, sizes, self.click_threshold)
         in_image = resize_boxes(boxes[0], sizes[0], original)
-        return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0])
+        return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0],
+                             batch.tensors)
 
     def _detection_crops(self, entry: ImageFeatures, indices: list[int]) -> dict[int, Crop]:
         """The masks of detections ``indices``, each made once per cached image (the mask head is per box)."""
@@ -513,6 +679,30 @@ def _pixel(point: Sequence[float], width: int, height: int) -> tuple[int, int]:
     """The (column, row) of the pixel under ``point``, inside the image."""
     x, y = (float(v) for v in point)
     return min(max(int(x), 0), width - 1), min(max(int(y), 0), height - 1)
+
+
+def _grown(box: Sequence[float], width: int, height: int, margin: float = ROI_MARGIN) -> tuple[float, ...]:
+    """``box`` grown by ``margin`` of its sides (and a pixel) on every edge, inside the image."""
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0) + 1, margin * (y1 - y0) + 1
+    return (_clamp(x0 - dx, width), _clamp(y0 - dy, height), _clamp(x1 + dx, width), _clamp(y1 + dy, height))
+
+
+def _holding(roi: Sequence[float], points: Sequence[Sequence[float]], width: int, height: int) -> tuple[float, ...]:
+    """``roi``, grown to hold each of ``points`` with a margin, when one lies outside it."""
+    outside = [(x, y) for x, y in points if not _inside((x, y), roi, 0.0)]
+    if not outside:
+        return tuple(roi)
+    xs, ys = [roi[0], roi[2]] + [x for x, _ in outside], [roi[1], roi[3]] + [y for _, y in outside]
+    return _grown((min(xs), min(ys), max(xs), max(ys)), width, height, margin=ROI_MARGIN / 2)
+
+
+def _inside(point: Sequence[float], box: Sequence[float], margin: float = ROI_MARGIN) -> bool:
+    """Whether ``point`` lies in ``box`` grown by ``margin`` of its sides."""
+    x, y = point
+    x0, y0, x1, y1 = box
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    return x0 - dx <= x <= x1 + dx and y0 - dy <= y <= y1 + dy
 
 
 def _near(box: Sequence[float], pixel: tuple[int, int]) -> bool:
