@@ -1,6 +1,6 @@
 """Clicks that correct a mask, measured with RITM's protocol: the refinement head against picking detections.
 
-On a checkpoint's held-out images (its ``--split``, test by default), every annotated object is segmented
+On a checkpoint's held-out images (its ``--split`` s, test by default), every annotated object is segmented
 from clicks alone by a simulated annotator (RITM's clicker, :func:`segkit.engine.refiner.next_click`): the
 first click at the point farthest inside the object, then each click at the point farthest inside the larger
 error of the current mask (positive in a missed area, negative in a false one), the previous mask fed back,
@@ -16,7 +16,7 @@ Reported: NoC@85 and NoC@90 (clicks until the IoU first reaches 0.85 / 0.90, ``-
 does), mean IoU after each click, the gain from click 1 to click 5 on objects the first click leaves under
 0.85, and one click's time on an image already seen against a full forward.
 
-    python bench/clicks.py --checkpoint CKPT_WITH_REFINER [--split test] [--clicks 20]
+    python bench/clicks.py --checkpoint CKPT_WITH_REFINER [--split val test] [--clicks 20]
         [--plot docs/benchmarks/clicks.png] [--report docs/benchmarks/clicks.md]
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint with a refinement head (segkit refiner)")
     p.add_argument("--data", help="its dataset (default: the one its config names)")
-    p.add_argument("--split", default="test", help="held-out split of the checkpoint to click on")
+    p.add_argument("--split", nargs="+", default=["test"], help="held-out splits of the checkpoint to click on")
     p.add_argument("--clicks", type=int, default=20)
     p.add_argument("--max-detections", type=int, default=100)
     p.add_argument("--plot", help="also draw mean IoU against clicks into this PNG")
@@ -108,7 +108,8 @@ def main() -> None:
     args = p.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     data = args.data or ckpt["config"]["data"]
-    records = restore_split(load_dataset(data).images, ckpt["split"], data)[args.split]
+    splits = restore_split(load_dataset(data).images, ckpt["split"], data)
+    records = [r for name in args.split for r in splits[name]]
     dataset = SegmentationDataset(records, ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, "cpu", args.max_detections)
     if predictor.refiner is None:
@@ -156,7 +157,7 @@ def report_lines(ckpt: dict, args, curves: dict, images: int, forward: float, cl
     lines = [f"Model: `{ckpt['arch']}` at {ckpt['img_size']} px, val mask AP "
              f"{metrics.get('val_segm_map', float('nan')):.3f} (epoch {ckpt.get('epoch')}); refinement head trained "
              f"{refiner.get('steps')} steps on {refiner.get('objects')} objects of the train split in "
-             f"{refiner.get('seconds')} s. Held-out: {images} images of the {args.split} split, {n} objects, "
+             f"{refiner.get('seconds')} s. Held-out: {images} images of the {' and '.join(args.split)} split, {n} objects, "
              f"cap {args.clicks} clicks.", "",
              "| engine | NoC@85 | NoC@90 | IoU@1 | IoU@3 | IoU@5 | IoU@10 | IoU@20 |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in curves.items():

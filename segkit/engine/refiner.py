@@ -26,7 +26,7 @@ from torchvision.models.detection.transform import resize_boxes
 from segkit.data.dataset import SegmentationDataset
 from segkit.models.forward import image_tensors, mask_probs
 from segkit.tasks.checkpoint import model_from_checkpoint
-from segkit.models.refiner import ClickRefiner, click_maps, image_in_grid, mask_in_grid, refiner_state
+from segkit.models.refiner import ClickRefiner, click_maps, image_in_grid, mask_in_grid, refiner_state, with_clicks
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ def simulate(refiner: ClickRefiner, pooled: Tensor, image: Tensor, previous: Ten
         if r == rounds:
             return maps, previous
         with torch.no_grad():
-            previous = (refiner(pooled, image, maps, previous) > 0).float()  # binary, as the annotator's mask is
+            answer = torch.sigmoid(refiner(pooled, image, maps, previous))
+            # as served: each click's disk as asked, then cut at 0.5 (the annotator sees a binary mask)
+            previous = torch.stack([with_clicks(a, [(*p, pos) for p, pos in c]) for a, c in zip(answer, clicks)])
+            previous = (previous > 0.5).float()
     raise AssertionError("unreachable")
 
 

@@ -112,7 +112,7 @@ def test_a_negative_click_removes_a_false_part(predictor, objects):
         assert not positive
         state = engine.correct(key, image, RefineState(roi, Crop.from_dense(wrong), label, 1.0), [(x, y, False)])
         fixed = np.zeros_like(truth)
-        fixed[state.crop.window()] = state.crop.mask
+        fixed[state.crop.window] = state.crop.mask
         assert not fixed[int(y), int(x)], key  # the clicked pixel is gone
         assert (fixed & false).sum() < 0.5 * false.sum(), key  # and most of the false part with it
         assert iou(fixed, truth) > iou(wrong, truth), key
@@ -129,7 +129,7 @@ def test_a_positive_click_adds_a_missed_part(predictor, objects):
         assert positive
         state = engine.correct(key, image, RefineState(roi, Crop.from_dense(wrong), label, 1.0), [(x, y, True)])
         fixed = np.zeros_like(truth)
-        fixed[state.crop.window()] = state.crop.mask
+        fixed[state.crop.window] = state.crop.mask
         assert fixed[int(y), int(x)], key
         assert (fixed & missed).sum() > 0.5 * missed.sum(), key
         assert iou(fixed, truth) > iou(wrong, truth), key
@@ -197,11 +197,11 @@ def test_label_studio_clicks_on_one_object_correct_it(predictor, objects):
     once = engine.predict(key, image, [point(*first, True)])
     twice = engine.predict(key, image, [point(*first, True), point(*second, False)])
     assert len(once) == 1 and len(twice) == 1
-    np.testing.assert_array_equal(once.masks.dense(0), start)
+    np.testing.assert_array_equal(once.instance_masks.dense(0), start)
     expected = engine.refine(key, image, [(*first, True), (*second, False)], label=label).mask
-    np.testing.assert_array_equal(twice.masks.dense(0), expected)
-    assert not twice.masks.dense(0)[int(second[1]), int(second[0])]
-    assert not np.array_equal(twice.masks.dense(0), start)
+    np.testing.assert_array_equal(twice.instance_masks.dense(0), expected)
+    assert not twice.instance_masks.dense(0)[int(second[1]), int(second[0])]
+    assert not np.array_equal(twice.instance_masks.dense(0), start)
 
 
 def test_no_head_says_how_to_get_one(trained_checkpoint):
