@@ -431,6 +431,92 @@ def test_a_box_drawn_in_the_labeling_page_becomes_the_objects_brush(api, server,
         browser.quit()
 
 
+CLICKS = ('<View><Image name="photo" value="$img"/>'
+          '<KeyPointLabels name="click" toName="photo" smart="true">{labels}</KeyPointLabels>'
+          '<BrushLabels name="answer" toName="photo" smart="true">{labels}</BrushLabels></View>')
+
+
+def test_a_negative_click_in_the_labeling_page_corrects_the_objects_mask(api, server, refined_checkpoint, tiny_data,
+                                                                         tmp_path):
+    """With a refinement head: Auto-Annotation on (suggestions shown, not accepted), the smart keypoint and a label
+    picked, a click on an object brings its mask; an Alt-click on a part of that mask outside the object sends
+    both clicks (the second negative), and the suggested mask changes, that part gone."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from segkit.engine.refiner import next_click
+
+    task = next(t for t in _sample_tasks(tiny_data) if any(lab == "Shell" for lab, _, _ in _truth_masks(t)))
+    label, truth, size = next(m for m in _truth_masks(task) if m[0] == "Shell")
+    truth_mask = mask_utils.decode(truth).astype(bool)
+    pid = _new_project(api, server, "segkit clicks page", CLICKS.format(
+        labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())), sorted((tiny_data / "train" / "images").iterdir()))
+    _ok(api.patch(f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False,
+                                                 "show_collab_predictions": False}))
+    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": task["data"]}]))
+    tid = _ok(api.get("/api/tasks", params={"project": pid}))["tasks"][0]["id"]
+    url, proc = _start_backend(server, Path(refined_checkpoint["path"]), tmp_path)
+    _connect(api, pid, url, interactive=True)
+    browser = _logged_in(chrome(tmp_path / "chrome"), server)
+    try:
+        browser.get(f"{server.url}/projects/{pid}/data?task={tid}")
+        WebDriverWait(browser, 120).until(lambda b: b.execute_script(
+            "return !!document.querySelector('[data-testid=bottombar-auto-annotation-toggle]') && "
+            "!!document.querySelector('.konvajs-content') && [...document.images].every(i => i.complete)"))
+        browser.execute_script("document.querySelector('[data-testid=bottombar-auto-annotation-toggle]').click()")
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+            "return !!document.querySelector('.lsf-tool_smart[aria-label=key-point-tool]')"))
+        browser.execute_script("document.querySelector('.lsf-tool_smart[aria-label=key-point-tool]').click()")
+        stage = browser.find_element(By.CSS_SELECTOR, ".konvajs-content")
+
+        def suggested(b) -> list[np.ndarray]:  # the suggestions shown (not accepted), as masks
+            found = b.execute_script("return [...Htx.annotationStore.selected.suggestions.values()]"
+                                     ".map(r => r.serialize()).filter(r => r.value.rle)")
+            return [mask_utils.decode(_answer_rle({**r, "type": "brushlabels", "original_width": size[0],
+                                                   "original_height": size[1]})).astype(bool) for r in found]
+
+        def click(point: tuple[float, float], negative: bool, before: list) -> list[np.ndarray]:
+            browser.execute_script("const l = [...document.querySelectorAll('.lsf-label')].find(e => "
+                                   "e.querySelector('.lsf-label__text').innerText == arguments[0]); "
+                                   "if (!l.className.includes('selected')) l.click()", label)
+            _click_at(browser, ActionChains, Keys, stage, point, size, negative)
+            WebDriverWait(browser, 120).until(lambda b: (m := suggested(b)) and not (
+                before and len(m) == len(before) and all(np.array_equal(x, y) for x, y in zip(m, before))))
+            return suggested(browser)
+
+        (x, y), _ = next_click(np.zeros_like(truth_mask), truth_mask)  # the object's deepest point
+        first = click((x, y), False, [])
+        assert len(first) == 1 and first[0][int(y), int(x)]
+        wrong = first[0] & ~truth_mask
+        target = next_click(first[0] & ~wrong, first[0])  # deepest inside the false part (else the mask's own)
+        (nx, ny), _ = target if target is not None else next_click(np.zeros_like(first[0]), first[0])
+        second = click((nx, ny), True, first)
+        keypoints = browser.execute_script("return Htx.annotationStore.selected.serializeAnnotation()"
+                                           ".filter(r => r.type == 'keypointlabels').map(r => r.is_positive)")
+        assert keypoints == [True, False]  # both clicks went, the second negative (Alt)
+        assert len(second) == 1 and not second[0][int(ny), int(nx)]
+        assert not np.array_equal(second[0], first[0])
+        browser.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "labelstudio_clicks.png"))
+        browser.quit()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _click_at(browser, ActionChains, Keys, stage, point: tuple[float, float], size: tuple[int, int],
+              negative: bool) -> None:
+    """Click the image's pixel ``point`` (x, y) on the canvas; with Alt held for a negative click."""
+    _, _, w, h = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                        "return [r.x, r.y, r.width, r.height]", stage)
+    offset = int(w * point[0] / size[0] - w / 2), int(h * point[1] / size[1] - h / 2)
+    chain = ActionChains(browser, duration=50).move_to_element_with_offset(stage, *offset)
+    (chain.key_down(Keys.ALT).click().key_up(Keys.ALT) if negative else chain.click()).perform()
+
+
 def _drag_box(browser, ActionChains, stage, box: dict) -> None:
     """Drag from the box's top-left to its bottom-right corner (percent of the image) in small steps, as a
     hand does: the canvas starts a rectangle on the first move after the press."""
