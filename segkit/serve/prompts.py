@@ -305,8 +305,9 @@ class PromptEngine:
         negatives: list[tuple[float, float]] = []
         for p in (p for p in prompts if p.kind == "point"):
             x, y = p.point(width, height)
-            target = next((i for i in reversed(range(len(objects)))
-                           if _inside((x, y), states[i].roi if states[i] is not None else objects[i]["box"])), None)
+            regions = [s.roi if s is not None else obj["box"] for s, obj in zip(states, objects)]  # None: no object
+            target = next((i for i in reversed(range(len(objects))) if regions[i] is not None
+                           and _inside((x, y), regions[i])), None)
             if target is None and not p.positive:
                 negatives.append((x, y))
                 continue

@@ -232,3 +232,26 @@ def test_refiner_command_refuses_what_it_cannot_use(semantic_checkpoint, tmp_pat
     assert "missing.pt" in capsys.readouterr().err
     assert main(["refiner", str(semantic_checkpoint), "--steps", "1", "--out", str(tmp_path / "x.pt")]) == 2
     assert "semantic" in capsys.readouterr().err
+
+
+def test_a_click_outside_every_objects_region_starts_another(predictor, objects):
+    """Label Studio sends all clicks of a label together: one on each of two objects far apart gives two regions,
+    each what a sequence of its own click gives."""
+    by_image: dict[str, list] = {}
+    for obj in objects:
+        by_image.setdefault(obj[0], []).append(obj)
+    key, image, first, second = next((k, objs[0][1], a, b) for k, objs in by_image.items() for a in objs for b in objs
+                                     if _apart(a[2], b[2]))
+    h, w = first[2].shape
+    points = [next_click(np.zeros_like(t), t)[0] for t in (first[2], second[2])]
+    engine = PromptEngine(predictor, version="t")
+    found = engine.predict(key, image, [Prompt("point", {"x": 100 * x / w, "y": 100 * y / h}) for x, y in points])
+    alone = [engine.refine(key, image, [(x, y, True)]).mask for x, y in points]
+    assert len(found) == 2
+    assert sorted(m.sum() for m in found.instance_masks.dense()) == sorted(m.sum() for m in alone)
+
+
+def _apart(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the boxes of two masks, each grown by a third, do not meet."""
+    boxes = [_roi(m, margin=0.34) for m in (a, b)]
+    return boxes[0][2] < boxes[1][0] or boxes[1][2] < boxes[0][0] or boxes[0][3] < boxes[1][1] or boxes[1][3] < boxes[0][1]
