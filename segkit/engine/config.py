@@ -55,6 +55,8 @@ class TrainConfig:
                                          "in large photos; validation then predicts tile by tile, as --tile does)")
     interactive_head: bool = _opt(False, "after training, also train the click-refinement head (clicks that correct "
                                          "masks in Label Studio; a few minutes on a CPU; later: segkit refiner)")
+    interactive_head_steps: int = _opt(500, "training steps of the click-refinement head (500: about 5 minutes on 2 "
+                                            "CPU cores)")
     aug: str = _opt("default", "augmentation preset", choices=list(PRESETS))
     optimizer: str = _opt("sgd", "sgd (momentum) or adamw", choices=["sgd", "adamw"])
     lr: float = _opt(0.01, "peak learning rate (AdamW: try 1e-4)")
@@ -102,11 +104,11 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
 
 def resumed_config(cli: TrainConfig, saved_config: dict) -> TrainConfig:
     """The saved run's settings, except what may change on resume: epochs, patience, device, workers, progress,
-    trackers, and where the data is now (``--data``/``--images`` of a dataset that moved: the split is saved
-    relative to it)."""
+    trackers, the refinement head (trained after the detector), and where the data is now (``--data``/``--images``
+    of a dataset that moved: the split is saved relative to it)."""
     saved = {f.name: saved_config.get(f.name, getattr(cli, f.name)) for f in dataclasses.fields(TrainConfig)}
     keep = ("epochs", "patience", "device", "workers", "progress", "save_interval", "resume", "data", "images", "tracker",
-            "mlflow_uri")
+            "mlflow_uri", "interactive_head", "interactive_head_steps")
     defaults = TrainConfig()
     changed = {k: getattr(cli, k) for k in keep if getattr(cli, k) != getattr(defaults, k)}
     return TrainConfig(**{**saved, "resume": cli.resume, **changed})

@@ -287,7 +287,7 @@ def _finish(run: _Run) -> dict:
 
 def _add_refiner(run: _Run, best: dict, best_path: Path) -> None:
     """best.pt with the click-refinement head trained on the run's train split (the detector stays as it is)."""
-    cfg = RefinerConfig(seed=run.cfg.seed)
+    cfg = RefinerConfig(steps=run.cfg.interactive_head_steps, seed=run.cfg.seed)
     dataset = SegmentationDataset(run.splits["train"], run.classes, tile=run.cfg.train_tiles)
     bar = tqdm(total=cfg.steps, desc="refinement head", disable=not run.cfg.progress, leave=False)
     try:

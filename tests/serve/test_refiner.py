@@ -255,3 +255,17 @@ def _apart(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether the boxes of two masks, each grown by a third, do not meet."""
     boxes = [_roi(m, margin=0.34) for m in (a, b)]
     return boxes[0][2] < boxes[1][0] or boxes[1][2] < boxes[0][0] or boxes[0][3] < boxes[1][1] or boxes[1][3] < boxes[0][1]
+
+
+def test_training_with_interactive_head_puts_the_head_in_best_pt(tiny_data, tmp_path, capsys):
+    from segkit.engine.trainer import train
+    from segkit.inference.predictor import Predictor
+    from tests.helpers import tiny_config
+
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=1, img_size=64, limit=2, interactive_head=True,
+                                interactive_head_steps=4))
+    assert "refinement head: 4 steps" in capsys.readouterr().out
+    best = load_checkpoint(summary["best"])
+    assert best["refiner"]["steps"] == 4 and best["config"]["interactive_head"]
+    assert Predictor.from_checkpoint(summary["best"], device="cpu").refiner is not None
+    assert "refiner" not in load_checkpoint(summary["last"])  # last.pt resumes the detector's training
