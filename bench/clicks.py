@@ -158,7 +158,7 @@ def report_lines(ckpt: dict, args, curves: dict, images: int, forward: float, cl
              f"{metrics.get('val_segm_map', float('nan')):.3f} (epoch {ckpt.get('epoch')}); refinement head trained "
              f"{refiner.get('steps')} steps on {refiner.get('objects')} objects of the train split in "
              f"{refiner.get('seconds')} s. Held-out: {images} images of the {' and '.join(args.split)} split, {n} objects, "
-             f"cap {args.clicks} clicks.", "",
+             f"cap {args.clicks} clicks (the head never saw them; a val split chose the detector's best epoch).", "",
              "| engine | NoC@85 | NoC@90 | IoU@1 | IoU@3 | IoU@5 | IoU@10 | IoU@20 |", "|---|---|---|---|---|---|---|---|"]
     for name, runs in curves.items():
         mean = np.mean(runs, 0)

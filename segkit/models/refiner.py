@@ -4,8 +4,9 @@ Mask R-CNN's mask head answers a box; when its mask is wrong, nothing the annota
 :class:`ClickRefiner` takes, in one region of interest (RoI): the FPN features pooled at 28 x 28, the
 model's input image there (outlines: a MobileNet FPN's finest map has a stride of 16 pixels), the positive
 and negative clicks so far drawn as disks, and the previous mask, all on a ``grid`` x ``grid`` frame of the
-RoI (56: twice the mask head's resolution), and predicts the corrected mask there. It learns the project's own objects (:mod:`segkit.engine.refiner`, RITM-style click
-simulation on frozen features) and is saved in the checkpoint under ``"refiner"``.
+RoI (56: twice the mask head's resolution), and predicts the corrected mask there. It learns the project's
+own objects (:mod:`segkit.engine.refiner`, RITM-style click simulation on frozen features) and is saved in the
+checkpoint under ``"refiner"``.
 
 Frames: a RoI is a box (x0, y0, x1, y1) in image pixels; grid cell (i, j) covers [x0 + j * w / G, ...),
 so an image point maps to ``((x - x0) * G / w, (y - y0) * G / h)`` (:func:`to_grid`). Masks go into the

@@ -327,7 +327,7 @@ class PromptEngine:
     def _refine(self, image_key: Hashable, entry: ImageFeatures, clicks: Sequence[tuple[float, float, bool]],
                 box: Sequence[float] | None, label: int | None,
                 negatives: Sequence[Sequence[float]]) -> RefineState | None:
-        """The object's state after ``clicks``, from the longest memoized prefix of the sequence (see :meth:`refine`)."""
+        """The object's state after ``clicks``, from the longest memoized prefix of the sequence (:meth:`refine`)."""
         clicks = tuple((float(x), float(y), bool(positive)) for x, y, positive in clicks)
         base = (image_key, None if box is None else tuple(float(v) for v in box), label,
                 tuple((float(x), float(y)) for x, y in negatives))
@@ -367,7 +367,10 @@ class PromptEngine:
         if len(squares) == 0:
             return None, 0
         square = squares[len(squares) // 2:len(squares) // 2 + 1]
-        cls = self._check_label(label) if label is not None else int(self._class_probs(entry, square)[0, 1:].argmax()) + 1
+        if label is not None:
+            cls = self._check_label(label)
+        else:
+            cls = int(self._class_probs(entry, square)[0, 1:].argmax()) + 1
         return RefineState(tuple(square[0].tolist()), Crop(0, 0, np.zeros((0, 0), bool)), cls, 0.0), 0
 
     @torch.inference_mode()
@@ -392,7 +395,8 @@ class PromptEngine:
         positives = [(x, y) for x, y, positive in clicks if positive]
         roi = state.roi if box is not None else _holding(state.roi, positives, width, height)
         in_grid = [(x, y, p) for (x, y), (_, _, p) in zip(to_grid([c[:2] for c in clicks], roi, grid), clicks)]
-        maps = click_maps(np.array([c[:2] for c in in_grid if c[2]]), np.array([c[:2] for c in in_grid if not c[2]]), grid)
+        maps = click_maps(np.array([c[:2] for c in in_grid if c[2]]), np.array([c[:2] for c in in_grid if not c[2]]),
+                          grid)
         if state.crop.mask.size:
             previous = mask_in_grid(torch.from_numpy(state.crop.mask), (state.crop.x0, state.crop.y0), roi, grid)
         else:

@@ -163,7 +163,8 @@ def test_sequences_never_mix_and_memoized_steps_match_a_cold_engine(predictor, o
     key, image, truth, label = _largest(objects, 1)[0]
     ys, xs = np.nonzero(truth)
     inside = (float(np.median(xs)) + 0.5, float(np.median(ys)) + 0.5)
-    a = [(*inside, True), (float(xs.min()) + 1.5, float(ys.min()) + 1.5, False), (float(xs.max()) - 1.0, inside[1], True)]
+    a = [(*inside, True), (float(xs.min()) + 1.5, float(ys.min()) + 1.5, False),
+         (float(xs.max()) - 1.0, inside[1], True)]
     b = [(*inside, True), (float(xs.max()) - 1.0, float(ys.max()) - 1.0, False)]
     shared = PromptEngine(predictor, version="t", steps=FeatureCache(64))
     together = []
@@ -254,7 +255,8 @@ def test_a_click_outside_every_objects_region_starts_another(predictor, objects)
 def _apart(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether the boxes of two masks, each grown by a third, do not meet."""
     boxes = [_roi(m, margin=0.34) for m in (a, b)]
-    return boxes[0][2] < boxes[1][0] or boxes[1][2] < boxes[0][0] or boxes[0][3] < boxes[1][1] or boxes[1][3] < boxes[0][1]
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+    return ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0
 
 
 def test_training_with_interactive_head_puts_the_head_in_best_pt(tiny_data, tmp_path, capsys):
