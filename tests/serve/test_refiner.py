@@ -271,3 +271,25 @@ def test_training_with_interactive_head_puts_the_head_in_best_pt(tiny_data, tmp_
     assert best["refiner"]["steps"] == 4 and best["config"]["interactive_head"]
     assert Predictor.from_checkpoint(summary["best"], device="cpu").refiner is not None
     assert "refiner" not in load_checkpoint(summary["last"])  # last.pt resumes the detector's training
+
+
+def test_clicks_inside_a_box_correct_the_boxs_object(predictor, objects):
+    key, image, truth, label = _largest(objects, 1)[0]
+    h, w = truth.shape
+    x0, y0, x1, y1 = _roi(truth, margin=0.05)
+    boxed = PromptEngine(predictor, version="t").box(key, image, (x0, y0, x1, y1), label).mask
+    spot = next_click(boxed, truth)
+    if spot is None:  # the box alone is exact: click inside the object, on its edge
+        spot = next_click(np.zeros_like(truth), truth)
+    (x, y), positive = spot
+    engine = PromptEngine(predictor, version="t")
+    region = {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w, "height": 100 * (y1 - y0) / h}
+    found = engine.predict(key, image, [Prompt("box", region, predictor.classes[label - 1]),
+                                        Prompt("point", {"x": 100 * x / w, "y": 100 * y / h}, None, positive)])
+    # the box as Label Studio's percent gives it back, and the click corrects that box's object
+    box = Prompt("box", region).box(w, h)
+    expected = engine.refine(key, image, [(x, y, positive)], box=box, label=label).mask
+    assert len(found) == 1
+    np.testing.assert_array_equal(found.instance_masks.dense(0), expected)
+    assert found.instance_masks.dense(0)[int(y), int(x)] == positive
+    assert not found.instance_masks.dense(0)[:, :int(x0)].any()  # cut to the box
