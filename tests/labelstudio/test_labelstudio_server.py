@@ -387,21 +387,12 @@ def test_a_box_drawn_in_the_labeling_page_becomes_the_objects_brush(api, server,
 
     task = next(t for t in _sample_tasks(tiny_data) if any(lab == "Shell" for lab, _, _ in _truth_masks(t)))
     label, truth, size = next(m for m in _truth_masks(task) if m[0] == "Shell")
-    pid = _new_project(api, server, "segkit smart page", SMART.format(
-        mask="BrushLabels", labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())),
-        sorted((tiny_data / "train" / "images").iterdir()))
-    # no pre-annotations on opening: the page shows only what the prompt brings
-    _ok(api.patch(f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False,
-                                                 "show_collab_predictions": False}))
-    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": task["data"]}]))
-    tid = _ok(api.get("/api/tasks", params={"project": pid}))["tasks"][0]["id"]
+    pid, tid = _prompt_project(api, server, tiny_data, "segkit smart page", SMART.format(
+        mask="BrushLabels", labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())), task)
     _connect(api, pid, backend, interactive=True)
     browser = _logged_in(chrome(tmp_path / "chrome"), server)
     try:
-        browser.get(f"{server.url}/projects/{pid}/data?task={tid}")
-        WebDriverWait(browser, 120).until(lambda b: b.execute_script(
-            "return !!document.querySelector('[data-testid=bottombar-auto-annotation-toggle]') && "
-            "!!document.querySelector('.konvajs-content') && [...document.images].every(i => i.complete)"))
+        _open_task(browser, server, pid, tid)
         for toggle in ("bottombar-auto-annotation-toggle", "bottombar-auto-accept-toggle"):
             WebDriverWait(browser, 30).until(lambda b: b.execute_script(
                 f"return !!document.querySelector('[data-testid={toggle}]')"))
@@ -451,20 +442,13 @@ def test_a_negative_click_in_the_labeling_page_corrects_the_objects_mask(api, se
     task = next(t for t in _sample_tasks(tiny_data) if any(lab == "Shell" for lab, _, _ in _truth_masks(t)))
     label, truth, size = next(m for m in _truth_masks(task) if m[0] == "Shell")
     truth_mask = mask_utils.decode(truth).astype(bool)
-    pid = _new_project(api, server, "segkit clicks page", CLICKS.format(
-        labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())), sorted((tiny_data / "train" / "images").iterdir()))
-    _ok(api.patch(f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False,
-                                                 "show_collab_predictions": False}))
-    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": task["data"]}]))
-    tid = _ok(api.get("/api/tasks", params={"project": pid}))["tasks"][0]["id"]
+    pid, tid = _prompt_project(api, server, tiny_data, "segkit clicks page", CLICKS.format(
+        labels="".join(f'<Label value="{v}"/>' for v in LABELS.values())), task)
     url, proc = _start_backend(server, Path(refined_checkpoint["path"]), tmp_path)
     _connect(api, pid, url, interactive=True)
     browser = _logged_in(chrome(tmp_path / "chrome"), server)
     try:
-        browser.get(f"{server.url}/projects/{pid}/data?task={tid}")
-        WebDriverWait(browser, 120).until(lambda b: b.execute_script(
-            "return !!document.querySelector('[data-testid=bottombar-auto-annotation-toggle]') && "
-            "!!document.querySelector('.konvajs-content') && [...document.images].every(i => i.complete)"))
+        _open_task(browser, server, pid, tid)
         browser.execute_script("document.querySelector('[data-testid=bottombar-auto-annotation-toggle]').click()")
         WebDriverWait(browser, 30).until(lambda b: b.execute_script(
             "return !!document.querySelector('.lsf-tool_smart[aria-label=key-point-tool]')"))
@@ -515,6 +499,26 @@ def _click_at(browser, ActionChains, Keys, stage, point: tuple[float, float], si
     offset = int(w * point[0] / size[0] - w / 2), int(h * point[1] / size[1] - h / 2)
     chain = ActionChains(browser, duration=50).move_to_element_with_offset(stage, *offset)
     (chain.key_down(Keys.ALT).click().key_up(Keys.ALT) if negative else chain.click()).perform()
+
+
+def _prompt_project(api, server, tiny_data: Path, title: str, config: str, task: dict) -> tuple[int, int]:
+    """(project id, task id) of a new project of ``config`` holding ``task`` alone, with no pre-annotations on
+    opening: the page shows only what the prompts bring."""
+    pid = _new_project(api, server, title, config, sorted((tiny_data / "train" / "images").iterdir()))
+    _ok(api.patch(f"/api/projects/{pid}", json={"evaluate_predictions_automatically": False,
+                                                 "show_collab_predictions": False}))
+    _ok(api.post(f"/api/projects/{pid}/import", json=[{"data": task["data"]}]))
+    return pid, _ok(api.get("/api/tasks", params={"project": pid}))["tasks"][0]["id"]
+
+
+def _open_task(browser, server, pid: int, tid: int) -> None:
+    """The task's labeling page, loaded: its bottom bar, canvas and image."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server.url}/projects/{pid}/data?task={tid}")
+    WebDriverWait(browser, 120).until(lambda b: b.execute_script(
+        "return !!document.querySelector('[data-testid=bottombar-auto-annotation-toggle]') && "
+        "!!document.querySelector('.konvajs-content') && [...document.images].every(i => i.complete)"))
 
 
 def _drag_box(browser, ActionChains, stage, box: dict) -> None:
