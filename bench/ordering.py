@@ -55,12 +55,13 @@ def _base(file_name: str) -> str:
 
 
 def train_on(names: list[str], held_out: list[str], folder: Path, args, coco: dict, root: Path) -> dict:
-    """A fresh model trained on ``names``, its best epoch chosen and scored on ``held_out``: (AP, AP50, best.pt)."""
+    """A fresh model trained on ``names``, scored on ``held_out`` after its last epoch: (AP, AP50, best.pt)."""
     write_subset(coco, root, names, folder / "data" / "train")
     write_subset(coco, root, held_out, folder / "data" / "val")
     cmd = [sys.executable, str(REPO / "train.py"), "--data", str(folder / "data"), "--model", args.model,
            "--weights", args.weights, "--img-size", str(args.img_size), "--epochs", str(args.epochs),
-           "--seed", "0", "--out", str(folder / "run"), "--no-progress", "--save-interval", "0"]
+           "--seed", "0", "--out", str(folder / "run"), "--no-progress", "--save-interval", "0",
+           "--eval-every", str(args.epochs)]  # scored once, after the last epoch: no epoch chosen on the held-out
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     best = load_checkpoint(folder / "run" / "best.pt")
@@ -133,7 +134,7 @@ def main() -> None:
     target = mean_random[-1][1]
     needed = labels_to_reach(curves["least-sure first"], target)
     lines = [f"Pool: the checkpoint's train split ({len(pool)} images); held out: its val and test splits "
-             f"({len(held_out)} images), on which every model's best epoch is chosen and scored. Each model: "
+             f"({len(held_out)} images), on which every model is scored once, after its last epoch. Each model: "
              f"`{args.model}` from `{Path(args.weights).name}`, {args.epochs} epochs at {args.img_size} px.", "",
              "| labelled images | " + " | ".join(curves) + " | random, mean |",
              "|---|" + "---|" * (len(curves) + 1)]

@@ -159,6 +159,16 @@ def shared_realdata() -> Path:
 def untrained_checkpoint(tmp_path_factory) -> Path:
     """A random-init checkpoint in segkit's format: fast, for tests that only need a loadable model. Written
     once per session, so that every worker's tests (and the exports made from it) see the same model."""
+    return _untrained("maskrcnn_resnet50_fpn", "untrained_checkpoint", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def untrained_mobile_checkpoint(tmp_path_factory) -> Path:
+    """The same for the mobile architecture (MobileNetV3-Large FPN)."""
+    return _untrained("maskrcnn_mobilenet_v3_large_fpn", "untrained_mobile_checkpoint", tmp_path_factory)
+
+
+def _untrained(arch: str, name: str, tmp_path_factory) -> Path:
     def make() -> dict:
         import torch
 
@@ -168,13 +178,12 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
 
         torch.manual_seed(0)
         classes = ["leaf", "pebble", "shell"]
-        model = build_model("maskrcnn_resnet50_fpn", len(classes) + 1, weights=None, img_size=128)
-        path = tmp_path_factory.mktemp("untrained") / "untrained.pt"
-        save_checkpoint(make_checkpoint(model, "maskrcnn_resnet50_fpn", classes, img_size=128, score_threshold=0.05),
-                        path)
+        model = build_model(arch, len(classes) + 1, weights=None, img_size=128)
+        path = tmp_path_factory.mktemp(name) / "untrained.pt"
+        save_checkpoint(make_checkpoint(model, arch, classes, img_size=128, score_threshold=0.05), path)
         return {"path": str(path)}
 
-    return Path(made_once("untrained_checkpoint", tmp_path_factory, make)["path"])
+    return Path(made_once(name, tmp_path_factory, make)["path"])
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None, help="force the export format (default: detected)")
     p.add_argument("--images", default=None, help="folder holding the images, when not beside the export")
     add_key_arguments(p, " when the data is a project URL")
-    p.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
+    p.add_argument("--steps", type=_positive, default=defaults.steps, help=f"training steps (default {defaults.steps})")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="write the checkpoint with its head here (default: in place)")
@@ -66,6 +66,9 @@ def _train_records(args: argparse.Namespace, ckpt: dict) -> tuple[list, str]:
 
     if ckpt.get("export") is not None:
         raise ValueError(f"{args.checkpoint} is an exported model: the head trains on a .pt checkpoint")
+    if (ckpt.get("task") or "instance") != "instance":
+        raise ValueError(f"{args.checkpoint}: the refinement head corrects Mask R-CNN masks; this is a "
+                         f"{ckpt['task']} model")
     data = args.data or (ckpt.get("config") or {}).get("data")
     if not data:
         raise DataError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
@@ -74,3 +77,10 @@ def _train_records(args: argparse.Namespace, ckpt: dict) -> tuple[list, str]:
     if not records:
         records, which = dataset.images, f"all {len(dataset.images)} images of {data}"
     return records, which
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

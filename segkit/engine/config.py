@@ -91,6 +91,9 @@ def resolve_model(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the task's default model filled in; a model of the other task, or tiles for a semantic
     model, stop with what would work."""
     task = get_task(cfg.task)
+    if cfg.interactive_head and cfg.interactive_head_steps < 1:
+        raise TrainingStopped(f"--interactive-head-steps must be at least 1 (got {cfg.interactive_head_steps})",
+                              exit_code=2)
     if cfg.train_tiles is not None and (cfg.task != "instance" or cfg.train_tiles < 32):
         raise TrainingStopped(f"--train-tiles is for instance models, with tiles of at least 32 px (got --task "
                               f"{cfg.task}, {cfg.train_tiles} px)", exit_code=2)

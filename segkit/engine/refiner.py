@@ -209,6 +209,9 @@ def train_refiner(model: torch.nn.Module, dataset: SegmentationDataset, cfg: Ref
     """A :class:`ClickRefiner` trained on ``dataset``'s objects over the frozen ``model`` (eval mode, unchanged),
     and what its training did: ``objects``, ``steps``, ``seconds``, ``loss_first`` / ``loss_last`` (means of the
     first and last tenth of the steps). ``progress(step, loss)`` is called after each step."""
+    if cfg.steps < 1 or cfg.batch < 1:
+        raise ValueError(f"the refinement head needs at least one step of one object (got {cfg.steps} steps of "
+                         f"{cfg.batch})")
     device = torch.device(device)
     model = model.eval().to(device)
     started = time.monotonic()

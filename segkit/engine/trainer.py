@@ -292,6 +292,10 @@ def _add_refiner(run: _Run, best: dict, best_path: Path) -> None:
     bar = tqdm(total=cfg.steps, desc="refinement head", disable=not run.cfg.progress, leave=False)
     try:
         refined = add_refiner(best, dataset, cfg, run.device, lambda step, loss: bar.update(1))
+    except (ValueError, RuntimeError) as e:  # the detector is trained and saved: say so, and how to try again
+        print(f"warning: no refinement head ({e}); best.pt is complete without it. Train one later with: "
+              f"segkit refiner {best_path}")
+        return
     finally:
         bar.close()
     save_checkpoint({k: v for k, v in refined.items() if k != "segkit_version"}, best_path)

@@ -16,7 +16,7 @@ from segkit.inference.tta import TTA, predict_tta
 from segkit.models.artifacts import Runner, load_runner
 from segkit.models.forward import image_tensors, to_prediction
 from segkit.structures.prediction import Prediction, SemanticPrediction
-from segkit.models.checkpoint import load_checkpoint, resolve_checkpoint, task_of
+from segkit.models.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, task_of
 from segkit.tasks.checkpoint import model_from_checkpoint
 from segkit.models.mask_rcnn import coco_pretrained
 from segkit.models.refiner import ClickRefiner, refiner_from_state
@@ -126,7 +126,10 @@ class Predictor:
         predictor = cls(model_from_checkpoint(ckpt), ckpt["classes"], threshold, device, info, max_detections,
                         task=task.name)
         if ckpt.get("refiner") is not None:
-            predictor.refiner = refiner_from_state(ckpt["refiner"]).to(predictor.device)
+            try:
+                predictor.refiner = refiner_from_state(ckpt["refiner"], predictor.model).to(predictor.device)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
             predictor.info["refiner"] = {k: v for k, v in ckpt["refiner"].items() if k not in ("state_dict", "config")}
         if channels_last is None:
             channels_last = CPU_CHANNELS_LAST and task.channels_last and predictor.device.type == "cpu"

@@ -27,6 +27,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 GRID = 56  # side of the RoI frame the head predicts in
 FEATURE_SIZE = 28  # side of the pooled features (upsampled x2 inside the head)
 CLICK_RADIUS = 3  # grid cells: the disk a click is drawn as (RITM draws 5 px disks on its 320-480 px crops)
+FORCED_RADIUS = 1.5  # grid cells set to a click's sign: the 4 cells the clicked pixel is interpolated from
 
 
 class ClickRefiner(nn.Module):
@@ -72,10 +73,21 @@ class ClickRefiner(nn.Module):
                 "hidden": self.features[0].out_channels, "grid": self.grid}
 
 
-def refiner_from_state(state: dict[str, Any]) -> ClickRefiner:
-    """The head saved as ``{"config": ..., "state_dict": ...}`` (a checkpoint's ``"refiner"`` entry), in eval mode."""
-    refiner = ClickRefiner(**state["config"])
-    refiner.load_state_dict(state["state_dict"])
+def refiner_from_state(state: dict[str, Any], model: nn.Module) -> ClickRefiner:
+    """The head saved as ``{"config": ..., "state_dict": ...}`` (a checkpoint's ``"refiner"`` entry) for the
+    detector ``model``, in eval mode; ``ValueError`` saying what does not fit when it was made for another."""
+    config = state.get("config") or {}
+    channels = getattr(getattr(model, "backbone", None), "out_channels", None)
+    pool = getattr(getattr(model, "roi_heads", None), "mask_roi_pool", None)
+    names = set(getattr(pool, "featmap_names", []) or [])
+    if config.get("in_channels") != channels or not set(config.get("featmap_names", [])) <= names:
+        raise ValueError(f"its refinement head was made for {config.get('in_channels')} channels of feature maps "
+                         f"{config.get('featmap_names')}; the detector has {channels} of {sorted(names)}")
+    refiner = ClickRefiner(**config)
+    try:
+        refiner.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"its refinement head's weights do not load ({type(e).__name__}: {e})") from None
     return refiner.eval()
 
 
@@ -107,10 +119,11 @@ def click_maps(positives: np.ndarray, negatives: np.ndarray, grid: int, radius: 
     return maps
 
 
-def with_clicks(probs: Tensor, clicks: Sequence[tuple[float, float, bool]], radius: float = CLICK_RADIUS) -> Tensor:
-    """``probs`` (..., G, G) with each click's disk set to its sign (1 positive, 0 negative), in order, so the
-    latest click wins where disks overlap: the annotator always sees the clicked spot answered as asked,
-    whatever the head learned (clicks in grid coordinates, (x, y, positive))."""
+def with_clicks(probs: Tensor, clicks: Sequence[tuple[float, float, bool]], radius: float = FORCED_RADIUS) -> Tensor:
+    """``probs`` (..., G, G) with the cells around each click set to its sign (1 positive, 0 negative), in order,
+    so the latest click wins: the clicked pixel is always answered as asked, whatever the head learned, and
+    nothing much beyond it (a few cells: on a large object a wider disk would cut real parts). Clicks in grid
+    coordinates, (x, y, positive)."""
     grid = probs.shape[-1]
     centres = torch.arange(grid, dtype=torch.float32, device=probs.device) + 0.5
     out = probs.clone()

@@ -100,7 +100,9 @@ class ImageFeatures:
     model_boxes: Tensor  # the same in the model's input pixels
     labels: Tensor  # (N,) int64 class indices
     scores: Tensor  # (N,)
-    image: Tensor  # the model's normalized input (1, 3, h, w), for the refinement head (1/85 of the features)
+    # the model's normalized input (1, 3, h, w), kept for the refinement head only: 3 values a pixel, as much as a
+    # stride-16 FPN's features (a ResNet FPN's: about 7 times more)
+    image: Tensor | None
     # Their masks at the image's size, by index, made only for detections under a click: a box needs none
     # (a first box prompt costs no more than a plain prediction) and a click a few, not all 100
     crops: dict[int, Crop] = field(default_factory=dict)
@@ -329,7 +331,7 @@ class PromptEngine:
                 negatives: Sequence[Sequence[float]]) -> RefineState | None:
         """The object's state after ``clicks``, from the longest memoized prefix of the sequence (:meth:`refine`)."""
         clicks = tuple((float(x), float(y), bool(positive)) for x, y, positive in clicks)
-        base = (image_key, None if box is None else tuple(float(v) for v in box), label,
+        base = (image_key, entry.original_size, None if box is None else tuple(float(v) for v in box), label,
                 tuple((float(x), float(y)) for x, y in negatives))
         state, done = None, len(clicks)
         while state is None and done >= 0:
@@ -347,7 +349,8 @@ class PromptEngine:
 
     def _start(self, entry: ImageFeatures, clicks: Sequence[tuple[float, float, bool]], box: Sequence[float] | None,
                label: int | None, negatives: Sequence[Sequence[float]]) -> tuple[RefineState | None, int]:
-        """(the object before refinement, how many clicks that used): the box's answer, or the first click's."""
+        """(the object's first state, how many clicks made it): the box's answer; the first click's; or, where nothing
+        answers that click, the head's answer to it from no mask in a square around it."""
         height, width = entry.original_size
         if box is not None:
             answer = self._box(entry, box, label)
@@ -371,14 +374,15 @@ class PromptEngine:
             cls = self._check_label(label)
         else:
             cls = int(self._class_probs(entry, square)[0, 1:].argmax()) + 1
-        return RefineState(tuple(square[0].tolist()), Crop(0, 0, np.zeros((0, 0), bool)), cls, 0.0), 0
+        empty = RefineState(tuple(square[0].tolist()), Crop(0, 0, np.zeros((0, 0), bool)), cls, 0.0)
+        return self._correct(entry, empty, clicks[:1], None), 1  # the square is the first click's: keyed with it
 
     @torch.inference_mode()
     def correct(self, image_key: Hashable, image: ImageInput, state: RefineState,
                 clicks: Sequence[tuple[float, float, bool]], box: Sequence[float] | None = None) -> RefineState:
         """One answer of the refinement head: ``state``'s mask corrected by all of ``clicks`` (x, y, positive),
-        the last being the new one; ``box``: the region stays ``state.roi`` and the mask is cut to it. The step
-        :meth:`refine` takes per click, not memoized."""
+        the last being the new one; with ``box`` (the object's prompt box, whose region ``state.roi`` is) the
+        region stays as it is and the mask is cut to it. The step :meth:`refine` takes per click, not memoized."""
         self._need_refiner()
         return self._correct(self.features(image_key, image), state, clicks, box)
 
@@ -399,6 +403,7 @@ class PromptEngine:
                           grid)
         if state.crop.mask.size:
             previous = mask_in_grid(torch.from_numpy(state.crop.mask), (state.crop.x0, state.crop.y0), roi, grid)
+            previous = (previous > 0.5).float()  # binary, as the head learned it (and no creep at the edges)
         else:
             previous = torch.zeros(grid, grid)
         roi_tensor = torch.tensor([roi], dtype=torch.float32, device=device)
@@ -448,7 +453,7 @@ class PromptEngine:
         boxes, scores, labels = box_detections(heads, features, proposals, sizes, self.click_threshold)
         in_image = resize_boxes(boxes[0], sizes[0], original)
         return ImageFeatures(features, tuple(sizes[0]), original, in_image, boxes[0], labels[0], scores[0],
-                             batch.tensors)
+                             batch.tensors if self.refiner is not None else None)
 
     def _detection_crops(self, entry: ImageFeatures, indices: list[int]) -> dict[int, Crop]:
         """The masks of detections ``indices``, each made once per cached image (the mask head is per box)."""

@@ -46,7 +46,7 @@ class BackendConfig:
     fetch_timeout: float = 60.0  # seconds for all of one request's downloads: Label Studio gives up at 100
     fetch_workers: int = 4  # downloads at once per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header (decompression bombs)
-    prompt_cache: int = 8  # images whose features are kept for further prompts (~90 MB each at 800 px)
+    prompt_cache: int = 8  # images whose features are kept for further prompts (~90-105 MB each at 800 px)
     prelabel_after_training: bool = False  # post the new model's predictions of every task after each retraining
     host: str = "127.0.0.1"  # where it listens: on loopback without auth, only loopback Host names are answered
     max_request_bytes: int = 32 * 2**20  # a request body (Label Studio's /predict: a page of tasks, a few MB)

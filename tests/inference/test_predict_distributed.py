@@ -2,6 +2,7 @@
 and a run with a rank killed outright resumes, with another number of ranks, without predicting an image twice."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -111,3 +112,11 @@ def test_killed_rank_resumes_with_other_ranks_without_predicting_twice(untrained
     # A record is replaced by a rename when its image is predicted: the same inode means nobody did it again.
     assert {name: (out / "records" / name).stat().st_ino for name in done_before} == done_before
     _same_outputs(out, one_process)
+
+
+def test_a_mobile_model_on_two_ranks_writes_what_one_process_writes(untrained_mobile_checkpoint, images, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_predict_cmd(untrained_mobile_checkpoint, images, one, None))
+    _run(_predict_cmd(untrained_mobile_checkpoint, images, two, 2))
+    _same_outputs(two, one)
+    assert json.loads((one / "predictions.json").read_text())["annotations"]  # there was something to compare

@@ -72,3 +72,13 @@ def test_ray_pool_from_a_uri_prefix(local_ray, untrained_checkpoint, photos, one
         [photos.resolve().as_uri() + "/" + Path(im["file_name"]).relative_to(photos).as_posix() for im in want["images"]]
     assert got["annotations"] == want["annotations"] and len(got["annotations"]) > 0
     assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(p.name for p in (one_process / "masks").iterdir())
+
+
+def test_ray_pool_with_a_mobile_model_writes_what_one_process_writes(local_ray, untrained_mobile_checkpoint, photos,
+                                                                    tmp_path):
+    one, pool = tmp_path / "one", tmp_path / "pool"
+    _run([*_predict_cmd(untrained_mobile_checkpoint, photos, one, None), "--image-root-url", ROOT_URL])
+    _ray_predict(untrained_mobile_checkpoint, str(photos), pool)
+    for name in ("predictions.json", "labelstudio.json"):
+        assert (pool / name).read_bytes() == (one / name).read_bytes(), name
+    assert json.loads((one / "predictions.json").read_text())["annotations"]  # there was something to compare

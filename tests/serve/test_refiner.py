@@ -199,7 +199,8 @@ def test_label_studio_clicks_on_one_object_correct_it(predictor, objects):
     twice = engine.predict(key, image, [point(*first, True), point(*second, False)])
     assert len(once) == 1 and len(twice) == 1
     np.testing.assert_array_equal(once.instance_masks.dense(0), start)
-    expected = engine.refine(key, image, [(*first, True), (*second, False)], label=label).mask
+    expected = PromptEngine(predictor, version="t").refine(key, image, [(*first, True), (*second, False)],
+                                                            label=label).mask
     np.testing.assert_array_equal(twice.instance_masks.dense(0), expected)
     assert not twice.instance_masks.dense(0)[int(second[1]), int(second[0])]
     assert not np.array_equal(twice.instance_masks.dense(0), start)
@@ -247,9 +248,10 @@ def test_a_click_outside_every_objects_region_starts_another(predictor, objects)
     points = [next_click(np.zeros_like(t), t)[0] for t in (first[2], second[2])]
     engine = PromptEngine(predictor, version="t")
     found = engine.predict(key, image, [Prompt("point", {"x": 100 * x / w, "y": 100 * y / h}) for x, y in points])
-    alone = [engine.refine(key, image, [(x, y, True)]).mask for x, y in points]
+    alone = [PromptEngine(predictor, version="t").refine(key, image, [(x, y, True)]).mask for x, y in points]
     assert len(found) == 2
-    assert sorted(m.sum() for m in found.instance_masks.dense()) == sorted(m.sum() for m in alone)
+    masks = found.instance_masks.dense()
+    assert any(np.array_equal(masks[0], a) and np.array_equal(masks[1], b) for a, b in (alone, alone[::-1]))
 
 
 def _apart(a: np.ndarray, b: np.ndarray) -> bool:
@@ -288,8 +290,41 @@ def test_clicks_inside_a_box_correct_the_boxs_object(predictor, objects):
                                         Prompt("point", {"x": 100 * x / w, "y": 100 * y / h}, None, positive)])
     # the box as Label Studio's percent gives it back, and the click corrects that box's object
     box = Prompt("box", region).box(w, h)
-    expected = engine.refine(key, image, [(x, y, positive)], box=box, label=label).mask
+    expected = PromptEngine(predictor, version="t").refine(key, image, [(x, y, positive)], box=box, label=label).mask
     assert len(found) == 1
     np.testing.assert_array_equal(found.instance_masks.dense(0), expected)
     assert found.instance_masks.dense(0)[int(y), int(x)] == positive
     assert not found.instance_masks.dense(0)[:, :int(x0)].any()  # cut to the box
+
+
+def test_first_clicks_nothing_answers_are_two_objects_not_one_memo(predictor, objects, monkeypatch):
+    """Where no detection or square answers a first click, the head starts from no mask around it; two such
+    clicks far apart on one image (same label) are two objects, each what a fresh engine gives."""
+    key, image, truth, label = _largest(objects, 1)[0]
+    h, w = truth.shape
+    points = [(0.15 * w, 0.15 * h), (0.85 * w, 0.85 * h)]
+
+    def unanswered(engine):
+        monkeypatch.setattr(engine, "_clicks", lambda *args, **kwargs: [])
+        return engine
+
+    shared = unanswered(PromptEngine(predictor, version="t"))
+    states = [shared.refine(key, image, [(x, y, True)], label=label) for x, y in points]
+    fresh = [unanswered(PromptEngine(predictor, version="t")).refine(key, image, [(x, y, True)], label=label)
+             for x, y in points]
+    for got, want, (x, y) in zip(states, fresh, points):
+        np.testing.assert_array_equal(got.mask, want.mask)
+        assert got.mask[int(y), int(x)]  # around its own click
+    assert not np.array_equal(states[0].mask, states[1].mask)
+
+
+def test_a_head_made_for_another_detector_is_refused_naming_the_file(refined_checkpoint, tmp_path):
+    from segkit.inference.predictor import Predictor
+    from segkit.models.checkpoint import CheckpointError, save_checkpoint
+
+    ckpt = load_checkpoint(refined_checkpoint["path"])
+    for change in ({"in_channels": 128}, {"featmap_names": ["p7"]}):
+        broken = {**ckpt, "refiner": {**ckpt["refiner"], "config": {**ckpt["refiner"]["config"], **change}}}
+        path = save_checkpoint({k: v for k, v in broken.items() if k != "segkit_version"}, tmp_path / "broken.pt")
+        with pytest.raises(CheckpointError, match=r"broken\.pt: its refinement head was made for"):
+            Predictor.from_checkpoint(path, device="cpu")
