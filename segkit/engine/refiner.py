@@ -174,22 +174,22 @@ def spoiled(truth: Tensor, rng: np.random.Generator) -> Tensor:
 def simulate(refiner: ClickRefiner, pooled: Tensor, image: Tensor, previous: Tensor, truth: Tensor,
              clicks: list[list], rounds: int) -> tuple[Tensor, Tensor]:
     """``rounds`` clicks, each answered by the head and fed back; returns (click maps, previous mask) for the
-    next answer. ``clicks`` holds each object's clicks so far ((x, y), positive) in grid cells; it grows."""
+    next answer. ``clicks`` holds each object's clicks so far (x, y, positive) in grid cells; it grows."""
     for r in range(rounds + 1):
         guess = (previous[:, 0] > 0.5).cpu().numpy()
         gt = truth[:, 0].cpu().numpy()
         for k in range(len(clicks)):
             click = next_click(guess[k], gt[k])
             if click is not None:
-                clicks[k].append(click)
-        maps = torch.stack([click_maps(np.array([p for p, pos in c if pos]), np.array([p for p, pos in c if not pos]),
-                                       refiner.grid) for c in clicks]).to(pooled.device)
+                (x, y), positive = click
+                clicks[k].append((x, y, positive))
+        maps = torch.stack([click_maps(c, refiner.grid) for c in clicks]).to(pooled.device)
         if r == rounds:
             return maps, previous
         with torch.no_grad():
             answer = torch.sigmoid(refiner(pooled, image, maps, previous))
             # as served: each click's disk as asked, then cut at 0.5 (the annotator sees a binary mask)
-            previous = torch.stack([with_clicks(a, [(*p, pos) for p, pos in c]) for a, c in zip(answer, clicks)])
+            previous = torch.stack([with_clicks(a, c) for a, c in zip(answer, clicks)])
             previous = (previous > 0.5).float()
     raise AssertionError("unreachable")
 

@@ -108,14 +108,12 @@ def to_grid(points: Sequence[Sequence[float]], box: Sequence[float], grid: int) 
     return np.stack([(p[:, 0] - x0) * grid / max(x1 - x0, 1e-6), (p[:, 1] - y0) * grid / max(y1 - y0, 1e-6)], 1)
 
 
-def click_maps(positives: np.ndarray, negatives: np.ndarray, grid: int, radius: float = CLICK_RADIUS) -> Tensor:
-    """(2, G, G) disks of ``radius`` cells around each click (grid coordinates, cell centres at i + 0.5)."""
-    centres = torch.arange(grid, dtype=torch.float32) + 0.5
+def click_maps(clicks: Sequence[tuple[float, float, bool]], grid: int, radius: float = CLICK_RADIUS) -> Tensor:
+    """(2, G, G) disks of ``radius`` cells around each click (x, y, positive), positive ones in channel 0,
+    negative ones in 1 (grid coordinates, cell centres at i + 0.5)."""
     maps = torch.zeros(2, grid, grid)
-    for channel, points in enumerate((positives, negatives)):
-        for x, y in np.asarray(points, dtype=np.float32).reshape(-1, 2):
-            d2 = (centres[None, :] - float(x)) ** 2 + (centres[:, None] - float(y)) ** 2
-            maps[channel] = torch.maximum(maps[channel], (d2 <= radius ** 2).float())
+    for x, y, positive in clicks:
+        maps[0 if positive else 1][_disk(x, y, radius, grid, maps.device)] = 1.0
     return maps
 
 
@@ -124,13 +122,16 @@ def with_clicks(probs: Tensor, clicks: Sequence[tuple[float, float, bool]], radi
     so the latest click wins: the clicked pixel is always answered as asked, whatever the head learned, and
     nothing much beyond it (a few cells: on a large object a wider disk would cut real parts). Clicks in grid
     coordinates, (x, y, positive)."""
-    grid = probs.shape[-1]
-    centres = torch.arange(grid, dtype=torch.float32, device=probs.device) + 0.5
     out = probs.clone()
     for x, y, positive in clicks:
-        disk = (centres[None, :] - float(x)) ** 2 + (centres[:, None] - float(y)) ** 2 <= radius ** 2
-        out[..., disk] = 1.0 if positive else 0.0
+        out[..., _disk(x, y, radius, probs.shape[-1], probs.device)] = 1.0 if positive else 0.0
     return out
+
+
+def _disk(x: float, y: float, radius: float, grid: int, device: torch.device) -> Tensor:
+    """(G, G) bool: the cells whose centres (i + 0.5) lie within ``radius`` of (x, y)."""
+    centres = torch.arange(grid, dtype=torch.float32, device=device) + 0.5
+    return (centres[None, :] - float(x)) ** 2 + (centres[:, None] - float(y)) ** 2 <= radius ** 2
 
 
 def mask_in_grid(mask: Tensor, offset: tuple[int, int], box: Sequence[float], grid: int) -> Tensor:

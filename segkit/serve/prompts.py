@@ -399,8 +399,7 @@ class PromptEngine:
         positives = [(x, y) for x, y, positive in clicks if positive]
         roi = state.roi if box is not None else _holding(state.roi, positives, width, height)
         in_grid = [(x, y, p) for (x, y), (_, _, p) in zip(to_grid([c[:2] for c in clicks], roi, grid), clicks)]
-        maps = click_maps(np.array([c[:2] for c in in_grid if c[2]]), np.array([c[:2] for c in in_grid if not c[2]]),
-                          grid)
+        maps = click_maps(in_grid, grid)
         if state.crop.mask.size:
             previous = mask_in_grid(torch.from_numpy(state.crop.mask), (state.crop.x0, state.crop.y0), roi, grid)
             previous = (previous > 0.5).float()  # binary, as the head learned it (and no creep at the edges)

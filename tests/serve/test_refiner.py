@@ -45,7 +45,7 @@ def test_next_click_goes_deepest_into_the_larger_error():
 def test_clicks_and_masks_land_in_the_roi_frame():
     box = (100.0, 50.0, 212.0, 106.0)  # 112 x 56 pixels: 2 x 1 pixels a cell of a 56 grid
     np.testing.assert_allclose(to_grid([(100, 50), (212, 106), (156, 78)], box, 56), [[0, 0], [56, 56], [28, 28]])
-    maps = click_maps(np.array([[10.5, 20.5]]), np.zeros((0, 2)), 56, radius=3)
+    maps = click_maps([(10.5, 20.5, True)], 56, radius=3)
     assert maps[0, 20, 10] == 1 and maps[0, 20, 13] == 1 and maps[0, 20, 14] == 0 and maps[1].sum() == 0
     mask = torch.zeros(200, 300)
     mask[50:106, 100:156] = 1  # the left half of the box
