@@ -60,7 +60,7 @@ EXPORTED = {"torchscript": ("torchscript", ".torchscript"), "onnxruntime": ("onn
 ALL_BACKENDS = ["eager", "eager+channels_last", "torchscript", "onnxruntime", "openvino", "openvino-bf16",
                 "openvino-int8"]
 SAMPLE = REPO / "data" / "sample"
-CALIBRATION_IMAGES = 10  # INT8: sample training images NNCF calibrates on
+CALIBRATION_IMAGES = 10  # INT8: training images NNCF calibrates on
 
 
 def checkpoint_at(source: Path, size: int, folder: Path) -> Path:
@@ -82,15 +82,16 @@ def random_init_checkpoint(folder: Path) -> Path:
     return path
 
 
-def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
-    """The checkpoint exported for ``backend`` (written once; INT8 calibrated on the sample's train split)."""
+def artifact_for(backend: str, checkpoint: Path, folder: Path, calibration: Path = SAMPLE) -> Path:
+    """The checkpoint exported for ``backend`` (written once; INT8 calibrated on ``calibration``'s train split,
+    the model's own when it was trained there)."""
     from segkit.inference.export import export
     from segkit.inference.quantize import export_int8
 
     if backend == "openvino-int8":
         out = folder / f"{checkpoint.stem}_int8.xml"
         if not out.exists():
-            export_int8(checkpoint, out, SAMPLE, CALIBRATION_IMAGES, measure_ap=False, show_progress=False)
+            export_int8(checkpoint, out, calibration, CALIBRATION_IMAGES, measure_ap=False, show_progress=False)
         return out
     fmt, suffix = EXPORTED[backend]
     out = folder / f"{checkpoint.stem}{suffix}"
@@ -99,11 +100,11 @@ def artifact_for(backend: str, checkpoint: Path, folder: Path) -> Path:
     return out
 
 
-def load_backend(backend: str, checkpoint: Path, folder: Path) -> Predictor:
+def load_backend(backend: str, checkpoint: Path, folder: Path, calibration: Path = SAMPLE) -> Predictor:
     """A Predictor running ``backend``; exported ones are exported first."""
     if backend.startswith("eager"):
         return Predictor.from_checkpoint(checkpoint, device="cpu", channels_last=backend == "eager+channels_last")
-    path = artifact_for(backend, checkpoint, folder)
+    path = artifact_for(backend, checkpoint, folder, calibration)
     ckpt = load_checkpoint(path)
     if backend == "openvino-bf16":
         ckpt["export"] = {**ckpt["export"], "bf16": True}
@@ -157,9 +158,9 @@ def ap_of(predictor: Predictor, data: str, ckpt: dict) -> tuple[float, float]:
 
 
 def bench_size(backends: list[str], checkpoint: Path, folder: Path, image: Image.Image, runs: int,
-               warmup: int) -> list[dict]:
+               warmup: int, calibration: Path) -> list[dict]:
     """One row per backend at one size: timings interleaved, then agreement with eager."""
-    predictors = {b: load_backend(b, checkpoint, folder) for b in backends}
+    predictors = {b: load_backend(b, checkpoint, folder, calibration) for b in backends}
     times: dict[str, list[float]] = {b: [] for b in backends}
     for i in range(warmup + runs):
         order = backends[i % len(backends):] + backends[:i % len(backends)]  # rotate who goes first
@@ -182,7 +183,7 @@ def ap_by_backend(backends: list[str], source: Path, folder: Path, data: str) ->
     """(box AP, mask AP) of each backend at the checkpoint's own image size."""
     checkpoint = checkpoint_at(source, load_checkpoint(source)["img_size"], folder)
     ckpt = load_checkpoint(checkpoint)
-    return {b: ap_of(load_backend(b, checkpoint, folder), data, ckpt) for b in backends}
+    return {b: ap_of(load_backend(b, checkpoint, folder, Path(data)), data, ckpt) for b in backends}
 
 
 def bf16_supported() -> bool:
@@ -230,7 +231,9 @@ def main() -> None:
         results = []
         for size in args.sizes:
             checkpoint = checkpoint_at(source, size, folder)
-            rows = bench_size(backends, checkpoint, folder, resized(image, size), args.runs, args.warmup)
+            calibration = Path(args.data) if args.data else SAMPLE
+            rows = bench_size(backends, checkpoint, folder, resized(image, size), args.runs, args.warmup,
+                              calibration)
             for row in rows:
                 row["size"] = size
                 if not args.no_rss:
