@@ -10,12 +10,13 @@ a polygon vertex, an accept, a delete):
   are drawn by hand; every shown pre-annotation that matched nothing is deleted (1 action);
 - **prompts only**: a box prompt (2 clicks) around each object, the model's answer accepted at IoU >= 0.85;
   else corrective clicks, one at a time, at the point farthest inside the larger error (RITM's clicker,
-  ``segkit.engine.refiner.next_click``): positive in a missed area, negative in a false one, up to ``--clicks``; else the
-  polygon by hand, the failed clicks counted too;
+  ``segkit.engine.refiner.next_click``): positive in a missed area, negative in a false one, up to ``--clicks``,
+  answered by the model's refinement head when it has one; else the polygon by hand, the failed clicks counted too;
 - **pre-annotation + prompts**: accept what matches, prompts for the rest, deletes as above.
 
-A corrective step asks ``PromptEngine.clicks`` with all the object's clicks so far; the object's mask is then
-the union of the box answer (dropped once a negative click falls in it) and the click answers, cut to the box.
+With a refinement head a corrective step is ``PromptEngine.refine`` with the box and all the object's clicks so
+far. Without one it asks ``PromptEngine.clicks``; the object's mask is then the union of the box answer (dropped
+once a negative click falls in it) and the click answers, cut to the box.
 NoC@85 / NoC@90 (the interactive-segmentation literature's number of clicks, the box counting 2) are over
 every object, an object that never reaches the IoU counted at the cap (2 + ``--clicks``).
 
@@ -28,6 +29,7 @@ the pre-annotation model; the rest of the train split is the pool the ordering p
 
     python -m bench.labelling [--seed-images 8] [--epochs 10] [--img-size 128] [--k 6] [--seeds 0 1 2] \
         [--report docs/benchmarks/labelling.md]
+    python -m bench.labelling --checkpoint CKPT [--split val test] [--report ...]   # a trained model, no training
 
 The defaults took 35 minutes on 2 cores shared with other jobs (each training about 7); ``--k 4 --seeds 0 1``
 and fewer ``--epochs`` fit about 15.
@@ -59,6 +61,9 @@ from segkit.inference.predictor import Predictor  # noqa: E402
 from segkit.serve.prelabel import labelling_prediction  # noqa: E402
 from segkit.serve.prompts import PromptEngine  # noqa: E402
 from segkit.data.readers import load_dataset  # noqa: E402
+from segkit.data.records import ImageRecord  # noqa: E402
+from segkit.data.splits import restore_split  # noqa: E402
+from segkit.models.checkpoint import load_checkpoint  # noqa: E402
 from segkit.engine.refiner import next_click  # noqa: E402
 from segkit.engine.trainer import TrainConfig, train  # noqa: E402
 
@@ -88,6 +93,20 @@ deletes as above. NoC@85 / NoC@90 (the interactive-segmentation literature's num
 picked at random (several seeds) are each added to the seed images, a fresh model is trained from random init
 on each selection, and its mask AP on the held-out split is reported. Differences as small as the spread
 between the random seeds are not findings."""
+
+CHECKPOINT_METHOD = """\
+The effort segkit saves a labeller, on a trained model's held-out images (`--checkpoint`: its val and test
+splits; a val split chose its best epoch, the test split did not). A simulated annotator labels every object
+along four paths, each counted in actions (a click, a polygon vertex, an accept, a delete). *Polygons by hand*:
+each object drawn as a polygon, its vertices those of `cv2.approxPolyDP` at the coarsest tolerance whose filled
+polygon still reaches IoU >= 0.85 with the object. *Pre-annotation only*: a shown pre-annotation of the right
+class matching an object at IoU >= 0.85 is accepted (1 action), the other objects are drawn by hand, and every
+shown pre-annotation that matched nothing is deleted (1 action). *Prompts only*: a box prompt (2 clicks) around
+each object, its answer accepted at IoU >= 0.85; else corrective clicks one at a time, at the point farthest
+inside the larger error (RITM's clicker), answered by the model's refinement head when it has one, up to
+`--clicks`; else the polygon by hand, the failed clicks counted too. *Pre-annotation + prompts*: accept what
+matches, prompts for the rest, deletes as above. NoC@85 / NoC@90 (the box counting 2) are over every object,
+one that never reaches the IoU counted at the cap. The order of images is `bench/ordering.py`'s page."""
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,7 +142,7 @@ def prompt_trajectory(engine: PromptEngine, key: str, image: np.ndarray, gt: np.
     keep = np.zeros_like(gt)
     keep[int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
     box_mask = engine.box(key, image, box, label).mask
-    mask, positives, negatives = box_mask, [], []
+    mask, clicks = box_mask, []
     steps = [(2, iou(mask, gt))]
     for _ in range(limit):
         if steps[-1][1] >= max(NOC_IOUS):
@@ -131,16 +150,28 @@ def prompt_trajectory(engine: PromptEngine, key: str, image: np.ndarray, gt: np.
         click = next_click(mask, gt)
         if click is None:
             break
-        point, positive = click
-        (positives if positive else negatives).append(point)
-        answers = engine.clicks(key, image, positives, negatives, [label] * len(positives)) if positives else []
-        box_kept = not any(box_mask[int(y), int(x)] for x, y in negatives)
-        mask = np.zeros_like(gt)
-        for m in ([box_mask] if box_kept else []) + [a.mask for a in answers]:
-            mask |= m
-        mask &= keep
+        (x, y), positive = click
+        clicks.append((x, y, positive))
+        if engine.refiner is not None:  # the head corrects the box's object click by click
+            mask = engine.refine(key, image, clicks, box=box, label=label).mask
+        else:
+            mask = picked(engine, key, image, box_mask, clicks, label) & keep
         steps.append((steps[-1][0] + 1, iou(mask, gt)))
     return steps
+
+
+def picked(engine: PromptEngine, key: str, image: np.ndarray, box_mask: np.ndarray,
+           clicks: list[tuple[float, float, bool]], label: int) -> np.ndarray:
+    """Without a refinement head: the box's answer (dropped once a negative click falls in it) and the
+    detections the positive clicks pick."""
+    positives = [(x, y) for x, y, p in clicks if p]
+    negatives = [(x, y) for x, y, p in clicks if not p]
+    answers = engine.clicks(key, image, positives, negatives, [label] * len(positives)) if positives else []
+    box_kept = not any(box_mask[int(y), int(x)] for x, y in negatives)
+    mask = np.zeros_like(box_mask)
+    for m in ([box_mask] if box_kept else []) + [a.mask for a in answers]:
+        mask |= m
+    return mask
 
 
 def clicks_to(steps: list[tuple[int, float]], target: float) -> int | None:
@@ -179,10 +210,10 @@ class Tally:
 PATHS = ("polygons by hand", "pre-annotation only", "prompts only", "pre-annotation + prompts")
 
 
-def annotate(predictor: Predictor, split: Path, limit: int) -> Tally:
-    """Label every object of ``split`` along each path, counting actions (see the module's docstring)."""
+def annotate(predictor: Predictor, records: list[ImageRecord], limit: int) -> Tally:
+    """Label every object of ``records`` along each path, counting actions (see the module's docstring)."""
     engine, tally = PromptEngine(predictor, version="bench"), Tally()
-    for n, record in enumerate(load_dataset(split).images, start=1):
+    for n, record in enumerate(records, start=1):
         log.info("annotating %s (%d)", record.path.name, n)
         image = np.asarray(Image.open(record.path).convert("RGB"))
         gts = [inst.mask(record.height, record.width).astype(bool) for inst in record.instances]
@@ -299,6 +330,9 @@ def ordering(predictor: Predictor, seed_names: list[str], pool: list[str], folde
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a trained model to measure on its held-out --split (no training, no ordering)")
+    p.add_argument("--data", help="with --checkpoint: its dataset (default: the one its config names)")
+    p.add_argument("--split", nargs="+", default=["val", "test"], help="with --checkpoint: its held-out splits")
     p.add_argument("--seed-images", type=int, default=8, help="train images the pre-annotation model learns from")
     p.add_argument("--epochs", type=int, default=10, help="epochs of every training")
     p.add_argument("--img-size", type=int, default=128, help="image size inside the models")
@@ -312,27 +346,55 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            lines = on_checkpoint(args)
+        else:
+            lines = on_sample(args, Path(tmp))
+    print(f"\n({time.perf_counter() - start:.0f} s in all)")
+    if args.report:
+        method = CHECKPOINT_METHOD if args.checkpoint else METHOD
+        write_report(args.report, "Labelling effort: pre-annotations, prompts and the order of images",
+                     "bench/labelling.py", sys.argv[1:], f"{method}\n\n" + "\n".join(lines))
+
+
+def on_checkpoint(args) -> list[str]:
+    """The annotator on a trained model's held-out splits (markdown lines)."""
+    ckpt = load_checkpoint(args.checkpoint)
+    data = args.data or ckpt["config"]["data"]
+    splits = restore_split(load_dataset(data).images, ckpt["split"], data)
+    records = [r for name in args.split for r in splits[name]]
+    predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, "cpu", args.max_detections)
+    metrics = ckpt.get("metrics") or {}
+    prompts = "the refinement head corrects" if predictor.refiner is not None else "clicks pick detections"
+    lines = [f"Model: `{ckpt['arch']}` at {ckpt['img_size']} px, val mask AP {metrics.get('val_segm_map', 0):.3f} "
+             f"(epoch {ckpt.get('epoch')}); {prompts}. Held-out: {len(records)} images of the "
+             f"{' and '.join(args.split)} split. Pre-annotations shown: score >= {args.threshold:g}, at most "
+             f"{args.max_detections} per image.", "", "## Actions", "",
+             *annotation_report(annotate(predictor, records, args.clicks), args.clicks)]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def on_sample(args, tmp: Path) -> list[str]:
+    """A seed model trained on the sample, the annotator on its val split, then the ordering (markdown lines)."""
     names = image_names(SAMPLE / "train")
     seed_names, pool = names[:args.seed_images], names[args.seed_images:]
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = train_on(seed_names, Path(tmp) / "seed", args)
-        predictor = Predictor.from_checkpoint(summary["best"], device="cpu", max_detections=args.max_detections)
-        lines = [f"Seed model: {args.seed_images} train images, {args.epochs} epochs at {args.img_size} px, random "
-                 f"init; held-out mask AP {summary['best_metrics'].get('val_segm_map', 0):.3f}. Pre-annotations "
-                 f"shown: score >= {args.threshold:g}, at most {args.max_detections} per image.", "",
-                 "## Actions", "",
-                 *annotation_report(annotate(predictor, SAMPLE / "val", args.clicks), args.clicks)]
-        print("\n".join(lines) + f"\n({time.perf_counter() - start:.0f} s)", flush=True)
-        if not args.skip_ordering:
-            section = ordering(predictor, seed_names, pool, Path(tmp), args)
-            print("\n".join(section))
-            lines += ["", "## Ordering: least-sure first against random", "", *section]
-    print(f"\nRandom-init weights, {args.epochs} epochs at {args.img_size} px on a CPU: the models are weak, so the "
-          f"absolute numbers are small, and differences this small are within the spread between random seeds "
-          f"({time.perf_counter() - start:.0f} s in all).")
-    if args.report:
-        write_report(args.report, "Labelling effort: pre-annotations, prompts and the order of images",
-                     "bench/labelling.py", sys.argv[1:], f"{METHOD}\n\n" + "\n".join(lines))
+    summary = train_on(seed_names, tmp / "seed", args)
+    predictor = Predictor.from_checkpoint(summary["best"], device="cpu", max_detections=args.max_detections)
+    lines = [f"Seed model: {args.seed_images} train images, {args.epochs} epochs at {args.img_size} px, random "
+             f"init; held-out mask AP {summary['best_metrics'].get('val_segm_map', 0):.3f}. Pre-annotations "
+             f"shown: score >= {args.threshold:g}, at most {args.max_detections} per image.", "",
+             "## Actions", "",
+             *annotation_report(annotate(predictor, load_dataset(SAMPLE / "val").images, args.clicks), args.clicks)]
+    print("\n".join(lines), flush=True)
+    if not args.skip_ordering:
+        section = ordering(predictor, seed_names, pool, tmp, args)
+        print("\n".join(section))
+        lines += ["", "## Ordering: least-sure first against random", "", *section]
+    print(f"Random-init weights, {args.epochs} epochs at {args.img_size} px on a CPU: the models are weak, so the "
+          f"absolute numbers are small, and differences this small are within the spread between random seeds.")
+    return lines
 
 
 if __name__ == "__main__":
