@@ -56,7 +56,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.report import write_report  # noqa: E402 - after the path it needs
+from bench.ordering import write_subset  # noqa: E402 - after the path it needs
+from bench.report import write_report  # noqa: E402
 from segkit.inference.predictor import Predictor  # noqa: E402
 from segkit.serve.prelabel import labelling_prediction  # noqa: E402
 from segkit.serve.prompts import PromptEngine  # noqa: E402
@@ -268,23 +269,12 @@ def annotation_report(tally: Tally, limit: int) -> list[str]:
 # --- ordering: least-sure first against random ----------------------------------------------------------
 
 
-def write_split(src: Path, names: list[str], dst: Path) -> None:
-    """A Label Studio COCO export of ``names`` (file names in ``src``'s result.json), images linked."""
-    coco = json.loads((src / "result.json").read_text())
-    images = [im for im in coco["images"] if im["file_name"] in set(names)]
-    ids = {im["id"] for im in images}
-    (dst / "images").mkdir(parents=True)
-    for im in images:
-        (dst / im["file_name"]).symlink_to((src / im["file_name"]).resolve())
-    subset = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
-    (dst / "result.json").write_text(json.dumps(subset))
-
-
 def train_on(names: list[str], folder: Path, args) -> dict:
     """A fresh random-init model trained on ``names`` of the sample's train split, evaluated on its val split."""
     log.info("training on %d images -> %s", len(names), folder.name)
-    write_split(SAMPLE / "train", names, folder / "data" / "train")
-    write_split(SAMPLE / "val", image_names(SAMPLE / "val"), folder / "data" / "val")
+    for split, chosen in (("train", names), ("val", image_names(SAMPLE / "val"))):
+        coco = json.loads((SAMPLE / split / "result.json").read_text())
+        write_subset(coco, SAMPLE / split, chosen, folder / "data" / split)
     cfg = TrainConfig(data=str(folder / "data"), weights="none", img_size=args.img_size, batch_size=2, workers=0,
                       aug="none", lr=0.02, warmup_iters=5, schedule="step", epochs=args.epochs,
                       eval_every=args.epochs, roi_batch_size=128, out=str(folder / "run"), progress=False,

@@ -92,3 +92,19 @@ def tta_from_args(args: argparse.Namespace):
     if not getattr(args, "tta", False) and not getattr(args, "tta_scales", ()):
         return None
     return TTA(flip=True, scales=tuple(args.tta_scales))
+
+
+def model_data_split(args: argparse.Namespace, ckpt: dict, split: str) -> tuple[list, str, dict[str, int]]:
+    """(records, where they came from, unknown classes' counts) of ``split`` of the data ``args.data`` names, or
+    the data the checkpoint was trained on (the same split restored from the checkpoint); raises DataError
+    when neither names any data."""
+    from pathlib import Path
+
+    from segkit.data.readers import DataError, load_dataset
+    from segkit.data.splits import model_split
+
+    data = args.data or (ckpt.get("config") or {}).get("data")
+    if not data:
+        raise DataError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
+    dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=key_from_args(args))
+    return model_split(dataset.images, ckpt, split, Path(data))

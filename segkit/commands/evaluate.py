@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.commands import (add_key_arguments, add_tile_arguments, add_tta_arguments, key_from_args,
+from segkit.commands import (add_key_arguments, add_tile_arguments, add_tta_arguments, model_data_split,
                              resolve_checkpoint_arg, tiling_from_args, tta_from_args)
 from segkit.data.records import ImageRecord
 from segkit.data.splits import SPLITS
@@ -94,15 +94,9 @@ def _load(args: argparse.Namespace) -> tuple[dict, list[ImageRecord], str]:
     """(checkpoint, the images to evaluate with only the model's classes, where the choice came from)."""
     from segkit.models.checkpoint import load_checkpoint
     from segkit.evaluation.metrics import EvaluateError
-    from segkit.data.readers import load_dataset
-    from segkit.data.splits import model_split
 
     ckpt = load_checkpoint(args.checkpoint)
-    data = args.data or (ckpt.get("config") or {}).get("data")
-    if not data:
-        raise EvaluateError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
-    dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=key_from_args(args))
-    records, which, unknown = model_split(dataset.images, ckpt, args.split, Path(data))
+    records, which, unknown = model_data_split(args, ckpt, args.split)
     if not records:
         raise EvaluateError(f"no images to evaluate in {which}; try --split all")
     if unknown:

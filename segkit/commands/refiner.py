@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segkit.commands import add_key_arguments, key_from_args
+from segkit.commands import add_key_arguments, model_data_split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,21 +61,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_records(args: argparse.Namespace, ckpt: dict) -> tuple[list, str]:
     """The images the head learns from: the checkpoint's train split, or all images of a dataset without one."""
-    from segkit.data.readers import DataError, load_dataset
-    from segkit.data.splits import model_split
-
     if ckpt.get("export") is not None:
         raise ValueError(f"{args.checkpoint} is an exported model: the head trains on a .pt checkpoint")
     if (ckpt.get("task") or "instance") != "instance":
         raise ValueError(f"{args.checkpoint}: the refinement head corrects Mask R-CNN masks; this is a "
                          f"{ckpt['task']} model")
-    data = args.data or (ckpt.get("config") or {}).get("data")
-    if not data:
-        raise DataError(f"{args.checkpoint} does not say which data it was trained on; pass --data")
-    dataset = load_dataset(data, fmt=args.format, images_dir=args.images, api_key=key_from_args(args))
-    records, which, _ = model_split(dataset.images, ckpt, "train", Path(data))
+    from segkit.data.readers import DataError
+
+    records, which, _ = model_data_split(args, ckpt, "train")
     if not records:
-        records, which = dataset.images, f"all {len(dataset.images)} images of {data}"
+        raise DataError(f"no images to train the head on in {which}")
     return records, which
 
 

@@ -237,3 +237,13 @@ def test_split_selection(tmp_path):
         select_split(images, {"val": ["elsewhere/z.jpg"]}, "val", tmp_path)
     no_splits = [rec("a.jpg"), rec("b.jpg")]
     assert len(select_split(no_splits, None, "val", tmp_path)[0]) == 2
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--checkpoint"], ["refiner"]])
+def test_a_checkpoint_that_names_no_data_asks_for_data(command, untrained_checkpoint, tmp_path, capsys):
+    """evaluate and refiner read their images the same way: the checkpoint's data, else --data."""
+    assert main([*command, str(untrained_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"{untrained_checkpoint} does not say which data it was trained on; pass --data" in err
+    assert main([*command, str(untrained_checkpoint), "--data", str(tmp_path / "gone")]) == 2
+    assert str(tmp_path / "gone") in capsys.readouterr().err
