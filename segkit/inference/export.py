@@ -1,7 +1,8 @@
 """Export a checkpoint to ONNX, OpenVINO or TorchScript (reading and running one: :mod:`.artifacts`).
 
 What is exported is :func:`segkit.models.forward.detect` for one image: a float (3, H, W) image in 0..1
-of any size goes in; boxes in the image's pixels, labels, scores and the mask head's (N, 1, 28, 28)
+of any size and the (height, width) to resize it to go in (the host computes the size as the eager model
+does, :func:`segkit.models.artifacts.resized_size`); boxes in the image's pixels, labels, scores and the mask head's (N, 1, 28, 28)
 probabilities come out. Pasting each mask into its box stays on the host, in :func:`paste_masks`,
 as for eager models, so every backend gives the same compact :class:`segkit.structures.prediction.Prediction`.
 
@@ -29,8 +30,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 from segkit.version import __version__
 from segkit.atomic import atomic_export
-from segkit.models.artifacts import (FORMATS, META_KEY, ExportError, companions, require_package,
-                                       sha256)
+from segkit.models.artifacts import (FORMATS, META_KEY, ExportError, companions, model_inputs,
+                                       require_package, sha256)
 from segkit.models.checkpoint import load_checkpoint
 from segkit.tasks.checkpoint import model_from_checkpoint
 
@@ -38,35 +39,22 @@ OPSET = 17
 
 
 class Detector(nn.Module):
-    """The exported graph: :func:`segkit.models.forward.detect` on one image, outputs as a tuple."""
+    """The exported graph: :func:`segkit.models.forward.detect` on one image, outputs as a tuple. It takes the
+    image and the (height, width) to resize it to, which the host computes as the eager model does
+    (:func:`segkit.models.artifacts.resized_size`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.transform, self.backbone = model.transform, model.backbone
         self.rpn, self.roi_heads = model.rpn, model.roi_heads
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        resized = nn.functional.interpolate(self.transform.normalize(image)[None], size=(size[0], size[1]),
+                                            mode="bilinear", align_corners=False)[0]
+        return self._detect(image, resized)
+
+    def _detect(self, image: Tensor, resized: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         original = (image.shape[-2], image.shape[-1])
-        batch, _ = self.transform([image])
-        features = self.backbone(batch.tensors)
-        proposals, _ = self.rpn(batch, features)
-        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
-        det = detections[0]
-        boxes = resize_boxes(det["boxes"], batch.image_sizes[0], original)
-        return boxes, det["labels"], det["scores"], det["masks"]
-
-
-class ScriptableDetector(Detector):
-    """:class:`Detector` for ``torch.jit.script``, with the transform's normalize-resize-batch done
-    here. Scripted, torchvision computes the resize scale in float32, so 200 px scaled to 128 becomes
-    127 rows: other features, other detections. Here the scale is a double, as in eager mode."""
-
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        original = (image.shape[-2], image.shape[-1])
-        scale = min(float(self.transform.min_size[-1]) / float(min(original)),
-                    float(self.transform.max_size) / float(max(original)))
-        resized = nn.functional.interpolate(self.transform.normalize(image)[None], scale_factor=scale,
-                                            mode="bilinear", recompute_scale_factor=True, align_corners=False)[0]
         size = (resized.shape[-2], resized.shape[-1])
         batch = ImageList(self.transform.batch_images([resized], self.transform.size_divisible), [size])
         features = self.backbone(batch.tensors)
@@ -75,6 +63,16 @@ class ScriptableDetector(Detector):
         det = detections[0]
         boxes = resize_boxes(det["boxes"], size, original)
         return boxes, det["labels"], det["scores"], det["masks"]
+
+
+class ScriptableDetector(Detector):
+    """:class:`Detector` for ``torch.jit.script``, where the size's elements must be Python ints."""
+
+    def forward(self, image: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        resized = nn.functional.interpolate(self.transform.normalize(image)[None],
+                                            size=[int(size[0]), int(size[1])], mode="bilinear",
+                                            align_corners=False)[0]
+        return self._detect(image, resized)
 
 
 def frozen_settings(model: nn.Module) -> dict[str, Any]:
@@ -138,10 +136,11 @@ def _info(ckpt: dict, path: Path, fmt: str, model: nn.Module) -> dict[str, Any]:
                        "train_tiles": (ckpt.get("config") or {}).get("train_tiles")}}
 
 
-def _example(info: dict) -> Tensor:
+def _example(info: dict) -> tuple[Tensor, Tensor]:
     # Not square, so the exporter cannot mistake height for width; any size runs afterwards.
-    size = info["img_size"]
-    return torch.rand(3, size, size * 4 // 3)
+    side = info["img_size"]
+    image, size = model_inputs(torch.rand(3, side, side * 4 // 3), info)
+    return image, torch.from_numpy(size)
 
 
 # The writers below get a temporary path from atomic_export, with the artifact's own name.
@@ -150,8 +149,8 @@ def _write_onnx(detector: Detector, out: Path, info: dict) -> None:
     onnx = require_package("onnx")
     with torch.no_grad():
         # The TorchScript-based exporter: torchvision's detection models carry ONNX paths for it.
-        torch.onnx.export(detector, (_example(info),), str(out), opset_version=OPSET, dynamo=False,
-                          input_names=["image"], output_names=["boxes", "labels", "scores", "mask_probs"],
+        torch.onnx.export(detector, _example(info), str(out), opset_version=OPSET, dynamo=False,
+                          input_names=["image", "size"], output_names=["boxes", "labels", "scores", "mask_probs"],
                           dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "n"}, "labels": {0: "n"},
                                         "scores": {0: "n"}, "mask_probs": {0: "n"}})
     model = onnx.load(str(out))

@@ -13,7 +13,7 @@ import torch
 from segkit.data.images import ImageInput, as_rgb
 from segkit.inference.tiles import Tiling, predict_tiled
 from segkit.inference.tta import TTA, predict_tta
-from segkit.models.artifacts import Runner, load_runner
+from segkit.models.artifacts import ExportError, Runner, load_runner
 from segkit.models.forward import image_tensors, to_prediction
 from segkit.structures.prediction import Prediction, SemanticPrediction
 from segkit.models.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, task_of
@@ -121,8 +121,12 @@ class Predictor:
                 **task.describe(ckpt)}
         threshold = ckpt.get("score_threshold", 0.5)
         if "export" in ckpt:
+            try:
+                runner = load_runner(path, ckpt)
+            except ExportError as e:
+                raise CheckpointError(str(e)) from e
             return cls(None, ckpt["classes"], threshold, "cpu", {**info, "export": ckpt["export"]}, max_detections,
-                       runner=load_runner(path, ckpt), task=task.name)
+                       runner=runner, task=task.name)
         predictor = cls(model_from_checkpoint(ckpt), ckpt["classes"], threshold, device, info, max_detections,
                         task=task.name)
         if ckpt.get("refiner") is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,26 @@ INSTALL_HINT = "pip install 'segkit[export]'"
 
 # A detector run: one float (3, H, W) image -> boxes, labels, scores, mask probabilities, as tensors.
 Runner = Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The (height, width) torchvision's detection transform resizes an image to in eager mode: the shorter side
+    to ``min_size`` unless the longer would pass ``max_size``, each side floor(side x scale), all in double.
+
+    Exported models take it as an input, computed here on the host: computed inside the graph, it comes out
+    of float32 arithmetic (torchvision's traced resize, OpenVINO's CPU plugin) a row short for some sizes,
+    and every feature after it moves."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def model_inputs(image: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+    """(image, size) as an exported model takes them, for a (3, H, W) float array or tensor ``image``."""
+    import numpy as np
+
+    frozen = info["export"]["frozen"]
+    size = resized_size(int(image.shape[-2]), int(image.shape[-1]), frozen["min_size"], frozen["max_size"])
+    return image, np.asarray(size, dtype=np.int64)
 
 
 class ExportError(RuntimeError):
@@ -85,24 +106,38 @@ def load_runner(path: str | os.PathLike, info: dict[str, Any], threads: int | No
     path = str(path)
     if fmt == "torchscript":
         module = torch.jit.load(path, map_location="cpu").eval()
-        return lambda image: module(image)
+        _require_size_input(path, len(module.forward.schema.arguments) - 1)  # less self
+        return lambda image: module(image, torch.from_numpy(model_inputs(image, info)[1]))
     if fmt == "onnx":
         ort = require_package("onnxruntime")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return lambda image: tuple(torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))
+        _require_size_input(path, len(session.get_inputs()))
+
+        def run_onnx(image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            array, size = model_inputs(image.numpy(), info)
+            return tuple(torch.from_numpy(a) for a in session.run(None, {"image": array, "size": size}))
+
+        return run_onnx
     ov = require_package("openvino")
     # OpenVINO picks bf16 on CPUs that have it, which changes detections: f32 unless asked for.
     config = {"INFERENCE_PRECISION_HINT": "bf16" if info["export"].get("bf16") else "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(path, "CPU", config)
+    _require_size_input(path, len(compiled.inputs))
     request = compiled.create_infer_request()
 
     def run(image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        result = request.infer({0: image.numpy()})
+        result = request.infer(list(model_inputs(image.numpy(), info)))
         return tuple(torch.from_numpy(result[out].copy()) for out in compiled.outputs)
 
     return run
+
+
+def _require_size_input(path: str, inputs: int) -> None:
+    if inputs != 2:  # (image, size); segkit's exports before this one resized in the graph, wrongly for some sizes
+        raise ExportError(f"{path}: exported by an earlier segkit, whose models resize some photos a row short of "
+                          "what the checkpoint does; export it again from its .pt checkpoint with `segkit export`")

@@ -31,7 +31,10 @@ def artifact(request, exported):
 
 def _images(sample_dir):
     image = Image.open(next((sample_dir / "val" / "images").glob("*.jpg"))).convert("RGB")
-    return [image, image.resize((300, 200)), image.resize((190, 330))]  # dynamic size, either orientation
+    # dynamic size, either orientation; 145 x 109 and 163 x 109 come out of the model's resize a row short
+    # (eager: 128 rows) where the scale is computed in float32, as torchvision's traced resize does
+    return [image, image.resize((300, 200)), image.resize((190, 330)), image.resize((145, 109)),
+            image.resize((163, 109))]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,23 @@ def test_unreadable_artifact_is_a_checkpoint_error(tmp_path):
         Predictor.from_checkpoint(tmp_path / "junk.torchscript")
 
 
+
+def test_a_model_exported_by_an_earlier_segkit_is_refused_saying_export_again(exported, tmp_path):
+    """Earlier exports took the image alone and resized it in the graph, a row short for some sizes."""
+    import json
+
+    import onnx
+    import torch
+
+    old = tmp_path / "old.onnx"
+    torch.onnx.export(torch.nn.Identity(), (torch.rand(3, 8, 8),), str(old), input_names=["image"], dynamo=False)
+    model = onnx.load(str(old))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "segkit", json.dumps(artifact_info(exported("onnx")))
+    onnx.save(model, str(old))
+    with pytest.raises(CheckpointError, match="old.onnx: exported by an earlier segkit.*segkit export"):
+        Predictor.from_checkpoint(old)
+
 def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "int8.xml"
     assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "openvino", "--int8",
@@ -115,3 +135,19 @@ def test_int8_needs_openvino_format(untrained_checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "onnx", "--int8",
                  "--data", "x", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "--int8 needs --format openvino" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("min_size,max_size", [(128, 213), (384, 640), (800, 1333)])
+def test_the_hosts_resize_is_the_eager_models(min_size, max_size):
+    """Exported models resize to the size the host computes: the eager transform's, for any photo."""
+    import torch
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from segkit.models.artifacts import resized_size
+
+    transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+    sizes = [(109, 145), (109, 163), (49, 65), (375, 500), (300, 400), (1740, 3734), (5656, 8484), (200, 201)]
+    sizes += [tuple(int(v) for v in s) for s in torch.randint(16, 3000, (40, 2), generator=torch.Generator().manual_seed(0))]
+    for h, w in sizes:
+        eager = transform([torch.zeros(3, h, w)])[0].image_sizes[0]
+        assert resized_size(h, w, min_size, max_size) == tuple(eager), (h, w)
