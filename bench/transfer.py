@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_training(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     """One ``segkit train`` run in its own process: its metrics.csv rows, test AP, CPU seconds and peak RSS."""
     out = Path(args.out) / name
-    saved = out.with_suffix(".json")
+    saved = out.parent / f"{out.name}.json"  # not with_suffix: a name like lr-0.02 has a dot
     if args.reuse and saved.is_file():  # a finished run of an earlier call: its numbers, not a new training
         return json.loads(saved.read_text())
     cmd = [sys.executable, str(REPO / "train.py"), "--data", args.data, "--model", args.model,
@@ -60,7 +60,7 @@ def run_training(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
            "--out", str(out), "--no-progress", "--save-interval", "0", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
