@@ -133,3 +133,26 @@ def test_the_prompt_engine_answers_a_box_and_a_click_with_a_mobile_model(runs, t
     assert len(xs) == 0 or (xs.min() >= 39 and xs.max() <= 151 and ys.min() >= 29 and ys.max() <= 121)
     answers = engine.clicks("img", image, [(90.0, 70.0)], [])
     assert all(a.mask.shape == (image.height, image.width) for a in answers)
+
+
+def test_a_space_of_a_mobile_model_in_openvino_shows_its_own_val_images_and_serves_them(runs, tiny_data, tmp_path,
+                                                                                        capsys):
+    """The recommended Space (mobile + OpenVINO), served by its app.py; the install itself is test_space.py's."""
+    import sys
+
+    from gradio_client import Client, handle_file
+
+    from tests.serve.test_space import assert_segmented, build, serve
+
+    importlib.import_module("openvino")
+    space = tmp_path / "space"
+    build([runs["maskrcnn_mobilenet_v2_fpn"]["best"], "--out", str(space), "--format", "openvino"], capsys)
+    examples = sorted((space / "examples").iterdir())
+    val = {p.name for p in (tiny_data / "val" / "images").iterdir()}
+    assert {p.name.split("_", 1)[1] for p in examples} <= val and len(examples) == min(4, len(val))  # "1_<name>"
+    example = examples[0]
+    with serve(Path(sys.executable), space, tmp_path / "app.log") as url:
+        # 0.05: a model of 8 steps is unsure of everything (the demo test's threshold)
+        overlay, table, _ = Client(url, verbose=False).predict(handle_file(str(example)), 0.05, api_name="/segment")
+    assert_segmented(Image.open(overlay).convert("RGB"), table["data"], example)
+    assert "model/model.xml" in (tmp_path / "app.log").read_text()
