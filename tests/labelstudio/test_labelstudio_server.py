@@ -597,6 +597,40 @@ def test_prelabel_scores_every_task_once_resumes_and_orders_the_least_sure_first
     assert score[blank_task] == 0.0 < max(score.values())  # first, or tied first with another image seen as empty
 
 
+def test_a_mobile_model_prelabels_a_project_and_serves_another_as_its_ml_backend(api, server, tiny_data,
+                                                                                 untrained_mobile_checkpoint,
+                                                                                 tmp_path):
+    """MobileNetV3-FPN, random init (score threshold 0.05: it fills its detection slots) through both paths."""
+    from segkit.models.checkpoint import model_version
+
+    images = sorted((tiny_data / "train" / "images").iterdir())[:2]
+    tasks = [{"data": {"img": f"/data/local-files/?d=photos/{im.name}"}} for im in images]
+    version = model_version(untrained_mobile_checkpoint)
+    batch = _new_project(api, server, "mobile prelabel", CONFIG, images)
+    _ok(api.post(f"/api/projects/{batch}/import", json=tasks))
+    proc = _prelabel(f"{server.url}/projects/{batch}", untrained_mobile_checkpoint, tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "2 tasks pre-labelled" in out, out
+    stored = _stored_predictions(api, batch)
+    assert len(stored) == 2 and {p["model_version"] for p in stored} == {version}
+
+    live = _new_project(api, server, "mobile backend", CONFIG, images)
+    _ok(api.post(f"/api/projects/{live}/import", json=tasks))
+    url, backend = _start_backend(server, untrained_mobile_checkpoint, tmp_path)
+    try:
+        _connect(api, live, url)
+        served = _predictions(api, live)
+    finally:
+        backend.terminate()
+        backend.wait(timeout=30)
+    assert len(served) == 2 and all(len(ps) == 1 for ps in served.values())
+    for prediction in [*stored, *(ps[0] for ps in served.values())]:
+        regions = prediction["result"]
+        assert regions and prediction["model_version"] == version
+        assert {(r["from_name"], r["to_name"], r["type"]) for r in regions} == {("outline", "photo", "polygonlabels")}
+        assert {r["value"]["polygonlabels"][0] for r in regions} <= set(LABELS.values())
+
+
 def test_start_training_serves_a_new_model_version(api, project, backend, connected):
     pid = project[0]
     before = httpx.get(f"{backend}/versions").json()["model_version"]
