@@ -50,8 +50,7 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         info = artifact_info(f32_path)
         calibration = nncf.Dataset(train[:calibration_images], lambda record: _model_input(record, info))
         # MIXED: asymmetric activations. The ReLU6 / hard-swish activations of the mobile backbones waste half of a
-        # symmetric range: on the ImageNet-started MobileNetV2 vehicles model the default preset lost 0.047 mask AP,
-        # MIXED 0.011 (README, Export)
+        # symmetric range (the vehicles model lost more mask AP with the default preset); docs/train.md has the cost
         quantized = nncf.quantize(ov.Core().read_model(str(f32_path)), calibration,
                                   subset_size=min(calibration_images, len(train)), preset=nncf.QuantizationPreset.MIXED)
         info["export"]["int8"] = {"calibration_images": min(calibration_images, len(train)), "preset": "mixed",
