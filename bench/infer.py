@@ -229,9 +229,9 @@ def main() -> None:
         folder = Path(scratch)
         source = Path(args.checkpoint) if args.checkpoint else random_init_checkpoint(folder)
         results = []
+        calibration = Path(args.data) if args.data else SAMPLE
         for size in args.sizes:
             checkpoint = checkpoint_at(source, size, folder)
-            calibration = Path(args.data) if args.data else SAMPLE
             rows = bench_size(backends, checkpoint, folder, resized(image, size), args.runs, args.warmup,
                               calibration)
             for row in rows:
