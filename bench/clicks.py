@@ -74,6 +74,13 @@ def trajectory(engine: PromptEngine, refine: bool, key: str, image: np.ndarray, 
     return ious
 
 
+def held_out_records(ckpt: dict, data: str | None, splits: list[str]) -> list:
+    """The records of the checkpoint's ``splits``, read from ``data`` (default: the data its config names)."""
+    data = data or ckpt["config"]["data"]
+    restored = restore_split(load_dataset(data).images, ckpt["split"], data)
+    return [r for name in splits for r in restored[name]]
+
+
 def noc(ious: list[float], target: float, limit: int) -> int:
     return next((i + 1 for i, v in enumerate(ious) if v >= target), limit)
 
@@ -107,9 +114,7 @@ def main() -> None:
     p.add_argument("--report", help="also write the page (markdown) here")
     args = p.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    data = args.data or ckpt["config"]["data"]
-    splits = restore_split(load_dataset(data).images, ckpt["split"], data)
-    records = [r for name in args.split for r in splits[name]]
+    records = held_out_records(ckpt, args.data, args.split)
     dataset = SegmentationDataset(records, ckpt["classes"])
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, "cpu", args.max_detections)
     if predictor.refiner is None:

@@ -56,14 +56,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.ordering import write_subset  # noqa: E402 - after the path it needs
+from bench.clicks import held_out_records  # noqa: E402 - after the path it needs
+from bench.ordering import write_subset  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from segkit.inference.predictor import Predictor  # noqa: E402
 from segkit.serve.prelabel import labelling_prediction  # noqa: E402
 from segkit.serve.prompts import PromptEngine  # noqa: E402
 from segkit.data.readers import load_dataset  # noqa: E402
 from segkit.data.records import ImageRecord  # noqa: E402
-from segkit.data.splits import restore_split  # noqa: E402
 from segkit.models.checkpoint import load_checkpoint  # noqa: E402
 from segkit.engine.refiner import next_click  # noqa: E402
 from segkit.engine.trainer import TrainConfig, train  # noqa: E402
@@ -351,9 +351,7 @@ def main() -> None:
 def on_checkpoint(args) -> list[str]:
     """The annotator on a trained model's held-out splits (markdown lines)."""
     ckpt = load_checkpoint(args.checkpoint)
-    data = args.data or ckpt["config"]["data"]
-    splits = restore_split(load_dataset(data).images, ckpt["split"], data)
-    records = [r for name in args.split for r in splits[name]]
+    records = held_out_records(ckpt, args.data, args.split)
     predictor = Predictor.from_loaded_checkpoint(ckpt, args.checkpoint, "cpu", args.max_detections)
     metrics = ckpt.get("metrics") or {}
     prompts = "the refinement head corrects" if predictor.refiner is not None else "clicks pick detections"
