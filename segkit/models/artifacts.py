@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,8 +39,6 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
 
 def model_inputs(image: Any, info: dict[str, Any]) -> tuple[Any, Any]:
     """(image, size) as an exported model takes them, for a (3, H, W) float array or tensor ``image``."""
-    import numpy as np
-
     frozen = info["export"]["frozen"]
     size = resized_size(int(image.shape[-2]), int(image.shape[-1]), frozen["min_size"], frozen["max_size"])
     return image, np.asarray(size, dtype=np.int64)
