@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from segkit.cli import main
 from segkit.models.artifacts import ExportError, artifact_info, sha256
 from segkit.inference.export import export
 from segkit.inference.predictor import Predictor
+from segkit.inference.quantize import QUANTIZED_LAYERS
 from tests.helpers import EXPORT_MAX_DETECTIONS, assert_same_detections
 
 BACKENDS = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "torchscript": ()}
@@ -101,12 +103,32 @@ def test_a_model_exported_by_an_earlier_segkit_is_refused_saying_export_again(ex
     with pytest.raises(CheckpointError, match="old.onnx: exported by an earlier segkit.*segkit export"):
         Predictor.from_checkpoint(old)
 
+def _quantizer_consumers(path) -> set[tuple[str, str]]:
+    """(type, name) of every op an OpenVINO model's FakeQuantize ops feed, If bodies included."""
+    import openvino as ov
+
+    def ops(model):
+        for op in model.get_ops():
+            yield op
+            if op.get_type_name() == "If":
+                for body in (0, 1):
+                    yield from ops(op.get_function(body))
+
+    return {(target.get_node().get_type_name(), target.get_node().get_friendly_name())
+            for op in ops(ov.Core().read_model(str(path))) if op.get_type_name() == "FakeQuantize"
+            for output in op.outputs() for target in output.get_target_inputs()}
+
+
 def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoint, tiny_data, tmp_path):
     out = tmp_path / "int8.xml"
     assert main(["export", "--checkpoint", str(untrained_checkpoint), "--format", "openvino", "--int8",
                  "--data", str(tiny_data), "--calibration-images", "2", "--max-detections", str(MAX_DETECTIONS),
                  "--out", str(out)]) == 0
     assert 'type="FakeQuantize"' in out.read_text()  # quantized, not just converted
+    # only layers: quantized box arithmetic moves box corners in steps of (photo size / 256)
+    fed = _quantizer_consumers(out)
+    stray = {(kind, name) for kind, name in fed if not re.match(QUANTIZED_LAYERS, name) and kind != "ShapeOf"}
+    assert fed and not stray, sorted(stray)
     int8 = artifact_info(out)["export"]["int8"]
     assert int8["calibration_images"] == 2 and int8["val_images"] == 4
     assert set(int8["before"]) == set(int8["after"]) == {"box_ap", "mask_ap"}
