@@ -103,6 +103,7 @@ def test_a_model_exported_by_an_earlier_segkit_is_refused_saying_export_again(ex
     with pytest.raises(CheckpointError, match="old.onnx: exported by an earlier segkit.*segkit export"):
         Predictor.from_checkpoint(old)
 
+
 def _quantizer_consumers(path) -> set[tuple[str, str]]:
     """(type, name) of every op an OpenVINO model's FakeQuantize ops feed, If bodies included."""
     import openvino as ov
@@ -125,7 +126,8 @@ def test_int8_is_calibrated_on_training_images_and_records_ap(untrained_checkpoi
                  "--data", str(tiny_data), "--calibration-images", "2", "--max-detections", str(MAX_DETECTIONS),
                  "--out", str(out)]) == 0
     assert 'type="FakeQuantize"' in out.read_text()  # quantized, not just converted
-    # only layers: quantized box arithmetic moves box corners in steps of (photo size / 256)
+    # only layers: quantized box arithmetic moves box corners in steps of (photo size / 256); a ShapeOf reads
+    # only the tensor's shape
     fed = _quantizer_consumers(out)
     stray = {(kind, name) for kind, name in fed if not re.match(QUANTIZED_LAYERS, name) and kind != "ShapeOf"}
     assert fed and not stray, sorted(stray)
