@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.report import write_report  # noqa: E402 - after the path it needs
 from segkit.data.readers import load_dataset  # noqa: E402
-from segkit.data.splits import restore_split  # noqa: E402
+from segkit.data.splits import model_split  # noqa: E402
 from segkit.data.dataset import SegmentationDataset  # noqa: E402
 from segkit.engine.refiner import next_click  # noqa: E402
 from segkit.inference.predictor import Predictor  # noqa: E402
@@ -77,8 +77,8 @@ def trajectory(engine: PromptEngine, refine: bool, key: str, image: np.ndarray, 
 def held_out_records(ckpt: dict, data: str | None, splits: list[str]) -> list:
     """The records of the checkpoint's ``splits``, read from ``data`` (default: the data its config names)."""
     data = data or ckpt["config"]["data"]
-    restored = restore_split(load_dataset(data).images, ckpt["split"], data)
-    return [r for name in splits for r in restored[name]]
+    images = load_dataset(data).images
+    return [r for name in splits for r in model_split(images, ckpt, name, Path(data))[0]]
 
 
 def noc(ious: list[float], target: float, limit: int) -> int:
