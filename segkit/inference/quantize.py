@@ -56,7 +56,7 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         info = artifact_info(f32_path)
         calibration = nncf.Dataset(train[:calibration_images], lambda record: _model_input(record, info))
         # MIXED: asymmetric activations. The ReLU6 / hard-swish activations of the mobile backbones waste half of a
-        # symmetric range (the vehicles model lost more mask AP with the default preset); docs/train.md has the cost
+        # symmetric range (the vehicles model lost more mask AP with the default preset)
         layers_only = nncf.IgnoredScope(patterns=[f"^(?!{QUANTIZED_LAYERS})"], validate=False)  # re.match: a prefix
         quantized = nncf.quantize(ov.Core().read_model(str(f32_path)), calibration, ignored_scope=layers_only,
                                   subset_size=min(calibration_images, len(train)), preset=nncf.QuantizationPreset.MIXED)
