@@ -12,8 +12,8 @@ AP is measured per backend at the checkpoint's own image size (a model trained a
 nothing useful at 800), on the checkpoint's val split of ``--data`` (or the data's own val split).
 
 Backends: eager, eager+channels_last (torch), torchscript, onnxruntime, openvino (f32), openvino-bf16
-(where the CPU has bf16), openvino-int8 (NNCF, calibrated on up to 50 training images of --data, else the sample's). Exported models are written to a temporary folder, one per size (the size is
-frozen in them). Peak RSS is measured in a separate process per backend and size (load, one image).
+(where the CPU has bf16), openvino-int8 (NNCF, calibrated on up to 50 training images of --data, else the
+sample's). Exported models are written to a temporary folder, one per size (the size is frozen in them). Peak RSS is measured in a separate process per backend and size (load, one image).
 Without --checkpoint: a random-init model with the sample's classes, which fills all 100 detection
 slots (its detections mean nothing, but they cost what a trained model's cost).
 """

@@ -2,8 +2,8 @@
 
 What is exported is :func:`segkit.models.forward.detect` for one image: a float (3, H, W) image in 0..1
 of any size and the (height, width) to resize it to go in (the host computes the size as the eager model
-does, :func:`segkit.models.artifacts.resized_size`); boxes in the image's pixels, labels, scores and the mask head's (N, 1, 28, 28)
-probabilities come out. Pasting each mask into its box stays on the host, in :func:`paste_masks`,
+does, :func:`segkit.models.artifacts.resized_size`); boxes in the image's pixels, labels, scores and the
+mask head's (N, 1, 28, 28) probabilities come out. Pasting each mask into its box stays on the host, in :func:`paste_masks`,
 as for eager models, so every backend gives the same compact :class:`segkit.structures.prediction.Prediction`.
 
 Each artifact describes itself (:func:`segkit.models.artifacts.artifact_info`): classes, image size, score threshold, the
